@@ -1,0 +1,1233 @@
+# %% [markdown]
+# # llm.py — a GPT-style language model, built from an empty file
+#
+# This file is a book, a notebook and a program at once.
+#
+# * **Read it** top to bottom: every piece of a GPT is introduced before it is used, with the idea
+#   and the reason first, then the smallest code that does it, then a cell that shows it working.
+# * **Run it** as a notebook: `llm.ipynb` is this very file, mirrored by jupytext.
+# * **Use it** from the command line: `python llm.py train` trains a small model on the complete
+#   works of Shakespeare (about a megabyte of text) in about two minutes on a laptop CPU, and
+#   `python llm.py sample` makes it write.
+#
+# The plan of the file, which is also the path of one character through the model:
+#
+# 1. **Setup** — one `Config` that holds every number, seeding, and the choice of device.
+# 2. **Data** — the text we learn from, split into a training and a validation part.
+# 3. **Tokenizer** — text becomes a list of integers (and back).
+# 4. **Batches** — random windows of those integers, each paired with "what comes next".
+# 5. **Embeddings** — integers become vectors that carry *what* a token is and *where* it is.
+# 6. **Attention** — each position gathers information from the positions before it.
+# 7. **Transformer block** — attention and a small MLP, wrapped in normalisation and residuals.
+# 8. **Model** — embeddings, a stack of blocks, and a layer that scores every possible next token.
+# 9. **Training** — make the scores of the true next tokens high, one small step at a time.
+# 10. **Sampling** — use the scores to write new text, one token at a time.
+# 11. **Command line** — the same pieces behind `python llm.py train` and `python llm.py sample`.
+#
+# Notation used in the shape comments throughout: **B** batch size (how many sequences at once),
+# **T** time (how many tokens in a sequence), **C** channels (the width of a token's vector,
+# `n_embd`), **H** attention heads, **D** the width of one head (`C / H`), **V** vocabulary size.
+#
+# The notebook is regenerated from this file (never edited by hand) with:
+#
+#     jupytext --to ipynb --update llm.py
+#     jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False llm.ipynb
+
+# %% [markdown]
+# ## 1. Setup
+#
+# Everything the program needs comes from the Python standard library and PyTorch. Plotting
+# libraries are imported only inside the functions that draw, so `import llm` stays light.
+
+# %%
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# %% [markdown]
+# The same file runs in three ways: imported (by the tests), as a script (`python llm.py ...`) and
+# inside a Jupyter kernel. Cells that only *demonstrate* something — printing a shape, training a
+# small model for the plots — should run in the notebook and nowhere else, so that `import llm`
+# trains nothing, downloads nothing and writes nothing. Inside a kernel `__name__` is
+# `"__main__"`, just as for a script, so we ask IPython instead: a real kernel has a `kernel`
+# attribute. (We look IPython up in `sys.modules` rather than importing it: if it was never
+# imported, we are certainly not in a kernel.)
+
+# %%
+def running_in_notebook() -> bool:
+    """True inside a Jupyter kernel, False when imported or run as a script."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
+IN_NOTEBOOK = running_in_notebook()
+
+# %% [markdown]
+# Mistakes a user can make — a missing file, a bad option — should end in one clear line that
+# says what is wrong and how to fix it, not in a traceback. Every such problem is raised as a
+# `UserError`; the command line prints its message and exits with status 2. It subclasses
+# `ValueError`, so code that calls these functions directly can catch it as the ordinary error
+# it is.
+
+# %%
+class UserError(ValueError):
+    """A problem with the user's input; its message names the problem and the fix."""
+
+
+# %% [markdown]
+# ### One configuration
+#
+# Every hyperparameter lives in one dataclass, each with a one-line explanation that doubles as
+# its `--help` text on the command line (`python llm.py train --n-layer 6` overrides one). The
+# defaults are the quick CPU run: they were tuned by measurement on a 2-core machine so that
+# `python llm.py train` reaches a validation loss below 1.85 in about two minutes. Why each
+# number is what it is gets explained where the number is used.
+
+# %%
+def param(default, help: str):
+    """A Config field with a default and a one-line explanation (shown by --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- data ---
+    block_size: int = param(64, "context length: how many tokens the model sees at once")
+    batch_size: int = param(32, "sequences per training step")
+    # --- model ---
+    n_layer: int = param(4, "number of transformer blocks")
+    n_head: int = param(4, "attention heads per block")
+    n_embd: int = param(128, "width C of every token's vector")
+    dropout: float = param(0.0, "probability of zeroing an activation during training")
+    pos_encoding: str = param("learned", "positional encoding: 'learned' or 'sinusoidal'")
+    # --- optimisation ---
+    max_iters: int = param(2000, "number of optimizer steps")
+    learning_rate: float = param(2e-3, "peak learning rate, reached after the warmup")
+    min_lr: float = param(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = param(100, "steps of linear learning-rate warmup")
+    weight_decay: float = param(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = param(0.9, "AdamW momentum coefficient")
+    beta2: float = param(0.99, "AdamW second-moment coefficient")
+    grad_clip: float = param(1.0, "clip the gradient norm to this (0 turns clipping off)")
+    # --- evaluation and run ---
+    eval_interval: int = param(250, "evaluate (and maybe checkpoint) every this many steps")
+    eval_iters: int = param(20, "batches per split in each evaluation")
+    seed: int = param(1337, "seed for every random number generator")
+    device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
+
+    def validate(self) -> None:
+        """Raise UserError naming the first setting that cannot work."""
+        positive = ["block_size", "batch_size", "n_layer", "n_head", "n_embd", "max_iters",
+                    "eval_interval", "eval_iters"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (self.learning_rate > 0):  # also catches NaN
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not (0 <= self.min_lr <= self.learning_rate):
+            raise UserError(f"--min-lr must be between 0 and --learning-rate, got {self.min_lr}")
+        if not (0 <= self.dropout < 1):
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("--warmup-iters, --weight-decay and --grad-clip must not be negative")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}): "
+                            "each head gets an equal slice of the channels")
+        if self.pos_encoding not in ("learned", "sinusoidal"):
+            raise UserError(f"--pos-encoding must be 'learned' or 'sinusoidal', got {self.pos_encoding!r}")
+
+
+# %% [markdown]
+# ### Seeds and devices
+#
+# Training draws random numbers in three places: the initial weights, the choice of batches, and
+# dropout. Seeding every generator makes a CPU run repeatable to the last digit. The batch
+# sampler and the text sampler also get their *own* `torch.Generator`, so that drawing a batch
+# never shifts the random stream of anything else.
+#
+# The device is chosen in order of speed: an NVIDIA GPU (`cuda`), an Apple GPU (`mps`), then
+# the CPU. `--device` overrides the choice.
+
+# %%
+def set_seed(seed: int) -> None:
+    """Seed Python's and PyTorch's global generators (CPU and all GPUs)."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device to run on: 'auto' picks cuda, then mps, then cpu."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu")
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps was asked for, but no Apple GPU is available: use --device cpu")
+    return torch.device(name)
+
+
+# %%
+if IN_NOTEBOOK:
+    print(Config())
+    print("device:", pick_device())
+
+# %% [markdown]
+# ## 2. Data
+#
+# A language model learns from nothing but text. Our default text is *tiny Shakespeare*: 40,000
+# lines of his plays in one 1,115,394-character file, first published with Andrej Karpathy's
+# char-rnn. It is small enough to train on a laptop and large enough that the model must learn
+# real structure (words, names, the layout of a play) to do well. Because many projects use it,
+# our losses can be compared with theirs.
+#
+# If the file is not in `data/`, we download it once. A SHA-256 checksum proves that the bytes
+# are exactly the published ones, and the file is written *atomically* — to a temporary file
+# that is renamed into place only when complete — so an interrupted download never leaves half a
+# file behind that would later be mistaken for the whole one. Checkpoints are written the same
+# way, so this one helper serves both.
+
+# %%
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
+                   "data/tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_DATA = Path("data") / "tinyshakespeare.txt"
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it into place.
+
+    The rename is atomic, so readers see either the old file or the complete new one. The data
+    is flushed and fsynced first, so a power cut cannot leave a renamed but empty file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30) -> None:
+    """Download `url` to `dest`, checking its SHA-256; nothing is written unless it matches."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"could not download {url} ({e}); if you are offline, "
+                        "pass a UTF-8 text file with --data FILE") from None
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != sha256:
+        raise UserError(f"the download from {url} has checksum {digest[:12]}..., "
+                        f"expected {sha256[:12]}...; try again, or pass --data FILE")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest, lambda f: f.write(payload))
+
+
+# %% [markdown]
+# Any UTF-8 text file can replace Shakespeare (`--data FILE`). Every file is opened with an
+# explicit `encoding="utf-8"`: the platform default differs between machines (Windows often
+# uses a legacy code page), and a model trained on mis-decoded text learns the wrong characters.
+
+# %%
+def load_text(path: Path = DEFAULT_DATA) -> str:
+    """The text at `path`; the default corpus is downloaded when it is missing."""
+    path = Path(path)
+    if not path.exists() and path == DEFAULT_DATA:
+        print(f"downloading tiny Shakespeare to {path} ...", file=sys.stderr)
+        download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+    if path.is_dir():
+        raise UserError(f"--data {path} is a directory: give a UTF-8 text file")
+    if not path.exists():
+        raise UserError(f"--data {path} does not exist: give a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--data {path} is not UTF-8 text (byte {e.start}): "
+                        "convert it to UTF-8 or choose another file") from None
+    if not text:
+        raise UserError(f"--data {path} is empty: give a file with some text in it")
+    return text
+
+
+# %% [markdown]
+# We hold back the last 10% of the text for **validation**. The model never trains on it, so the
+# loss there tells us how well the model predicts text it has not seen — memorising the
+# training text would lower the training loss but not this one. Splitting by position (first
+# 90%, last 10%), not at random, keeps the validation text a continuous stretch of plays the
+# model has never read, and matches the split other projects report their numbers on.
+
+# %%
+def split_train_val(items, train_fraction: float = 0.9):
+    """First `train_fraction` of a sequence for training, the rest for validation."""
+    n = int(len(items) * train_fraction)
+    return items[:n], items[n:]
+
+
+# %%
+if IN_NOTEBOOK:
+    text = load_text()
+    train_text, val_text = split_train_val(text)
+    print(f"{len(text):,} characters: {len(train_text):,} for training, {len(val_text):,} for validation")
+    print(text[:250])
+
+# %% [markdown]
+# ## 3. Tokenizer
+#
+# A neural network computes with numbers, so text must become a sequence of integers, called
+# **tokens**. The simplest tokenizer gives every distinct character its own number. Its
+# vocabulary is tiny (65 characters for Shakespeare), every string over those characters can be
+# encoded, and each token is easy to read — at the price of long sequences, because a word of
+# six letters costs six tokens. (Production models merge frequent character sequences into one
+# token; the idea stays the same.)
+#
+# The vocabulary is sorted so that the same text always gives the same numbering. A character the
+# tokenizer has never seen has no number: rather than silently dropping it, `encode` raises an
+# error that lists every such character.
+
+# %%
+class CharTokenizer:
+    """Maps each character of a fixed vocabulary to an integer and back."""
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)  # token id -> character
+        self.ids = {c: i for i, c in enumerate(self.chars)}  # character -> token id
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.ids.keys())
+        if unknown:
+            raise UserError(f"characters not in the vocabulary: {', '.join(map(repr, unknown))}; "
+                            "use only characters that occur in the training text")
+        return [self.ids[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+# %%
+if IN_NOTEBOOK:
+    tokenizer = CharTokenizer.from_text(text)
+    print("vocabulary size:", tokenizer.vocab_size)
+    print("vocabulary:", repr("".join(tokenizer.chars)))
+    ids = tokenizer.encode("To be, or not to be")
+    print(ids)
+    print(repr(tokenizer.decode(ids)))
+    try:
+        tokenizer.encode("naïve ☃")
+    except ValueError as e:
+        print("ValueError:", e)
+
+# %% [markdown]
+# ## 4. Batches
+#
+# The model learns one thing: given some tokens, predict the next. A window of `block_size + 1`
+# consecutive tokens holds `block_size` such lessons at once: from the first token predict the
+# second, from the first two predict the third, and so on. So the **inputs** are the first
+# `block_size` tokens of the window and the **targets** are the same tokens shifted left by one.
+#
+# A batch is `batch_size` windows starting at random places. We draw them from one split at a
+# time — the training tokens or the validation tokens, held in separate tensors — so no window
+# can straddle the boundary and leak validation text into training.
+#
+# `Tensor.unfold` gives a *view* of every possible window without copying anything: row `i` is
+# `data[i : i + block_size + 1]`. Picking random rows of it is the whole batch sampler.
+
+# %%
+def get_batch(data: torch.Tensor, block_size: int, batch_size: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows from a 1-D tensor of token ids: inputs (B, T) and next-token targets (B, T)."""
+    if len(data) < block_size + 1:
+        raise UserError(f"a split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                        "use a longer text or a smaller --block-size")
+    windows = data.unfold(0, block_size + 1, 1)  # (N - T, T + 1), a view: no copy
+    rows = torch.randint(len(windows), (batch_size,), generator=generator)
+    batch = windows[rows]  # (B, T + 1)
+    return batch[:, :-1], batch[:, 1:]  # inputs (B, T), targets (B, T)
+
+
+# %%
+if IN_NOTEBOOK:
+    data = torch.tensor(tokenizer.encode(text))
+    train_data, val_data = split_train_val(data)
+    x, y = get_batch(train_data, block_size=8, batch_size=2, generator=torch.Generator().manual_seed(0))
+    print("inputs ", tuple(x.shape), x[0].tolist())
+    print("targets", tuple(y.shape), y[0].tolist())
+    for t in range(4):
+        print(f"after {tokenizer.decode(x[0, :t + 1].tolist())!r:12} comes {tokenizer.decode([y[0, t].item()])!r}")
+
+# %% [markdown]
+# ## 5. Embeddings
+#
+# A token id is only a name; `5` is not "more" than `4`. The model gives each token a learned
+# vector of `n_embd` numbers — its **embedding** — looked up in a table of shape (V, C). Training
+# moves these vectors so that tokens that behave alike end up close together.
+#
+# Attention, which comes next, treats its input as an unordered *set*: shuffle the positions and
+# each output is shuffled the same way, unchanged otherwise. Yet order is everything in language
+# ("dog bites man"). So we add to each token's vector a second vector that depends only on its
+# **position**. Two classic choices:
+#
+# * **Sinusoidal** (from "Attention Is All You Need", 2017): fixed waves of different
+#   frequencies, nothing to learn. Pair $i$ of channels at position $p$ holds
+#   $\sin(p/10000^{2i/C})$ and $\cos(p/10000^{2i/C})$. Fast waves tell neighbours apart, slow
+#   waves tell the start of a text from its end, and the offset between two positions becomes a
+#   fixed rotation of each (sin, cos) pair, which the model can learn to detect.
+# * **Learned** (GPT-2): a second table of shape (block_size, C), trained like the token table.
+#   It is free to find whatever works, but knows nothing about positions beyond `block_size`.
+#
+# `--pos-encoding` selects one; learned is the default because it reached a slightly lower loss
+# in the quick run.
+
+# %%
+def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
+    """The fixed sinusoidal encodings of positions 0..n_positions-1, shape (n_positions, dim)."""
+    position = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (T, 1)
+    frequency = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (ceil(C/2),)
+    angle = position * frequency  # (T, ceil(C/2))
+    encoding = torch.zeros(n_positions, dim)
+    encoding[:, 0::2] = torch.sin(angle)  # even channels
+    encoding[:, 1::2] = torch.cos(angle[:, : dim // 2])  # odd channels
+    return encoding
+
+
+class Embeddings(nn.Module):
+    """Token ids (B, T) -> vectors (B, T, C): what each token is, plus where it stands."""
+
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, cfg.n_embd)
+        if cfg.pos_encoding == "learned":
+            self.position = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:  # sinusoidal: a fixed table, saved with the model but never trained
+            self.register_buffer("sinusoids", sinusoidal_positions(cfg.block_size, cfg.n_embd),
+                                 persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if hasattr(self, "position"):
+            pos = self.position(torch.arange(T, device=idx.device))  # (T, C)
+        else:
+            pos = self.sinusoids[:T]  # (T, C)
+        return self.dropout(self.token(idx) + pos)  # (B, T, C); pos broadcasts over B
+
+
+# %%
+if IN_NOTEBOOK:
+    demo_cfg = Config(n_embd=16, block_size=8)
+    embed = Embeddings(demo_cfg, tokenizer.vocab_size)
+    print("token ids", tuple(x.shape), "-> vectors", tuple(embed(x).shape))
+    pe = sinusoidal_positions(8, 16)
+    print("sinusoidal encodings of positions 0-3, first 6 channels:")
+    print(pe[:4, :6].numpy().round(3))
+
+# %% [markdown]
+# ## 6. Attention
+#
+# Until now every token's vector knows only about itself. **Attention** lets each position
+# collect information from earlier positions, with weights that depend on the content. Every
+# position makes three vectors from its own, each with a learned linear map:
+#
+# * a **query** $q$: what am I looking for?
+# * a **key** $k$: what do I contain?
+# * a **value** $v$: what do I pass on to whoever attends to me?
+#
+# Position $t$ scores every position $s$ by the dot product $q_t \cdot k_s$, turns the scores
+# into weights with a softmax, and outputs the weighted average of the values:
+#
+# $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{D}} + M\right) V$$
+#
+# **Why divide by $\sqrt{D}$.** If the $D$ components of $q$ and $k$ are independent with
+# variance 1, their dot product is a sum of $D$ terms and has variance $D$. With $D = 32$ the
+# scores would spread over roughly ±6, the softmax would put almost all weight on one position,
+# and its gradient would vanish. Dividing by $\sqrt{D}$ brings the variance back to 1.
+#
+# **The causal mask $M$.** When predicting the token after position $t$, the model must not see
+# it — or any later token — otherwise it could copy the answer. $M$ is 0 where $s \le t$ and
+# $-\infty$ where $s > t$. Since $e^{-\infty} = 0$, the softmax gives future positions weight
+# exactly zero, and the remaining weights still sum to one.
+#
+# One function does this for any number of heads; the leading dimensions just come along.
+
+# %%
+def causal_mask(T: int, device=None) -> torch.Tensor:
+    """(T, T) boolean mask, True where a query would look into the future (key after query)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     dropout: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention with a causal mask. q, k, v: (..., T, D).
+
+    Returns the outputs (..., T, D) and the attention weights (..., T, T)."""
+    T, D = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T): query t vs key s
+    scores = scores.masked_fill(causal_mask(T, q.device), float("-inf"))
+    weights = F.softmax(scores, dim=-1)  # (..., T, T), each row sums to 1
+    if dropout is not None:
+        weights = dropout(weights)
+    return weights @ v, weights  # (..., T, D), (..., T, T)
+
+
+# %% [markdown]
+# ### One head
+#
+# A single **head** projects the C-wide input to D-wide queries, keys and values and attends.
+# This class is here to make the idea concrete; the model uses the batched version below.
+
+# %%
+class Head(nn.Module):
+    """One head of causal self-attention: (B, T, C) -> (B, T, D)."""
+
+    def __init__(self, n_embd: int, head_dim: int):
+        super().__init__()
+        self.query = nn.Linear(n_embd, head_dim, bias=False)
+        self.key = nn.Linear(n_embd, head_dim, bias=False)
+        self.value = nn.Linear(n_embd, head_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, D)
+        return causal_attention(q, k, v)  # (B, T, D), (B, T, T)
+
+
+# %%
+if IN_NOTEBOOK:
+    torch.manual_seed(0)
+    head = Head(n_embd=16, head_dim=4)
+    out, weights = head(torch.randn(1, 5, 16))
+    print("output", tuple(out.shape), " weights", tuple(weights.shape))
+    print("attention weights (row = query position, column = key position):")
+    print(weights[0].detach().numpy().round(2))
+    print("rows sum to", weights[0].sum(-1).detach().numpy().round(6))
+    q, k = torch.randn(2, 10_000, 32)
+    print(f"variance of q·k with D=32: {(q * k).sum(-1).var():.1f} raw, "
+          f"{((q * k).sum(-1) / math.sqrt(32)).var():.2f} after dividing by sqrt(32)")
+
+# %% [markdown]
+# ### Many heads at once
+#
+# One head computes one weighted average, so it can follow one kind of relation at a time
+# ("the previous character", "the start of this word"). **Multi-head attention** runs H heads
+# side by side, each of width D = C / H, and concatenates their outputs, so the total cost is
+# that of one C-wide head. A final linear layer mixes what the heads found.
+#
+# Instead of H small `Head` modules we use one (C, 3C) matrix that makes all queries, keys and
+# values in a single matrix multiply, then reshape the channels into H heads of D. The heads then
+# ride along as an extra batch dimension through `causal_attention`. Setting
+# `return_weights=True` hands back the (B, H, T, T) attention weights for plotting.
+
+# %%
+class MultiHeadAttention(nn.Module):
+    """H causal attention heads batched together: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # queries, keys, values in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)  # mixes the heads' outputs
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(self, x: torch.Tensor, return_weights: bool = False):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # each (B, T, C)
+        q, k, v = map(self.split_heads, (q, k, v))  # each (B, H, T, D)
+        out, weights = causal_attention(q, k, v, self.attn_dropout)  # (B, H, T, D), (B, H, T, T)
+        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D): heads side by side
+        out = self.resid_dropout(self.proj(out))  # (B, T, C)
+        return (out, weights) if return_weights else out
+
+
+# %%
+if IN_NOTEBOOK:
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(Config(n_embd=16, n_head=4))
+    out, weights = mha(torch.randn(2, 5, 16), return_weights=True)
+    print("output", tuple(out.shape), " weights (B, H, T, T)", tuple(weights.shape))
+    print("weights above the diagonal are exactly zero:", bool((weights.triu(1) == 0).all()))
+
+# %% [markdown]
+# ## 7. The transformer block
+#
+# A block does two things in turn: **attention** (tokens talk to each other) and an **MLP**
+# (each token thinks on its own). Two devices make a deep stack of blocks trainable.
+#
+# **Residual connections.** Each sub-layer *adds* its output to its input: `x = x + f(x)`. The
+# sum gives gradients a straight path from the loss to every layer, and a freshly initialised
+# block starts close to the identity, so stacking more blocks cannot make the initial model
+# worse. The vector that flows through the additions is called the *residual stream*.
+#
+# **Layer normalisation.** Each token's vector is rescaled to mean 0 and variance 1 across its C
+# channels, then given a learned gain $\gamma$ and bias $\beta$:
+#
+# $$\text{LayerNorm}(x) = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta$$
+#
+# This keeps the inputs of every layer on the same scale however the weights drift in training.
+# $\epsilon = 10^{-5}$ (PyTorch's default) only guards against dividing by zero; the variance is
+# the biased one (divide by C), as in the LayerNorm paper.
+
+# %%
+class LayerNorm(nn.Module):
+    """Normalise each vector over its last dimension, then scale and shift (learned)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # gamma, starts as "no change"
+        self.bias = nn.Parameter(torch.zeros(dim))  # beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)  # (B, T, 1)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)  # (B, T, 1), the biased variance
+        return self.weight * (x - mean) / torch.sqrt(var + self.eps) + self.bias  # (B, T, C)
+
+
+# %%
+if IN_NOTEBOOK:
+    torch.manual_seed(0)
+    x_demo = torch.randn(2, 3, 8) * 5 + 3
+    ln = LayerNorm(8)
+    ours, theirs = ln(x_demo), F.layer_norm(x_demo, (8,), ln.weight, ln.bias)
+    print("mean", ours.mean(-1)[0].detach().numpy().round(4), "std", ours.std(-1, unbiased=False)[0].detach().numpy().round(4))
+    print("largest difference from F.layer_norm:", f"{(ours - theirs).abs().max().item():.1e}")
+
+# %% [markdown]
+# **The MLP** widens each vector to 4C, applies a non-linearity, and projects back to C. The
+# factor 4 is the ratio used by the original Transformer (2048 = 4 × 512) and kept by GPT-2.
+# The non-linearity is **GELU**, $x \cdot \Phi(x)$ with $\Phi$ the standard normal CDF: a smooth
+# version of ReLU that GPT-2 uses, whose gradient is not exactly zero for negative inputs.
+#
+# **Pre-norm.** The original Transformer normalised *after* each residual addition
+# (`x = norm(x + f(x))`). GPT-2 moved the norm to the *input* of each sub-layer
+# (`x = x + f(norm(x))`), which trains more stably in deep stacks because the residual stream
+# itself is never squeezed. The price: the stream is never normalised either, and its scale
+# grows as blocks add to it. So a pre-norm model needs one **final LayerNorm** after the last
+# block, before the output layer — we add it in the model below.
+
+# %%
+class MLP(nn.Module):
+    """Position-wise feed-forward network: (B, T, C) -> (B, T, 4C) -> (B, T, C)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.n_embd)
+        self.attn = MultiHeadAttention(cfg)
+        self.norm2 = LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, return_weights: bool = False):
+        attn_out, weights = self.attn(self.norm1(x), return_weights=True)  # (B, T, C), (B, H, T, T)
+        x = x + attn_out  # tokens talk
+        x = x + self.mlp(self.norm2(x))  # each token thinks
+        return (x, weights) if return_weights else x
+
+
+# %%
+if IN_NOTEBOOK:
+    block = Block(Config(n_embd=16, n_head=4))
+    print("block keeps the shape:", tuple(block(torch.randn(2, 5, 16)).shape))
+
+# %% [markdown]
+# ## 8. The model
+#
+# The whole GPT: embed the tokens, run them through `n_layer` blocks, normalise, and map every
+# position's vector to V scores (**logits**), one per possible next token. A softmax of the
+# logits is the model's probability distribution over the next token.
+#
+# **Weight tying.** The output layer is a (V, C) matrix, the same shape as the token embedding
+# table, and the two do mirror-image jobs: one turns a token into a vector, the other scores how
+# well a vector matches each token. Press & Wolf (2017) showed that using one matrix for both
+# works as well or better with fewer parameters, and GPT-2 does it. We make the output layer's
+# weight *the same tensor* as the embedding's, so the parameter count counts it once.
+#
+# **Initialisation.** Weights start from a normal distribution with standard deviation 0.02, the
+# value GPT-1 and GPT-2 used: small enough that the initial logits are all near zero. Biases
+# start at zero. The two layers of each block that write into the residual stream (attention's
+# `proj` and the MLP's `proj`) get their std scaled by $1/\sqrt{2 \cdot n_{layer}}$, as in the
+# GPT-2 paper: the stream is a sum of $2 \cdot n_{layer}$ such contributions (two per block),
+# and the variance of a sum of N independent terms grows like N, so shrinking each term's std by
+# $\sqrt{N}$ keeps the stream's scale independent of depth.
+#
+# **Loss.** Training minimises the cross-entropy: the average of $-\ln p(\text{true next
+# token})$. With logits near zero at initialisation, the softmax is nearly uniform, every token
+# gets $p \approx 1/V$, and the loss is $-\ln(1/V) = \ln V$ — about 4.17 for 65 characters. A
+# loss far above that at step 0 means a broken initialisation; it is the first thing to check.
+
+# %%
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, V), and the loss when targets are given."""
+
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg, vocab_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = LayerNorm(cfg.n_embd)  # the final norm that pre-norm blocks require
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.embed.token.weight  # weight tying: one tensor, two roles
+        self.apply(self._init_weights)
+        for block in self.blocks:  # residual projections, scaled for depth
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters; the tied embedding/output matrix counts once."""
+        return sum(p.numel() for p in self.parameters())  # parameters() skips duplicates
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                return_weights: bool = False):
+        """Returns (logits, loss), plus a list of per-layer (B, H, T, T) weights if asked."""
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
+        x = self.embed(idx)  # (B, T, C)
+        all_weights = []
+        for block in self.blocks:
+            x, weights = block(x, return_weights=True)  # (B, T, C), (B, H, T, T)
+            all_weights.append(weights)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # mean over B*T
+        return (logits, loss, all_weights) if return_weights else (logits, loss)
+
+
+# %%
+if IN_NOTEBOOK:
+    set_seed(1337)
+    model = GPT(Config(), tokenizer.vocab_size)
+    x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
+    logits, loss = model(x, y)
+    print(f"{model.num_parameters():,} parameters")
+    print("logits", tuple(logits.shape))
+    print(f"loss at initialisation {loss.item():.3f}; ln(vocab size) = ln({tokenizer.vocab_size}) = "
+          f"{math.log(tokenizer.vocab_size):.3f}")
+
+# %% [markdown]
+# ## 9. Training
+#
+# Training repeats one step: take a batch, compute the loss, compute its gradient with respect
+# to every parameter (backpropagation), and move each parameter a little downhill.
+#
+# ### The optimiser: AdamW
+#
+# Adam keeps, per parameter, a running average of the gradient (momentum, `beta1` = 0.9) and of
+# its square (`beta2`), and divides the first by the square root of the second, so every
+# parameter moves at a similar pace whatever the scale of its gradient. We use `beta2` = 0.99
+# rather than the textbook 0.999: the average then forgets within about 100 steps instead of
+# 1000, which suits a run of only a few thousand steps.
+#
+# **Weight decay** pulls weights gently towards zero, which fights overfitting. AdamW applies it
+# directly to the weights rather than through the gradient (Loshchilov & Hutter, 2019). We decay
+# only the *matrices* (linear layers and embeddings, everything with 2 dimensions). Biases and
+# the LayerNorm gains are vectors: decaying a gain towards zero would just shrink a layer's
+# output, and biases hold too few numbers to overfit with.
+
+# %%
+def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) and none on vectors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    assert len(decay) + len(no_decay) == len(params)  # every parameter in exactly one group
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+# %% [markdown]
+# ### The learning-rate schedule
+#
+# The learning rate is the size of each step. Early on Adam's running averages are estimated from
+# only a handful of gradients and are unreliable, so we **warm up**: grow the rate linearly from
+# nearly zero to its peak over `warmup_iters` steps. Then a **cosine decay** lowers it smoothly
+# to `min_lr` at the last step: big steps while the loss falls fast, small steps at the end to
+# settle into a minimum. `min_lr` is a tenth of the peak, a common convention (used for
+# instance by Chinchilla). The schedule is a plain function of the step number, so it is easy
+# to plot, to test, and to resume at any step.
+
+# %%
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    decay_steps = max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / decay_steps)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# %%
+if IN_NOTEBOOK:
+    cfg = Config()
+    for s in (0, 49, 99, 100, 1000, 1999):
+        print(f"step {s:4}: lr {lr_at(s, cfg):.2e}")
+
+# %% [markdown]
+# ### Measuring progress
+#
+# A loss measured on one random batch is noisy, so we average over `eval_iters` batches per
+# split. The batches are drawn **once**, from a generator with a fixed seed, and reused at every
+# evaluation: differences between two evaluations then come from the model alone, not from
+# which text happened to be drawn.
+#
+# Evaluation switches the model to **eval mode** (dropout off, so the answer is deterministic)
+# and turns off gradient tracking (nothing to backpropagate, and it saves memory), then puts the
+# model back the way it found it. The sampler needs the same, so it is one context manager.
+
+# %%
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode and no gradients inside the block; the previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def fixed_batches(data: torch.Tensor, cfg: Config, seed: int) -> list:
+    """`eval_iters` batches drawn with their own seeded generator, reused at every evaluation."""
+    generator = torch.Generator().manual_seed(seed)
+    return [get_batch(data, cfg.block_size, cfg.batch_size, generator) for _ in range(cfg.eval_iters)]
+
+
+def estimate_loss(model: nn.Module, batches: list, device: torch.device) -> float:
+    """Mean loss of the model over a fixed list of (inputs, targets) batches."""
+    with evaluating(model):
+        losses = [model(x.to(device), y.to(device))[1].item() for x, y in batches]
+    return sum(losses) / len(losses)
+
+
+# %% [markdown]
+# ### Checkpoints
+#
+# Whenever the validation loss reaches a new best, we save everything needed to use *or* to
+# continue the run: the weights, the optimiser's running averages, the step, the configuration,
+# the vocabulary, and the states of the random generators. It is written atomically (the helper
+# from the data section), so a crash during the save leaves the previous checkpoint intact. The
+# file holds only tensors and plain Python values, so it can be loaded with
+# `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file.
+
+# %%
+def save_checkpoint(path: Path, model: GPT, optimizer, tokenizer: CharTokenizer, step: int,
+                    val_loss: float, batch_generator: torch.Generator) -> None:
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "batches": batch_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "step": step, "val_loss": val_loss, "config": dataclasses.asdict(model.cfg),
+                  "vocab": tokenizer.chars, "rng": rng}
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, CharTokenizer, dict]:
+    """The model (in eval mode), its tokenizer, and the raw checkpoint dictionary."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: run `python llm.py train` first "
+                        "(or pass the --out-dir you trained with)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        cfg = Config(**checkpoint["config"])
+        tokenizer = CharTokenizer(checkpoint["vocab"])
+        model = GPT(cfg, tokenizer.vocab_size).to(device)
+        model.load_state_dict(checkpoint["model"])
+    except Exception as e:  # truncated file, not a checkpoint, or one from another version
+        raise UserError(f"{path} is not a readable llm.py checkpoint ({type(e).__name__}): "
+                        "train again with `python llm.py train`") from None
+    return model.eval(), tokenizer, checkpoint
+
+
+# %% [markdown]
+# ### The training loop
+#
+# Each step: look up the learning rate, draw a batch, compute the loss, backpropagate, clip the
+# gradient, update. **Gradient clipping** rescales the whole gradient whenever its norm exceeds
+# `grad_clip` (1.0, as in GPT-2 and most of its descendants), so one unlucky batch cannot throw
+# the weights far off course.
+#
+# Every `eval_interval` steps (and after the last) we measure both losses, print a progress line,
+# append a row to `history.csv`, and checkpoint if the validation loss is the best so far.
+
+# %%
+@dataclass
+class TrainResult:
+    model: GPT
+    tokenizer: CharTokenizer
+    history: list  # one dict per evaluation: step, train_loss, val_loss, lr, elapsed_s
+    seconds: float
+
+
+HISTORY_FIELDS = ["step", "train_loss", "val_loss", "lr", "elapsed_s"]
+
+
+def train_step(model: GPT, optimizer, x: torch.Tensor, y: torch.Tensor, lr: float, cfg: Config) -> float:
+    """One optimizer step on one batch; returns the batch's loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def progress_line(row: dict, cfg: Config, seconds_per_step: float) -> str:
+    """One line of progress: step, losses, learning rate, speed and time left."""
+    tokens_per_s = cfg.batch_size * cfg.block_size / seconds_per_step if seconds_per_step else 0.0
+    eta = (cfg.max_iters - row["step"]) * seconds_per_step
+    return (f"step {row['step']:>5}/{cfg.max_iters} | train {row['train_loss']:.4f} | "
+            f"val {row['val_loss']:.4f} | lr {row['lr']:.2e} | {1000 * seconds_per_step:5.1f} ms/iter | "
+            f"{tokens_per_s:7,.0f} tok/s | ETA {format_duration(eta)}")
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("ok", encoding="utf-8")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir} ({e.strerror}): choose another directory") from None
+    return out_dir
+
+
+def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = print) -> TrainResult:
+    """Train a GPT on `text`; writes history.csv and the best checkpoint ckpt.pt to out_dir."""
+    cfg.validate()
+    device = pick_device(cfg.device)
+    out_dir = prepare_out_dir(out_dir)
+    set_seed(cfg.seed)
+
+    tokenizer = CharTokenizer.from_text(text)
+    train_data, val_data = split_train_val(torch.tensor(tokenizer.encode(text)))
+    for name, split in (("training", train_data), ("validation", val_data)):
+        if len(split) < cfg.block_size + 1:
+            raise UserError(f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = "
+                            f"{cfg.block_size + 1}: use a longer text or a smaller --block-size")
+    eval_batches = {"train": fixed_batches(train_data, cfg, cfg.seed + 1),
+                    "val": fixed_batches(val_data, cfg, cfg.seed + 2)}
+    batch_generator = torch.Generator().manual_seed(cfg.seed)
+
+    model = GPT(cfg, tokenizer.vocab_size).to(device)
+    optimizer = configure_optimizer(model, cfg)
+    log(f"{model.num_parameters():,} parameters, vocabulary of {tokenizer.vocab_size}, "
+        f"{len(train_data):,} training tokens, device {device}")
+
+    history, best_val = [], float("inf")
+    history_path, ckpt_path = out_dir / "history.csv", out_dir / "ckpt.pt"
+    with open(history_path, "w", newline="", encoding="utf-8") as history_file:
+        writer = csv.DictWriter(history_file, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        start = time.perf_counter()
+        train_seconds, steps_timed = 0.0, 0
+        for step in range(cfg.max_iters + 1):
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                row = {"step": step,
+                       "train_loss": estimate_loss(model, eval_batches["train"], device),
+                       "val_loss": estimate_loss(model, eval_batches["val"], device),
+                       "lr": lr_at(min(step, cfg.max_iters - 1), cfg),
+                       "elapsed_s": time.perf_counter() - start}
+                history.append(row)
+                writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+                history_file.flush()
+                log(progress_line(row, cfg, train_seconds / max(1, steps_timed)))
+                if row["val_loss"] < best_val:
+                    best_val = row["val_loss"]
+                    save_checkpoint(ckpt_path, model, optimizer, tokenizer, step, best_val, batch_generator)
+            if step == cfg.max_iters:
+                break
+            t0 = time.perf_counter()
+            x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batch_generator)
+            train_step(model, optimizer, x.to(device), y.to(device), lr_at(step, cfg), cfg)
+            train_seconds, steps_timed = train_seconds + time.perf_counter() - t0, steps_timed + 1
+    seconds = time.perf_counter() - start
+    return TrainResult(model, tokenizer, history, seconds)
+
+
+# %% [markdown]
+# In the notebook we train a smaller model for fewer steps, so the whole notebook runs in a few
+# minutes; the command line trains the full default configuration.
+
+# %%
+if IN_NOTEBOOK:
+    notebook_cfg = Config(n_layer=2, n_embd=64, max_iters=400, eval_interval=100, eval_iters=10)
+    result = train(notebook_cfg, text, out_dir=Path("out") / "notebook")
+    print(f"trained in {result.seconds:.0f} s; final validation loss {result.history[-1]['val_loss']:.3f}")
+
+# %% [markdown]
+# ## 10. Sampling
+#
+# A trained model gives, for any context, a probability for every possible next token. To write,
+# we pick one token, append it to the context, and repeat. *How* we pick changes the text a lot,
+# so the choice is made by small functions over the logits that compose:
+#
+# * **Temperature** $\tau$ divides the logits before the softmax: $p_i \propto e^{z_i/\tau}$.
+#   $\tau < 1$ sharpens the distribution (safer, more repetitive), $\tau > 1$ flattens it (more
+#   surprising, more mistakes). As $\tau \to 0$ all the probability goes to the largest logit, so
+#   we define $\tau = 0$ as **greedy** decoding: always take the most likely token.
+# * **Top-k** keeps only the k most likely tokens, so the long tail of unlikely tokens — each
+#   improbable, but many of them — can never be drawn.
+# * **Top-p** (nucleus sampling, Holtzman et al. 2019) keeps the smallest set of most likely
+#   tokens whose probabilities add up to at least p. Unlike top-k it adapts: few candidates when
+#   the model is sure, many when it is not. The most likely token is always kept.
+#
+# Filtered-out tokens get logit $-\infty$, hence probability exactly 0.
+
+# %%
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
+                        vocab_size: int | None = None) -> None:
+    if not (temperature >= 0):  # also rejects NaN
+        raise UserError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and (top_k < 1 or (vocab_size is not None and top_k > vocab_size)):
+        limit = f" and at most the vocabulary size {vocab_size}" if vocab_size else ""
+        raise UserError(f"--top-k must be at least 1{limit}, got {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits in the last dimension; set the rest to -inf."""
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to at least p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of all more likely tokens
+    drop_sorted = mass_before >= p  # already reached p without this token; never the first one
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token id from logits (..., V): greedy when temperature is 0."""
+    check_sampling_args(temperature, top_k, top_p, logits.shape[-1])
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
+
+
+# %%
+if IN_NOTEBOOK:
+    toy = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    for p in (0.6, 0.85, 1.0):
+        print(f"top-p {p}: keeps", F.softmax(top_p_filter(toy, p), -1).numpy().round(3))
+    print("top-k 2 :  keeps", F.softmax(top_k_filter(toy, 2), -1).numpy().round(3))
+    print("temperature 0 picks token", sample_next(toy, temperature=0).item())
+
+# %% [markdown]
+# Generation feeds the model its own output. The model only knows positions up to `block_size`,
+# so the context is cropped to the last `block_size` tokens at each step. `generate` is a Python
+# generator that *yields* each new token as soon as it exists, so the command line can print
+# characters as they come. Sampling uses its own seeded `torch.Generator`: the same seed gives
+# the same text.
+
+# %%
+def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield `max_new_tokens` token ids, each sampled after the prompt and the tokens before it."""
+    check_sampling_args(temperature, top_k, top_p)
+    if not prompt_ids:
+        raise UserError("the prompt is empty: give at least one character with --prompt")
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    with evaluating(model):
+        for _ in range(max_new_tokens):
+            context = idx[:, -model.cfg.block_size:]  # (1, <= block_size)
+            logits, _ = model(context)  # (1, T, V)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (1,)
+            idx = torch.cat([idx, next_id[:, None]], dim=1)  # (1, T + 1)
+            yield next_id.item()
+
+
+def generate_text(model: GPT, tokenizer: CharTokenizer, prompt: str, num_chars: int,
+                  seed: int = 1337, **sampling) -> str:
+    """The prompt followed by `num_chars` sampled characters (seeded)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    new_ids = generate(model, tokenizer.encode(prompt), num_chars, generator=generator, **sampling)
+    return prompt + tokenizer.decode(new_ids)
+
+
+# %%
+if IN_NOTEBOOK:
+    print(generate_text(result.model, result.tokenizer, "ROMEO:\n", 300, temperature=0.8))
+
+# %% [markdown]
+# ## 11. The command line
+#
+# `python llm.py train` and `python llm.py sample` drive the same functions as the notebook.
+# Every `Config` field becomes an option of `train` (`n_layer` → `--n-layer`), typed like its
+# default and documented by its one-line explanation, so the help can never drift from the code.
+
+# %%
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(Config):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default),
+                            default=None, metavar=type(f.default).__name__.upper(),
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm.py", description="Train a small GPT on text, then sample from it.",
+        epilog="Quick start: `python llm.py train` (about two minutes on a CPU), then `python llm.py sample`.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
+
+    train_p = commands.add_parser("train", help="train a model and save it to OUT_DIR/ckpt.pt",
+                                  description="Train a GPT; every Config field is an option.")
+    train_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                         help=f"UTF-8 text file to learn from (default: {DEFAULT_DATA}, downloaded if missing)")
+    train_p.add_argument("--out-dir", type=Path, default=Path("out"),
+                         help="where ckpt.pt and history.csv are written (default: out)")
+    add_config_options(train_p)
+
+    sample_p = commands.add_parser("sample", help="generate text from OUT_DIR/ckpt.pt",
+                                   description="Generate text with a model trained by `train`.")
+    sample_p.add_argument("--out-dir", type=Path, default=Path("out"),
+                          help="directory holding ckpt.pt (default: out)")
+    sample_p.add_argument("--prompt", default=None,
+                          help="text to continue (default: a newline, or the first vocabulary character)")
+    sample_p.add_argument("--num-chars", type=int, default=500, help="characters to generate (default: 500)")
+    sample_p.add_argument("--temperature", type=float, default=0.8,
+                          help="below 1 is safer, above 1 wilder, 0 is greedy (default: 0.8)")
+    sample_p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    sample_p.add_argument("--top-p", type=float, default=None,
+                          help="sample only from the most likely tokens that cover probability P")
+    sample_p.add_argument("--seed", type=int, default=1337, help="seed of the sampler (default: 1337)")
+    sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    return parser
+
+
+def command_train(args: argparse.Namespace) -> None:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                 if getattr(args, f.name) is not None}
+    cfg = Config(**overrides)
+    cfg.validate()  # before reading data, so a bad option fails fast
+    text = load_text(args.data)
+    result = train(cfg, text, args.out_dir)
+    final = result.history[-1]
+    best = min(row["val_loss"] for row in result.history)
+    print(f"done: final val loss {final['val_loss']:.4f} (best {best:.4f}) after {final['step']} steps "
+          f"in {result.seconds:.0f} s; checkpoint {args.out_dir / 'ckpt.pt'}, "
+          f"history {args.out_dir / 'history.csv'}")
+    print("a sample from the trained model:")
+    print(generate_text(result.model, result.tokenizer, default_prompt(result.tokenizer), 200))
+
+
+def default_prompt(tokenizer: CharTokenizer) -> str:
+    return "\n" if "\n" in tokenizer.ids else tokenizer.chars[0]
+
+
+def command_sample(args: argparse.Namespace) -> None:
+    if args.num_chars < 0:
+        raise UserError(f"--num-chars must not be negative, got {args.num_chars}")
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
+    check_sampling_args(args.temperature, args.top_k, args.top_p, tokenizer.vocab_size)
+    prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    new_ids = generate(model, tokenizer.encode(prompt), args.num_chars, args.temperature,
+                       args.top_k, args.top_p, generator)
+    print(prompt, end="", flush=True)
+    for token_id in new_ids:  # stream: print each character as soon as it is sampled
+        print(tokenizer.decode([token_id]), end="", flush=True)
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the command line; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        {"train": command_train, "sample": command_sample}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the best checkpoint so far is in the --out-dir", file=sys.stderr)
+        return 130
+    return 0
+
+
+# %%
+if __name__ == "__main__" and not IN_NOTEBOOK:
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The model's pieces against PyTorch's own implementations, and properties of the whole."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm
+
+
+def test_layer_norm_equals_pytorch():
+    torch.manual_seed(0)
+    ln = llm.LayerNorm(32)
+    with torch.no_grad():  # random gain and bias, so they are really used
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(4, 7, 32) * 3 + 1
+    expected = F.layer_norm(x, (32,), ln.weight, ln.bias, eps=1e-5)
+    torch.testing.assert_close(ln(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoidal_positions_follow_the_formula():
+    pe = llm.sinusoidal_positions(10, 8)
+    for p in range(10):
+        for i in range(4):
+            angle = p / 10000 ** (2 * i / 8)
+            assert pe[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
+            assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
+
+
+def test_causal_attention_equals_scaled_dot_product_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 9, 8)  # (B=2, H=4, T=9, D=8) each
+    out, _ = llm.causal_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_single_head_equals_scaled_dot_product_attention():
+    torch.manual_seed(0)
+    head = llm.Head(n_embd=16, head_dim=4)
+    x = torch.randn(2, 6, 16)
+    out, _ = head(x)
+    expected = F.scaled_dot_product_attention(head.query(x), head.key(x), head.value(x), is_causal=True)
+    torch.testing.assert_close(out, expected)
+
+
+def test_multi_head_attention_equals_pytorch_with_the_same_projections():
+    torch.manual_seed(0)
+    cfg = llm.Config(n_embd=32, n_head=4)
+    mha = llm.MultiHeadAttention(cfg)
+    x = torch.randn(3, 10, 32)
+    B, T, C = x.shape
+    q, k, v = mha.qkv(x).split(C, dim=-1)
+    q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = mha.proj(y.transpose(1, 2).reshape(B, T, C))
+    torch.testing.assert_close(mha(x), expected)
+
+
+def test_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
+    torch.manual_seed(0)
+    mha = llm.MultiHeadAttention(llm.Config(n_embd=16, n_head=2))
+    _, weights = mha(torch.randn(2, 7, 16), return_weights=True)  # (B, H, T, T)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 7))
+    future = llm.causal_mask(7)
+    assert (weights[..., future] == 0).all()
+    assert (weights[..., ~future] > 0).all()
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_causality_future_tokens_do_not_change_past_logits(tiny_cfg, pos_encoding):
+    tiny_cfg.pos_encoding = pos_encoding
+    torch.manual_seed(0)
+    model = llm.GPT(tiny_cfg, vocab_size=20).eval()
+    idx = torch.randint(20, (2, 16))
+    t = 9
+    changed = idx.clone()
+    changed[:, t + 1:] = torch.randint(20, (2, 16 - t - 1))
+    assert not torch.equal(changed, idx)
+    logits_a, _ = model(idx)
+    logits_b, _ = model(changed)
+    torch.testing.assert_close(logits_a[:, :t + 1], logits_b[:, :t + 1])
+    assert not torch.allclose(logits_a[:, t + 1:], logits_b[:, t + 1:])  # the future did change
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_loss_at_init_is_close_to_ln_vocab_size(pos_encoding):
+    llm.set_seed(0)
+    vocab_size = 65
+    model = llm.GPT(llm.Config(pos_encoding=pos_encoding), vocab_size)
+    idx = torch.randint(vocab_size, (8, 64))
+    _, loss = model(idx, torch.randint(vocab_size, (8, 64)))
+    assert abs(loss.item() - math.log(vocab_size)) < 0.3
+
+
+def expected_parameter_count(cfg, vocab_size):
+    """Counted by hand: embeddings, 12C^2 + 13C per block, the final norm; the head is tied."""
+    C = cfg.n_embd
+    per_block = (2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (2 * C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    positions = cfg.block_size * C if cfg.pos_encoding == "learned" else 0
+    return vocab_size * C + positions + cfg.n_layer * per_block + 2 * C
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_parameter_count_counts_the_tied_matrix_once(pos_encoding):
+    cfg = llm.Config(pos_encoding=pos_encoding)
+    model = llm.GPT(cfg, 65)
+    assert model.num_parameters() == expected_parameter_count(cfg, 65)
+    if pos_encoding == "learned":
+        assert model.num_parameters() == 809_856  # the default model, as printed by `train`
+
+
+def test_weight_tying_shares_one_tensor_also_after_save_and_load(tmp_path, tiny_cfg):
+    tok = llm.CharTokenizer.from_text("abcdefgh")
+    model = llm.GPT(tiny_cfg, tok.vocab_size)
+    assert model.lm_head.weight is model.embed.token.weight
+    optimizer = llm.configure_optimizer(model, tiny_cfg)
+    path = tmp_path / "ckpt.pt"
+    llm.save_checkpoint(path, model, optimizer, tok, 0, 1.0, torch.Generator())
+    loaded, _, _ = llm.load_checkpoint(path)
+    assert loaded.lm_head.weight is loaded.embed.token.weight
+    torch.testing.assert_close(loaded.embed.token.weight, model.embed.token.weight)
+    with torch.no_grad():  # a change through one name is seen through the other
+        loaded.embed.token.weight[0, 0] = 123.0
+    assert loaded.lm_head.weight[0, 0].item() == 123.0
+
+
+def test_eval_mode_is_deterministic_with_dropout(tiny_cfg):
+    tiny_cfg.dropout = 0.5
+    torch.manual_seed(0)
+    model = llm.GPT(tiny_cfg, 20)
+    idx = torch.randint(20, (2, 16))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])  # dropout is active in training
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_residual_projections_are_scaled_at_init():
+    llm.set_seed(0)
+    cfg = llm.Config(n_layer=8, n_embd=256)
+    model = llm.GPT(cfg, 65)
+    std = model.blocks[0].mlp.proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+    assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_optimizer_decays_matrices_only(tiny_cfg):
+    model = llm.GPT(tiny_cfg, 20)
+    decay_group, no_decay_group = llm.configure_optimizer(model, tiny_cfg).param_groups
+    assert all(p.dim() == 2 for p in decay_group["params"]) and decay_group["weight_decay"] > 0
+    assert all(p.dim() == 1 for p in no_decay_group["params"]) and no_decay_group["weight_decay"] == 0
+    assert len(decay_group["params"]) + len(no_decay_group["params"]) == len(list(model.parameters()))
+
+
+def test_learning_rate_schedule():
+    cfg = llm.Config(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    lrs = [llm.lr_at(s, cfg) for s in range(cfg.max_iters)]
+    assert lrs[0] == pytest.approx(1e-4)  # warmup starts at 1/warmup_iters of the peak
+    assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rises during warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises afterwards
+    assert lrs[60] == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
+    assert llm.lr_at(cfg.max_iters, cfg) == pytest.approx(1e-4)
+
+
+def test_a_tiny_model_overfits_one_batch(tiny_cfg):
+    llm.set_seed(0)
+    tiny_cfg.learning_rate, tiny_cfg.warmup_iters, tiny_cfg.max_iters = 1e-2, 1, 200
+    model = llm.GPT(tiny_cfg, 20)
+    optimizer = llm.configure_optimizer(model, tiny_cfg)
+    x, y = llm.get_batch(torch.randint(20, (200,)), 16, 4, torch.Generator().manual_seed(0))
+    losses = [llm.train_step(model, optimizer, x, y, 1e-2, tiny_cfg) for _ in range(200)]
+    assert losses[0] > 2.5
+    assert losses[-1] < 0.1
+
+
+def test_model_rejects_sequences_longer_than_block_size(tiny_cfg):
+    model = llm.GPT(tiny_cfg, 20)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_config_validation():
+    with pytest.raises(llm.UserError, match="divisible"):
+        llm.Config(n_embd=30, n_head=4).validate()
+    with pytest.raises(llm.UserError, match="block-size"):
+        llm.Config(block_size=0).validate()
+    with pytest.raises(llm.UserError, match="learning-rate"):
+        llm.Config(learning_rate=float("nan")).validate()
+    llm.Config().validate()  # the defaults are valid
