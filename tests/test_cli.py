@@ -176,3 +176,30 @@ def test_import_has_no_side_effects(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing downloaded
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_each_preset_trains_and_samples(tmp_path, tiny_text_file, capsys, arch):
+    out = tmp_path / arch
+    args = ["train", "--arch", arch, "--data", str(tiny_text_file), "--out-dir", str(out), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 0
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["config"]["norm"] == llm.ARCHITECTURES[arch]["norm"]
+    capsys.readouterr()
+    assert llm.main(["sample", "--out-dir", str(out), "--num-chars", "20"]) == 0
+    assert len(capsys.readouterr().out) == 1 + 20 + 1  # the default prompt is a newline
+
+
+def test_switches_mix_on_top_of_a_preset(tmp_path, tiny_text_file):
+    out = tmp_path / "mixed"
+    args = ["train", "--arch", "llama", "--norm", "layernorm", "--bias", "true", "--data", str(tiny_text_file),
+            "--out-dir", str(out), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 0
+    config = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert (config["norm"], config["bias"], config["pos_encoding"]) == ("layernorm", True, "rope")
+
+
+def test_bad_bool_and_grouping_options(tmp_path, tiny_text_file):
+    base = ["train", "--data", tiny_text_file, "--out-dir", tmp_path, *TINY_TRAIN_OPTIONS]
+    assert_clean_failure(run_cli(*base, "--bias", "maybe"), "expected true or false")
+    assert_clean_failure(run_cli(*base, "--n-head", "2", "--n-kv-head", "3"), "--n-kv-head")

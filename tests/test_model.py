@@ -46,7 +46,7 @@ def test_single_head_equals_scaled_dot_product_attention():
 
 def test_multi_head_attention_equals_pytorch_with_the_same_projections():
     torch.manual_seed(0)
-    cfg = llm.Config(n_embd=32, n_head=4)
+    cfg = llm.preset("gpt2", n_embd=32, n_head=4)
     mha = llm.MultiHeadAttention(cfg)
     x = torch.randn(3, 10, 32)
     B, T, C = x.shape
@@ -94,7 +94,7 @@ def test_loss_at_init_is_close_to_ln_vocab_size(pos_encoding):
 
 
 def expected_parameter_count(cfg, vocab_size):
-    """Counted by hand: embeddings, 12C^2 + 13C per block, the final norm; the head is tied."""
+    """GPT-2 switches, counted by hand: embeddings, 12C^2 + 13C per block, the final norm (the head is tied)."""
     C = cfg.n_embd
     per_block = (2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (2 * C) + (4 * C * C + 4 * C) + (4 * C * C + C)
     positions = cfg.block_size * C if cfg.pos_encoding == "learned" else 0
@@ -103,11 +103,11 @@ def expected_parameter_count(cfg, vocab_size):
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
 def test_parameter_count_counts_the_tied_matrix_once(pos_encoding):
-    cfg = llm.Config(pos_encoding=pos_encoding)
+    cfg = llm.preset("gpt2", pos_encoding=pos_encoding)
     model = llm.GPT(cfg, 65)
     assert model.num_parameters() == expected_parameter_count(cfg, 65)
     if pos_encoding == "learned":
-        assert model.num_parameters() == 809_856  # the default model, as printed by `train`
+        assert model.num_parameters() == 809_856  # as printed by `train --arch gpt2`
 
 
 def test_weight_tying_shares_one_tensor_also_after_save_and_load(tmp_path, tiny_cfg):
@@ -138,7 +138,7 @@ def test_eval_mode_is_deterministic_with_dropout(tiny_cfg):
 
 def test_residual_projections_are_scaled_at_init():
     llm.set_seed(0)
-    cfg = llm.Config(n_layer=8, n_embd=256)
+    cfg = llm.preset("gpt2", n_layer=8, n_embd=256)
     model = llm.GPT(cfg, 65)
     std = model.blocks[0].mlp.proj.weight.std().item()
     assert std == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)

@@ -1,0 +1,212 @@
+"""Modern components (RoPE, RMSNorm, SwiGLU, grouped-query attention) against references."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm
+
+ALL_ARCHS = list(llm.ARCHITECTURES)
+
+
+def test_rms_norm_equals_pytorch():
+    torch.manual_seed(0)
+    norm = llm.RMSNorm(24)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 24) * 4 + 2
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (24,), norm.weight, eps=1e-5))
+
+
+def test_layer_norm_without_bias_equals_pytorch():
+    torch.manual_seed(0)
+    norm = llm.LayerNorm(16, bias=False)
+    x = torch.randn(2, 3, 16)
+    assert norm.bias is None
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (16,), norm.weight, None, eps=1e-5))
+
+
+def test_swiglu_equals_its_formula_with_pytorch_silu():
+    torch.manual_seed(0)
+    cfg = llm.Config(n_embd=24, mlp="swiglu", bias=True)
+    mlp = llm.SwiGLU(cfg)
+    x = torch.randn(2, 5, 24)
+    expected = mlp.proj(F.silu(mlp.gate(x)) * mlp.up(x))
+    torch.testing.assert_close(mlp(x), expected)
+    assert mlp.gate.out_features == 8 * 24 // 3 == 64
+
+
+def test_swiglu_has_about_the_parameters_of_the_gelu_mlp():
+    cfg = llm.Config(n_embd=384, bias=False)
+    gelu = sum(p.numel() for p in llm.MLP(cfg).parameters())
+    swiglu = sum(p.numel() for p in llm.SwiGLU(cfg).parameters())
+    assert gelu == 8 * 384 * 384 and swiglu == 3 * 384 * 1024 == gelu  # 8C/3 is exact when 3 | C
+
+
+# --- RoPE ----------------------------------------------------------------------------------------
+
+def rope_complex(x, angles):
+    """An independent formulation: channel pairs as complex numbers times e^(i*angle)."""
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())  # (..., T, D/2)
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+def test_rope_equals_the_complex_number_formulation():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 16)  # (B, H, T, D)
+    angles = llm.position_angles(10, 16)
+    torch.testing.assert_close(llm.rope_rotate(x, angles), rope_complex(x, angles))
+
+
+def test_rope_preserves_vector_norms():
+    torch.manual_seed(0)
+    x = torch.randn(4, 50, 32)
+    rotated = llm.rope_rotate(x, llm.position_angles(50, 32))
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.parametrize("m, n, shift", [(10, 3, 7), (5, 5, 40), (0, 20, 13)])
+def test_rope_score_depends_only_on_the_relative_offset(m, n, shift):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 32)
+    angles = llm.position_angles(100, 32)
+
+    def score(i, j):
+        return llm.rope_rotate(q, angles[i]) @ llm.rope_rotate(k, angles[j])
+
+    torch.testing.assert_close(score(m, n), score(m + shift, n + shift), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(score(m, n), score(m + shift, n), atol=1e-3)  # a real dependence
+
+
+# --- grouped-query attention -----------------------------------------------------------------
+
+def test_n_kv_head_equal_to_n_head_is_plain_multi_head_attention():
+    x = torch.randn(2, 7, 32)
+    torch.manual_seed(0)
+    plain = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, n_kv_head=0))
+    torch.manual_seed(0)
+    explicit = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, n_kv_head=4))
+    torch.testing.assert_close(plain(x), explicit(x))
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_grouped_query_attention_equals_pytorch_on_repeated_keys_and_values(n_kv_head):
+    torch.manual_seed(0)
+    cfg = llm.Config(n_embd=32, n_head=4, n_kv_head=n_kv_head, pos_encoding="learned")
+    attn = llm.MultiHeadAttention(cfg)
+    assert attn.qkv.out_features == 32 + 2 * n_kv_head * 8
+    x = torch.randn(2, 9, 32)
+    B, T, C = x.shape
+    q, k, v = attn.qkv(x).split([C, n_kv_head * 8, n_kv_head * 8], dim=-1)
+    q = q.view(B, T, 4, 8).transpose(1, 2)
+    k, v = (t.view(B, T, n_kv_head, 8).transpose(1, 2) for t in (k, v))
+    group = 4 // n_kv_head
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                       is_causal=True)
+    y_gqa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # PyTorch's own GQA
+    torch.testing.assert_close(y, y_gqa)
+    torch.testing.assert_close(attn(x), attn.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def test_rope_attention_equals_pytorch_on_rotated_queries_and_keys():
+    torch.manual_seed(0)
+    attn = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, n_kv_head=0, pos_encoding="rope"))
+    x = torch.randn(2, 9, 32)
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in attn.qkv(x).split(C, dim=-1))
+    angles = llm.position_angles(T, 8)
+    y = F.scaled_dot_product_attention(rope_complex(q, angles), rope_complex(k, angles), v, is_causal=True)
+    torch.testing.assert_close(attn(x), attn.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+# --- whole models, every preset ----------------------------------------------------------------
+
+def expected_parameter_count(cfg, vocab_size):
+    """Counted by hand from the architecture's switches."""
+    C, D = cfg.n_embd, cfg.n_embd // cfg.n_head
+    kv = cfg.kv_heads * D
+    b = 1 if cfg.bias else 0
+    attention = C * (C + 2 * kv) + b * (C + 2 * kv) + C * C + b * C
+    if cfg.mlp == "gelu":
+        mlp = 2 * 4 * C * C + b * (4 * C + C)
+    else:
+        hidden = 8 * C // 3
+        mlp = 3 * C * hidden + b * (2 * hidden + C)
+    norm = C if cfg.norm == "rmsnorm" else C + b * C
+    positions = cfg.block_size * C if cfg.pos_encoding == "learned" else 0
+    return vocab_size * C + positions + cfg.n_layer * (attention + mlp + 2 * norm) + norm
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_parameter_counts_per_preset(arch):
+    cfg = llm.preset(arch)
+    count = llm.GPT(cfg, 65).num_parameters()
+    print(f"{arch}: {count:,} parameters")
+    assert count == expected_parameter_count(cfg, 65)
+    assert count == {"gpt2": 809_856, "llama": 729_856}[arch]  # the numbers the notebook prints
+
+
+@pytest.mark.parametrize("overrides", [
+    {"pos_encoding": "rope"}, {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"n_kv_head": 1}, {"bias": False},
+    {"pos_encoding": "sinusoidal", "mlp": "swiglu", "n_kv_head": 2, "bias": False},
+])
+def test_parameter_count_of_mixed_switches(overrides):
+    cfg = llm.Config(n_embd=48, n_head=4, n_layer=2, **overrides)
+    assert llm.GPT(cfg, 30).num_parameters() == expected_parameter_count(cfg, 30)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_causality_for_every_preset(arch):
+    cfg = llm.preset(arch, n_layer=2, n_head=4, n_embd=32, block_size=16)
+    torch.manual_seed(0)
+    model = llm.GPT(cfg, 20).eval()
+    idx = torch.randint(20, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = (idx[:, 10:] + 1) % 20
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_loss_at_init_for_every_preset(arch):
+    llm.set_seed(0)
+    model = llm.GPT(llm.preset(arch), 65)
+    _, loss = model(torch.randint(65, (8, 64)), torch.randint(65, (8, 64)))
+    assert abs(loss.item() - math.log(65)) < 0.3
+
+
+def test_default_config_is_the_default_preset():
+    assert llm.Config() == llm.preset(llm.DEFAULT_ARCH)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(llm.UserError, match="--arch"):
+        llm.preset("gpt5")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"n_head": 4, "n_kv_head": 3}, "multiple of --n-kv-head"),
+    ({"n_embd": 12, "n_head": 4, "pos_encoding": "rope"}, "even"),
+    ({"norm": "batchnorm"}, "--norm"),
+    ({"mlp": "relu"}, "--mlp"),
+])
+def test_invalid_switches(overrides, fragment):
+    with pytest.raises(llm.UserError, match=fragment):
+        llm.Config(**overrides).validate()
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_checkpoint_round_trip_records_the_architecture(tmp_path, arch):
+    cfg = llm.preset(arch, n_layer=1, n_head=4, n_embd=16, block_size=8, device="cpu")
+    tok = llm.CharTokenizer.from_text("abcdef")
+    llm.set_seed(0)
+    model = llm.GPT(cfg, tok.vocab_size)
+    path = tmp_path / "ckpt.pt"
+    llm.save_checkpoint(path, model, llm.configure_optimizer(model, cfg), tok, 0, 1.0, torch.Generator())
+    loaded, _, checkpoint = llm.load_checkpoint(path)
+    assert loaded.cfg == cfg and checkpoint["config"]["norm"] == cfg.norm
+    idx = torch.randint(tok.vocab_size, (1, 8))
+    torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
+    assert len(llm.generate_text(loaded, tok, "abc", 12)) == 15  # sampling works, past block_size too
