@@ -34,7 +34,7 @@ def test_train_writes_checkpoint_and_history(trained_dir):
     assert (trained_dir / "ckpt.pt").is_file()
     with open(trained_dir / "history.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "train_loss", "val_loss", "lr", "elapsed_s"]
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
     assert [int(r["step"]) for r in rows] == [0, 10, 20]
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])  # it learned something
     assert [p.name for p in trained_dir.iterdir() if p.suffix == ".tmp"] == []
@@ -42,7 +42,7 @@ def test_train_writes_checkpoint_and_history(trained_dir):
 
 def test_checkpoint_holds_what_is_needed_and_loads_with_weights_only(trained_dir):
     checkpoint = torch.load(trained_dir / "ckpt.pt", weights_only=True)
-    assert {"model", "optimizer", "step", "config", "vocab", "rng", "val_loss"} <= set(checkpoint)
+    assert {"model", "optimizer", "step", "config", "tokenizer", "rng", "val_loss"} <= set(checkpoint)
     assert {"python", "torch", "batches"} <= set(checkpoint["rng"])
     assert checkpoint["config"]["n_embd"] == 16
 
