@@ -170,7 +170,7 @@ def test_a_tiny_model_overfits_one_batch(tiny_cfg):
     model = llm.GPT(tiny_cfg, 20)
     optimizer = llm.configure_optimizer(model, tiny_cfg)
     x, y = llm.get_batch(torch.randint(20, (200,)), 16, 4, torch.Generator().manual_seed(0))
-    losses = [llm.train_step(model, optimizer, x, y, 1e-2, tiny_cfg) for _ in range(200)]
+    losses = [llm.train_step(model, optimizer, [(x, y)], 1e-2, tiny_cfg) for _ in range(200)]
     assert losses[0] > 2.5
     assert losses[-1] < 0.1
 

@@ -1,0 +1,196 @@
+"""Exact resume, Ctrl-C, crash-safe checkpoints, failing runs, and data parallelism."""
+import csv
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import llm
+from conftest import ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS
+
+
+def tiny_cfg(**overrides):
+    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=20,
+                    eval_interval=5, eval_iters=2, warmup_iters=3, dropout=0.1, device="cpu")
+    return llm.Config(**{**settings, **overrides})
+
+
+def losses(history):
+    return [(row["step"], row["train_loss"], row["val_loss"]) for row in history]
+
+
+def quiet(*_):
+    pass
+
+
+def interrupt_when(condition):
+    """A log function that presses Ctrl-C (a real SIGINT) when `condition(line)` holds."""
+    def log(line):
+        if condition(line):
+            signal.raise_signal(signal.SIGINT)
+    return log
+
+
+def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
+    straight = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
+    with pytest.raises(llm.TrainingInterrupted, match="--resume"):
+        llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=interrupt_when(lambda l: l.startswith("step    10/")))
+    assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 10
+    resumed = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
+    assert losses(resumed.history) == losses(straight.history)  # exact: not approximately
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with open(tmp_path / "resumed" / "history.csv", encoding="utf-8") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 5, 10, 15, 20]
+
+
+def test_resume_after_ctrl_c_between_evaluations_is_bit_identical(tmp_path, monkeypatch):
+    straight = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
+    calls = {"n": 0}
+    real_step = llm.train_step
+
+    def step_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            signal.raise_signal(signal.SIGINT)  # arrives in the middle of step 6
+        return real_step(*args)
+
+    monkeypatch.setattr(llm, "train_step", step_then_ctrl_c)
+    with pytest.raises(llm.TrainingInterrupted):
+        llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet)
+    monkeypatch.setattr(llm, "train_step", real_step)
+    assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 7  # step 6 finished
+    resumed = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
+    assert losses(resumed.history) == losses(straight.history)
+
+
+def test_resume_refuses_other_data_and_a_missing_checkpoint(tmp_path):
+    with pytest.raises(llm.UserError, match="latest.pt"):
+        llm.train(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet, resume=True)
+    llm.train(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+    with pytest.raises(llm.UserError, match="--data"):
+        llm.train(tiny_cfg(), TINY_TEXT.upper(), tmp_path, log=quiet, resume=True)
+
+
+def test_sample_uses_the_best_checkpoint_and_resume_the_latest(tmp_path):
+    llm.train(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+    best = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    latest = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert latest["step"] == 20
+    assert best["val_loss"] == min(r["val_loss"] for r in latest["history"] if r["step"] > 0)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    llm.train(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def half_written(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(llm.torch, "save", half_written)
+    with pytest.raises(llm.UserError, match="previous version is untouched"):
+        llm.train(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    llm.load_checkpoint(tmp_path / "ckpt.pt")  # still loads
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_disk_full_during_a_save_is_one_clear_line(tmp_path, tiny_text_file, monkeypatch, capsys):
+    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path / "out"), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 0
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(llm.os, "fsync", disk_full)
+    assert llm.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and "previous version is untouched" in err
+    assert len(err.splitlines()) == 1
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_step = llm.train_step
+
+    def diverging(*args):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 13 else real_step(*args)
+
+    monkeypatch.setattr(llm, "train_step", diverging)
+    with pytest.raises(llm.UserError, match="became nan at step 12"):
+        llm.train(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 10
+
+
+def test_ctrl_c_in_a_real_run_saves_and_exits_130(tmp_path, tiny_text_file):
+    options = [*TINY_TRAIN_OPTIONS, "--max-iters", "1000000", "--eval-interval", "50"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "llm.py"), "train", "--data", str(tiny_text_file),
+                                "--out-dir", str(tmp_path), *options], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until training has passed its second evaluation
+        line = process.stdout.readline()
+        seen.append(line)
+        if line.startswith("step   100/"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (seen, err)
+    assert "Traceback" not in err
+    assert "python llm.py train --resume --out-dir" in err
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] >= 100
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--resume", "--n-layer", "3"], "drop --n-layer"),
+    (["--resume"], "no checkpoint at"),
+    (["--beta2", "1.5"], "--beta2"),
+    (["--dropout", "1"], "--dropout"),
+    (["--eval-iters", "0"], "--eval-iters"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps"),
+    (["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size"),
+    (["--n-kv-head", "-1"], "--n-kv-head"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+])
+def test_more_bad_train_options(tmp_path, tiny_text_file, options, fragment):
+    base = [] if "--resume" in options else TINY_TRAIN_OPTIONS  # --resume takes no configuration
+    result = subprocess.run([sys.executable, str(ROOT / "llm.py"), "train", "--data", str(tiny_text_file),
+                             "--out-dir", str(tmp_path), *base, *options],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert fragment in result.stderr
+
+
+def test_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path, tiny_text_file):
+    """2 CPU processes (gloo), each with 1 micro-batch, against 1 process accumulating 2."""
+    options = ["--data", str(tiny_text_file), *TINY_TRAIN_OPTIONS, "--grad-accum-steps", "2"]
+    single = subprocess.run([sys.executable, str(ROOT / "llm.py"), "train", "--out-dir", str(tmp_path / "one"),
+                             *options], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "llm.py"), "train", "--out-dir", str(tmp_path / "two"), *options],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 processes" in double.stdout and double.stdout.count("done: final val loss") == 1  # rank 0 only
+
+    def read(name):
+        with open(tmp_path / name / "history.csv", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    one, two = read("one"), read("two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):  # same batches, same maths; only the summation order differs
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-4)
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-4)
