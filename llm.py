@@ -755,11 +755,11 @@ if IN_NOTEBOOK:
 # 10000$ positions) far longer than any text the model will read, so no two positions collide.
 
 # %%
-def position_angles(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Angle p / base^(2i/dim) for every position p and channel pair i: shape (T, ceil(dim/2))."""
-    position = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (T, 1)
-    frequency = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (ceil(dim/2),)
-    return position * frequency  # (T, ceil(dim/2))
+def position_angles(n_positions: int, dim: int, base: float = 10000.0, start: int = 0) -> torch.Tensor:
+    """Angle p / base^(2i/dim) for positions p = start, start+1, ... and channel pairs i: (T, ceil(dim/2))."""
+    position = torch.arange(start, start + n_positions, dtype=torch.float64)[:, None]  # (T, 1)
+    frequency = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
+    return (position * frequency).float()  # (T, ceil(dim/2)); float64 first keeps large p exact
 
 
 def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
@@ -785,13 +785,14 @@ class Embeddings(nn.Module):
                                  persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`start` is the position of idx's first token (0, except when generating with a cache)."""
         T = idx.shape[1]
         x = self.token(idx)  # (B, T, C)
         if self.pos_encoding == "learned":
-            x = x + self.position(torch.arange(T, device=idx.device))  # (T, C) broadcasts over B
+            x = x + self.position(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcasts over B
         elif self.pos_encoding == "sinusoidal":
-            x = x + self.sinusoids[:T]  # (T, C)
+            x = x + self.sinusoids[start:start + T]  # (T, C)
         # rope: positions enter inside attention instead
         return self.dropout(x)  # (B, T, C)
 
@@ -859,23 +860,27 @@ if IN_NOTEBOOK:
 # One function does this for any number of heads; the leading dimensions just come along.
 
 # %%
-def causal_mask(T: int, device=None) -> torch.Tensor:
-    """(T, T) boolean mask, True where a query would look into the future (key after query)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+def causal_mask(T: int, T_keys: int | None = None, device=None) -> torch.Tensor:
+    """(T, T_keys) boolean mask, True where a query would look into the future (key after query).
+
+    The queries are the *last* T of the T_keys positions (T_keys > T only when generating with a
+    cache of earlier keys); by default T_keys = T."""
+    T_keys = T if T_keys is None else T_keys
+    return torch.ones(T, T_keys, dtype=torch.bool, device=device).triu(diagonal=T_keys - T + 1)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      dropout: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention with a causal mask. q, k, v: (..., T, D).
+    """Scaled dot-product attention with a causal mask. q: (..., T, D); k, v: (..., T_keys, D).
 
-    Returns the outputs (..., T, D) and the attention weights (..., T, T)."""
+    Returns the outputs (..., T, D) and the attention weights (..., T, T_keys)."""
     T, D = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T): query t vs key s
-    scores = scores.masked_fill(causal_mask(T, q.device), float("-inf"))
-    weights = F.softmax(scores, dim=-1)  # (..., T, T), each row sums to 1
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T_keys): query t vs key s
+    scores = scores.masked_fill(causal_mask(T, k.shape[-2], q.device), float("-inf"))
+    weights = F.softmax(scores, dim=-1)  # (..., T, T_keys), each row sums to 1
     if dropout is not None:
         weights = dropout(weights)
-    return weights @ v, weights  # (..., T, D), (..., T, T)
+    return weights @ v, weights  # (..., T, D), (..., T, T_keys)
 
 
 # %% [markdown]
@@ -1047,8 +1052,43 @@ if IN_NOTEBOOK:
 # keeping every past key and value around (a "KV cache"). `n_kv_head = n_head` is ordinary multi-head attention;
 # `n_kv_head = 1` is *multi-query* attention (Shazeer, 2019). Before attending, each key/value
 # head is simply repeated for every query head in its group.
+#
+# **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes exactly what
+# `causal_attention` does, in one optimised kernel (on a GPU, a FlashAttention kernel that never
+# even stores the T × T weights). The class uses it whenever the weights are not requested. The
+# hand-written `causal_attention` stays the definition: it runs whenever weights are asked for
+# (the plots), and a test checks that the two agree.
+#
+# **A cache for generation.** When the model writes, every new token attends to all the tokens
+# before it, whose keys and values never change: in a causal model, earlier positions never see
+# later ones. So instead of recomputing them at every step we keep them in a **KV cache** and
+# compute queries, keys and values for the one new token only. `KVCache` holds, per layer, the
+# keys and values seen so far — before the grouped heads are repeated, which is how grouped-query
+# attention saves memory — and the position the next token will have. Section 11 uses it.
 
 # %%
+class LayerCache:
+    """One attention layer's keys and values for every position seen so far."""
+
+    def __init__(self):
+        self.k = self.v = None  # (B, Hkv, T_seen, D) once filled
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys and values (B, Hkv, T, D); return all of them so far."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """The caches of all layers, and the position the next token will have."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.position = 0
+
+
 class MultiHeadAttention(nn.Module):
     """H causal attention heads batched together: (B, T, C) -> (B, T, C)."""
 
@@ -1069,20 +1109,37 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False):
+    def forward(self, x: torch.Tensor, return_weights: bool = False, cache: LayerCache | None = None,
+                start: int = 0):
+        """x: (B, T, C), the tokens at positions start, start+1, ...; with a cache, the keys and
+        values of earlier positions come from it. Returns (B, T, C), and (B, H, T, T_keys) weights
+        if asked (None from the fused path)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split([C, self.kv_width, self.kv_width], dim=-1)
         q = self.split_heads(q, self.n_head)  # (B, H, T, D)
         k, v = self.split_heads(k, self.n_kv_head), self.split_heads(v, self.n_kv_head)  # (B, Hkv, T, D)
         if self.rope:
-            q, k = rope_rotate(q, self.rope_angles[:T]), rope_rotate(k, self.rope_angles[:T])
-        if self.n_kv_head != self.n_head:  # grouped-query: repeat each key/value head for its group
-            group = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, D)
-        out, weights = causal_attention(q, k, v, self.attn_dropout)  # (B, H, T, D), (B, H, T, T)
+            angles = self.rope_angles[start:start + T]  # (T, D/2)
+            q, k = rope_rotate(q, angles), rope_rotate(k, angles)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, Hkv, T_keys, D): all positions so far
+        if return_weights:  # the teaching path: every step visible
+            if self.n_kv_head != self.n_head:  # grouped-query: repeat each key/value head for its group
+                group = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T_keys, D)
+            out, weights = causal_attention(q, k, v, self.attn_dropout)  # (B, H, T, D), (B, H, T, T_keys)
+        else:  # the same maths in one fused kernel, which also does the repeating
+            out, weights = self.fused_attention(q, k, v), None
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D): heads side by side
         out = self.resid_dropout(self.proj(out))  # (B, T, C)
         return (out, weights) if return_weights else out
+
+    def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T, T_keys = q.shape[-2], k.shape[-2]
+        allowed = None if T == T_keys else ~causal_mask(T, T_keys, q.device)  # queries after cached keys
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=T == T_keys,
+                                              dropout_p=self.attn_dropout.p if self.training else 0.0,
+                                              enable_gqa=self.n_kv_head != self.n_head)
 
 
 # %%
@@ -1259,8 +1316,10 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
 
-    def forward(self, x: torch.Tensor, return_weights: bool = False):
-        attn_out, weights = self.attn(self.norm1(x), return_weights=True)  # (B, T, C), (B, H, T, T)
+    def forward(self, x: torch.Tensor, return_weights: bool = False, cache: LayerCache | None = None,
+                start: int = 0):
+        attended = self.attn(self.norm1(x), return_weights, cache, start)
+        attn_out, weights = attended if return_weights else (attended, None)  # (B, T, C), (B, H, T, T)
         x = x + attn_out  # tokens talk
         x = x + self.mlp(self.norm2(x))  # each token thinks
         return (x, weights) if return_weights else x
@@ -1327,16 +1386,25 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() skips duplicates
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                return_weights: bool = False):
-        """Returns (logits, loss), plus a list of per-layer (B, H, T, T) weights if asked."""
+                return_weights: bool = False, cache: KVCache | None = None):
+        """Returns (logits, loss), plus a list of per-layer (B, H, T, T) weights if asked.
+
+        With a cache, idx holds only the new tokens; the earlier ones are in the cache."""
         T = idx.shape[1]
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
-        x = self.embed(idx)  # (B, T, C)
+        start = cache.position if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"{start + T} positions are more than block_size={self.cfg.block_size}")
+        x = self.embed(idx, start)  # (B, T, C)
         all_weights = []
-        for block in self.blocks:
-            x, weights = block(x, return_weights=True)  # (B, T, C), (B, H, T, T)
-            all_weights.append(weights)
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if return_weights:
+                x, weights = block(x, True, layer_cache, start)  # (B, T, C), (B, H, T, T)
+                all_weights.append(weights)
+            else:
+                x = block(x, False, layer_cache, start)  # (B, T, C)
+        if cache is not None:
+            cache.position += T
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -1377,9 +1445,11 @@ if IN_NOTEBOOK:
 #
 # **Which is better here?** Measured on a 2-core CPU with the quick-run defaults (3000 steps,
 # `python llm.py train --arch gpt2` and `--arch llama`): `gpt2` reached a validation loss of
-# 1.68 in 120 s, `llama` 1.62 in 115 s — lower, and slightly faster per step (no position
-# table, smaller key/value projections, a cheaper norm). So `llama` is the default. Section 10
-# repeats the comparison in the notebook and flips the switches one at a time.
+# 1.70 in 104 s, `llama` 1.63 in 121 s. Each `llama` step is a little slower (rotating queries
+# and keys costs a few small operations per layer), but the gap in loss is far larger than what
+# 17 more seconds of `gpt2` could buy at that point of its curve. So `llama` is the default.
+# Section 10 repeats the comparison in the notebook, on equal time, and flips the switches one
+# at a time.
 
 # %%
 ARCHITECTURES = {
@@ -1495,17 +1565,20 @@ if IN_NOTEBOOK:
 # steps costs about 5% of the run.
 #
 # Evaluation switches the model to **eval mode** (dropout off, so the answer is deterministic)
-# and turns off gradient tracking (nothing to backpropagate, and it saves memory), then puts the
+# and turns off gradient tracking (nothing to backpropagate, and it saves memory and time), then puts the
 # model back the way it found it. The sampler needs the same, so it is one context manager.
 
 # %%
 @contextmanager
 def evaluating(model: nn.Module):
-    """Eval mode and no gradients inside the block; the previous mode is restored after."""
+    """Eval mode and no gradients inside the block; the previous mode is restored after.
+
+    `inference_mode` is `no_grad` plus a promise that the results never meet autograd later,
+    which lets PyTorch skip some bookkeeping on every operation (it matters when sampling)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
@@ -1877,13 +1950,13 @@ def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = p
 
 
 # %% [markdown]
-# Now we train for real. The notebook trains the default model for 1200 steps, 40% of the command
-# line's quick run (under a minute on a laptop CPU), so that the whole notebook runs in a few
+# Now we train for real. The notebook trains the default model for 1000 steps, a third of the
+# command line's quick run (about 40 seconds on a laptop CPU), so that the whole notebook runs in a few
 # minutes; `python llm.py train` trains the full default configuration.
 
 # %%
 if IN_NOTEBOOK:
-    notebook_cfg = Config(max_iters=1200, eval_interval=100)
+    notebook_cfg = Config(max_iters=1000, eval_interval=100)
     result = train(notebook_cfg, text, out_dir=Path("out") / "notebook")
     print(f"trained in {result.seconds:.0f} s; final validation loss {result.history[-1]['val_loss']:.3f}")
 
@@ -2045,20 +2118,21 @@ def plot_val_curves(rows: dict, title: str, metric: str = "val_loss", ylabel: st
 
 # %%
 if IN_NOTEBOOK:
-    race = {arch: train_for(preset(arch), text, 20, Path("out") / "notebook" / arch) for arch in ARCHITECTURES}
+    race = {arch: train_for(preset(arch), text, 15, Path("out") / "notebook" / arch) for arch in ARCHITECTURES}
     print_table(race)
-    plot_val_curves(race, "gpt2 and llama presets, 20 seconds of training each")
+    plot_val_curves(race, "gpt2 and llama presets, 15 seconds of training each")
     plt.show()
 
 # %% [markdown]
 # **One switch at a time.** Which of the five changes matters? Starting from the classic `gpt2`
-# set, we flip one switch at a time and train each variant for the same short budget. Ten
-# seconds is only a few hundred steps, so this measures how fast each variant learns early on,
+# set, we flip one switch at a time and train each variant for the same short budget. Eight
+# seconds is only a couple of hundred steps, so this measures how fast each variant learns early on,
 # and differences of a few hundredths are within run-to-run noise; the full quick run is the
 # final word. In our runs on a 2-core machine, rotary positions gave the one consistent gain
-# (0.15–0.2 lower loss). The other switches moved the loss up or down by about as much as the
-# noise between runs; what they buy shows elsewhere — grouped keys/values and dropped biases in
-# memory and speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
+# (0.15–0.2 lower loss with 10- and 12-second budgets). The other switches moved the loss up or
+# down by about as much as the noise between runs; what they buy shows elsewhere — grouped
+# keys/values and dropped biases in memory and speed, SwiGLU at larger scale (where the Llama and
+# PaLM papers measured it).
 
 # %%
 ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"}, "+ rmsnorm": {"norm": "rmsnorm"},
@@ -2068,7 +2142,7 @@ ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"}, "+ rmsnorm
 if IN_NOTEBOOK:
     ablation = {}
     for i, (name, switch) in enumerate(ABLATION.items()):
-        ablation[name] = train_for(preset("gpt2", **switch), text, 10, Path("out") / "notebook" / f"ablation{i}", n_evals=1)
+        ablation[name] = train_for(preset("gpt2", **switch), text, 8, Path("out") / "notebook" / f"ablation{i}", n_evals=1)
     print_table(ablation)
 
 # %% [markdown]
@@ -2078,7 +2152,7 @@ if IN_NOTEBOOK:
 # bits (divide by ln 2), divided by the number of UTF-8 bytes per token of the validation text.
 # It is the number of bits the model would need to compress the text, per byte — whatever the
 # tokenizer. (Bits per character divides by characters instead; for plain English text the two
-# are equal.) Both models train for the same time with the default architecture. In our runs BPE
+# are equal.) Both models train for the same time with the default architecture. In our run BPE
 # reached the lower bits per byte: each of its steps covers about twice as much text, which
 # outweighs the harder prediction and the larger output layer; the curves below are this run's.
 
@@ -2163,16 +2237,29 @@ if IN_NOTEBOOK:
     print("temperature 0 picks token", sample_next(toy, temperature=0).item())
 
 # %% [markdown]
-# Generation feeds the model its own output. The model only knows positions up to `block_size`,
-# so the context is cropped to the last `block_size` tokens at each step. `generate` is a Python
-# generator that *yields* each new token as soon as it exists, so the command line can print
-# characters as they come. Sampling uses its own seeded `torch.Generator`: the same seed gives
-# the same text.
+# Generation feeds the model its own output, one token at a time. With the **KV cache** from
+# section 6, the prompt is run through the model once (the *prefill*), filling the cache; after
+# that each step runs only the one new token, whose query attends to all the cached keys. The
+# work per token no longer grows with the context.
+#
+# **Past `block_size`.** The model knows positions 0 to `block_size − 1` only. When the context is
+# full we keep its last half and **prefill again** from there, so the window starts at position 0
+# once more, then continue step by step until it is full again. Simply dropping the oldest cached
+# entry would not be the same thing: every cached key was computed while its token could still
+# see tokens that have now left the window (through the layers below), and with learned or
+# sinusoidal encodings every position would shift by one. Re-prefilling is exact for every
+# positional scheme, and costs one prefill per `block_size / 2` tokens. Without the cache
+# (`use_cache=False`) the model recomputes the same window at every step; a test checks that the
+# two give the same logits at every position.
+#
+# `generate` is a Python generator that *yields* each new token as soon as it exists, so the
+# command line can print text as it comes. Sampling uses its own seeded `torch.Generator`: the
+# same seed gives the same text.
 
 # %%
 def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> Iterator[int]:
+             generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[int]:
     """An iterator over `max_new_tokens` token ids, each sampled after the prompt and the tokens
     before it. The arguments are checked here, at the call, not at the first token."""
     check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
@@ -2180,19 +2267,35 @@ def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature
         raise UserError("the prompt is empty: give at least one character with --prompt")
     if max_new_tokens < 0:
         raise UserError(f"--num-chars must not be negative, got {max_new_tokens}")
-    return _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator)
+    return _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
 
 
-def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator):
+def next_token_logits(model: GPT, ids: list[int], window_start: int, cache: KVCache | None) -> torch.Tensor:
+    """Logits (1, V) for the token after ids[window_start:]; with a cache, only the newest token
+    is run (a prefill happens when the cache is empty)."""
     device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    if cache is None:
+        context = ids[window_start:]
+    else:
+        context = ids[window_start + cache.position:]  # the tokens the cache has not seen yet
+    logits, _ = model(torch.tensor([context], device=device), cache=cache)  # (1, T, V)
+    return logits[:, -1, :]
+
+
+def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+    ids = list(prompt_ids)
+    block_size = model.cfg.block_size
+    window_start = max(0, len(ids) - block_size)  # the context is ids[window_start:]
+    cache = KVCache(model.cfg.n_layer) if use_cache else None
     with evaluating(model):
         for _ in range(max_new_tokens):
-            context = idx[:, -model.cfg.block_size:]  # (1, <= block_size)
-            logits, _ = model(context)  # (1, T, V)
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (1,)
-            idx = torch.cat([idx, next_id[:, None]], dim=1)  # (1, T + 1)
-            yield next_id.item()
+            if len(ids) - window_start > block_size:  # the window is full: keep its last half
+                window_start = len(ids) - block_size // 2
+                cache = KVCache(model.cfg.n_layer) if use_cache else None  # and prefill again
+            logits = next_token_logits(model, ids, window_start, cache)  # (1, V)
+            next_id = sample_next(logits, temperature, top_k, top_p, generator).item()
+            ids.append(next_id)
+            yield next_id
 
 
 def seeded_generator(model: nn.Module, seed: int) -> torch.Generator:
@@ -2269,6 +2372,99 @@ if IN_NOTEBOOK:
     print(generate_text(result.model, result.tokenizer, "ROMEO:\n", 400, temperature=0.8))
 
 # %% [markdown]
+# ### Measuring speed
+#
+# `python llm.py bench` measures this machine running this model (any `--arch`, `--device` or
+# configuration option applies) and prints:
+#
+# * **training ms/iter and tokens/s**: the time of one optimiser step on random tokens of the
+#   configured shape (speed does not depend on the text), median of several timed runs;
+# * **FLOPs per token**: training costs about $6N$ floating-point operations per token for the
+#   $N$ parameters that take part in matrix multiplications (2 per multiply-add in the forward
+#   pass, twice that in the backward pass), plus $12 \cdot L \cdot C \cdot T$ for attention
+#   itself (queries times keys and weights times values, forward and backward; the formula of
+#   the PaLM paper). Lookup tables such as learned positions cost no multiplications;
+# * **achieved GFLOP/s** = FLOPs per token × tokens/s, and that as a fraction of the **matmul
+#   peak**, measured by the same command as the speed of one large (2048 × 2048) matrix product:
+#   the most this machine does with PyTorch on ideal work;
+# * **sampling tokens/s** with and without the KV cache, generating from a newline;
+# * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and the
+#   thread count and device.
+
+# %%
+def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the best of a few n x n matrix products (float32; bfloat16 on a GPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource  # the largest resident set of this process so far (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 500) -> dict:
+    """Training and sampling speed of `cfg` on this machine; see the list above."""
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    model = GPT(cfg, vocab_size).to(device)
+    optimizer = configure_optimizer(model, cfg)
+    x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+    batches = [(x, x)] * cfg.grad_accum_steps
+    for _ in range(3):  # warm up: the first steps allocate memory and pick kernels
+        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    per_step = sorted(times)[len(times) // 2]  # the median resists the odd slow step
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
+    matmul_params = model.num_parameters() - (cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0)
+    flops_per_token = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    sampling = {}
+    for use_cache in (True, False):
+        tokens = generate(model, [0], sample_tokens, generator=seeded_generator(model, 0), use_cache=use_cache)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in tokens:
+            pass
+        synchronize(device)
+        sampling[use_cache] = sample_tokens / (time.perf_counter() - start)
+    peak = matmul_peak_gflops(device)
+    achieved = flops_per_token * tokens_per_step / per_step / 1e9
+    return {"device": f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device),
+            "parameters": f"{model.num_parameters():,}",
+            "training ms/iter": f"{1000 * per_step:.1f}",
+            "training tokens/s": f"{tokens_per_step / per_step:,.0f}",
+            "FLOPs per token (6N + 12LCT)": f"{flops_per_token / 1e6:.2f} M",
+            "achieved GFLOP/s": f"{achieved:.1f}",
+            "matmul peak GFLOP/s (2048^2)": f"{peak:.1f}",
+            "fraction of matmul peak": f"{achieved / peak:.0%}",
+            "sampling tokens/s, KV cache": f"{sampling[True]:,.0f}",
+            "sampling tokens/s, no cache": f"{sampling[False]:,.0f}",
+            "KV cache speed-up": f"{sampling[True] / sampling[False]:.1f}x",
+            "peak memory": f"{peak_memory_mib(device):,.0f} MiB"}
+
+
+# %% [markdown]
 # ## 12. The command line
 #
 # `python llm.py train` and `python llm.py sample` drive the same functions as the notebook.
@@ -2296,7 +2492,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm.py", description="Train a small GPT on text, then sample from it.",
         epilog="Quick start: `python llm.py train` (about two minutes on a CPU), then `python llm.py sample`.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,tokenize}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,tokenize,bench}")
 
     train_p = commands.add_parser("train", help="train a model and save it to OUT_DIR/ckpt.pt",
                                   description="Train a GPT; every Config field is an option.")
@@ -2335,6 +2531,16 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                             help=f"text to train a BPE tokenizer on (default: {DEFAULT_DATA})")
     tokenize_p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (default: 512)")
+
+    bench_p = commands.add_parser("bench", help="measure training and sampling speed on this machine",
+                                  description="Print training and sampling speed, FLOP/s against this "
+                                              "machine's matmul peak, and memory. Config options apply.")
+    bench_p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
+                         help=f"a preset of architecture switches (default: {DEFAULT_ARCH})")
+    bench_p.add_argument("--steps", type=int, default=20, help="timed training steps (default: 20)")
+    bench_p.add_argument("--sample-tokens", type=int, default=2000,
+                         help="tokens generated for each sampling figure (default: 2000)")
+    add_config_options(bench_p)
     return parser
 
 
@@ -2350,6 +2556,7 @@ def command_train(args: argparse.Namespace) -> None:
     result = train(cfg, text, args.out_dir, resume=args.resume)
     if "RANK" in os.environ:  # under torchrun: leave the process group; only rank 0 reports
         import torch.distributed as dist
+        dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
         dist.destroy_process_group()
         if os.environ["RANK"] != "0":
             return
@@ -2406,11 +2613,25 @@ def command_tokenize(args: argparse.Namespace) -> None:
     print(f"{len(ids)} tokens for {len(args.text)} characters ({len(args.text.encode('utf-8'))} bytes); ids: {ids}")
 
 
+def command_bench(args: argparse.Namespace) -> None:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                 if getattr(args, f.name) is not None}
+    cfg = preset(args.arch, **overrides)
+    cfg.validate()
+    if args.steps < 1 or args.sample_tokens < 1:
+        raise UserError("--steps and --sample-tokens must be at least 1")
+    vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else 65  # 65: tiny Shakespeare's characters
+    for name, value in benchmark(cfg, vocab_size, args.steps, args.sample_tokens).items():
+        print(f"{name:30} {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
     try:
-        {"train": command_train, "sample": command_sample, "tokenize": command_tokenize}[args.command](args)
+        commands = {"train": command_train, "sample": command_sample, "tokenize": command_tokenize,
+                    "bench": command_bench}
+        commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -182,7 +182,7 @@ def test_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path, 
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "llm.py"), "train", "--out-dir", str(tmp_path / "two"), *options],
                             capture_output=True, text=True, timeout=300, env=env)
-    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-6000:]
     assert "2 processes" in double.stdout and double.stdout.count("done: final val loss") == 1  # rank 0 only
 
     def read(name):

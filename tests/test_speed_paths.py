@@ -1,0 +1,87 @@
+"""The fused attention path and the KV cache give the same results as the plain paths."""
+import pytest
+import torch
+
+import llm
+
+SCHEMES = [dict(pos_encoding=p, n_kv_head=kv) for p in ("learned", "sinusoidal", "rope") for kv in (0, 1)]
+
+
+def tiny_model(**overrides):
+    llm.set_seed(0)
+    cfg = llm.Config(n_layer=2, n_head=2, n_embd=16, block_size=12, device="cpu", **overrides)
+    return llm.GPT(cfg, 23).eval()
+
+
+@pytest.mark.parametrize("switches", SCHEMES)
+def test_fused_attention_equals_the_hand_written_path(switches):
+    torch.manual_seed(0)
+    attn = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, **switches)).eval()
+    x = torch.randn(3, 10, 32)
+    fused = attn(x)
+    hand_written, _ = attn(x, return_weights=True)
+    torch.testing.assert_close(fused, hand_written)
+
+
+@pytest.mark.parametrize("switches", SCHEMES)
+def test_cached_logits_equal_a_full_forward_at_every_position(switches):
+    model = tiny_model(**switches)
+    idx = torch.randint(23, (1, 12))
+    full, _ = model(idx)  # (1, 12, V)
+    with torch.no_grad():
+        cache = llm.KVCache(model.cfg.n_layer)
+        prefill, _ = model(idx[:, :5], cache=cache)  # the first five positions at once
+        torch.testing.assert_close(prefill, full[:, :5], atol=1e-5, rtol=1e-5)
+        for t in range(5, 12):  # then one position at a time
+            step, _ = model(idx[:, t:t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+    assert cache.position == 12 and cache.layers[0].k.shape == (1, model.cfg.kv_heads, 12, 8)
+
+
+@pytest.mark.parametrize("switches", SCHEMES)
+def test_generation_with_and_without_the_cache_agree_past_block_size(switches, monkeypatch):
+    model = tiny_model(**switches)
+    seen = {}
+    real = llm.next_token_logits
+
+    def record(model, ids, window_start, cache):
+        logits = real(model, ids, window_start, cache)
+        seen.setdefault(cache is not None, []).append(logits)
+        return logits
+
+    monkeypatch.setattr(llm, "next_token_logits", record)
+    prompt = [1, 2, 3]
+    with_cache = list(llm.generate(model, prompt, 40, generator=torch.Generator().manual_seed(5)))
+    without = list(llm.generate(model, prompt, 40, generator=torch.Generator().manual_seed(5), use_cache=False))
+    assert with_cache == without  # seeded text identical, 43 tokens: several windows of block_size 12
+    for a, b in zip(seen[True], seen[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_window_restarts_keep_the_last_half(monkeypatch):
+    model = tiny_model()
+    windows = []
+    real = llm.next_token_logits
+
+    def record(model, ids, window_start, cache):
+        windows.append((len(ids), window_start))
+        return real(model, ids, window_start, cache)
+
+    monkeypatch.setattr(llm, "next_token_logits", record)
+    list(llm.generate(model, [1] * 10, 8, temperature=0))
+    assert all(0 < n - start <= 12 for n, start in windows)
+    assert (13, 13 - 6) in windows  # at 13 tokens the window of 12 was full: keep the last 6
+
+
+def test_bench_prints_every_figure(capsys):
+    options = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
+               "--device", "cpu", "--steps", "2", "--sample-tokens", "20"]
+    assert llm.main(["bench", *options]) == 0
+    out = capsys.readouterr().out
+    for name in ("training tokens/s", "achieved GFLOP/s", "fraction of matmul peak", "KV cache", "no cache",
+                 "peak memory", "parameters"):
+        assert name in out
+    flops = float(out.split("FLOPs per token (6N + 12LCT)")[1].split()[0])
+    cfg = llm.Config(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    expected = 6 * llm.GPT(cfg, 65).num_parameters() + 12 * 1 * 16 * 16  # rope: no position table
+    assert flops == pytest.approx(expected / 1e6, abs=0.005)
