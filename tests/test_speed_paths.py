@@ -85,3 +85,27 @@ def test_bench_prints_every_figure(capsys):
     cfg = llm.Config(n_layer=1, n_head=2, n_embd=16, block_size=16)
     expected = 6 * llm.GPT(cfg, 65).num_parameters() + 12 * 1 * 16 * 16  # rope: no position table
     assert flops == pytest.approx(expected / 1e6, abs=0.005)
+
+
+def test_gpu_size_is_about_ten_million_parameters():
+    for arch in llm.ARCHITECTURES:
+        cfg = llm.preset(arch, "gpu")
+        cfg.validate()
+        assert cfg.block_size == 256
+        assert 9e6 < llm.GPT(cfg, 65).num_parameters() < 11e6
+
+
+def test_unknown_size_is_a_clear_error():
+    with pytest.raises(llm.UserError, match="--size"):
+        llm.preset("llama", "tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_uses_bf16_autocast_and_fused_adamw(tmp_path):
+    from conftest import TINY_TEXT
+    cfg = llm.Config(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=20,
+                     eval_interval=10, eval_iters=2, device="cuda")
+    result = llm.train(cfg, TINY_TEXT, tmp_path, log=lambda *_: None)
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    optimizer = llm.configure_optimizer(result.model, cfg)
+    assert optimizer.defaults["fused"] is True
