@@ -129,6 +129,8 @@ class UserError(ValueError):
 # | 16 × 2400 | 2.46M | 4e-3 | 1.69 |
 # | **12 × 3000** | **2.30M** | **3e-3** | **1.68** |
 #
+# (These runs used the hand-written attention; with the fused path that came later, the last run
+# ends at 1.70 — a different order of floating-point operations, a different last digit.)
 # Within the same time, more and smaller steps won, and 3e-3 was as good as any higher rate
 # while leaving a margin against instability. The architecture switches (positions, norm, MLP,
 # key/value heads, biases) default to the modern `llama` set, which beat the classic `gpt2` set
@@ -275,13 +277,6 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
     return plt.subplots(nrows, ncols, **kwargs)
 
 
-def save_figure(fig, path: Path) -> None:
-    """Write a figure to a PNG file (atomically) and free its memory."""
-    import matplotlib.pyplot as plt
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
-
-
 def visible(ch: str) -> str:
     """A printable stand-in for characters that would be invisible on a plot's axis."""
     return {"\n": "↵", " ": "␣", "\t": "⇥"}.get(ch, ch)
@@ -303,8 +298,8 @@ if IN_NOTEBOOK:
 # If the file is not in `data/`, we download it once. A SHA-256 checksum proves that the bytes
 # are exactly the published ones, and the file is written *atomically* — to a temporary file
 # that is renamed into place only when complete — so an interrupted download never leaves half a
-# file behind that would later be mistaken for the whole one. Checkpoints are written the same
-# way, so this one helper serves both.
+# file behind that would later be mistaken for the whole one. Checkpoints and the plots that
+# `train` saves are written the same way, so this one helper serves them all.
 
 # %%
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
@@ -329,6 +324,13 @@ def atomic_write(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure to a PNG file (atomically) and free its memory."""
+    import matplotlib.pyplot as plt
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30) -> None:
@@ -603,7 +605,7 @@ if IN_NOTEBOOK:
 if IN_NOTEBOOK:
     started = time.perf_counter()
     bpe = BPETokenizer.train(train_text, vocab_size=512)
-    print(f"trained 256 merges in {time.perf_counter() - started:.1f} s")
+    print(f"trained {len(bpe.merges)} merges in {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     bpe_ids = bpe.encode(text)
     print(f"encoded {len(text):,} characters into {len(bpe_ids):,} tokens in {time.perf_counter() - started:.1f} s")
@@ -672,7 +674,7 @@ if IN_NOTEBOOK:
 # text anyway, and its merges should not be tuned on the text that measures the model.
 
 # %%
-Tokenizer = CharTokenizer | BPETokenizer  # either kind: both have encode, decode, vocab_size, state
+Tokenizer = CharTokenizer | BPETokenizer  # either: encode, decode, token_bytes, vocab_size, state
 
 
 def tokenizer_from_state(state: dict) -> Tokenizer:
@@ -1055,8 +1057,8 @@ if IN_NOTEBOOK:
 # head is simply repeated for every query head in its group.
 #
 # **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes exactly what
-# `causal_attention` does, in one optimised kernel (on a GPU, a FlashAttention kernel that never
-# even stores the T × T weights). The class uses it whenever the weights are not requested. The
+# `causal_attention` does, in one optimised kernel (in training on a GPU, a FlashAttention kernel
+# that never even stores the T × T weights). The class uses it whenever the weights are not requested. The
 # hand-written `causal_attention` stays the definition: it runs whenever weights are asked for
 # (the plots), and a test checks that the two agree.
 #
@@ -1578,6 +1580,11 @@ if IN_NOTEBOOK:
 # reads about 15,000 characters, enough to pin the loss to about ±0.01; evaluating every 250
 # steps costs about 5% of the run.
 #
+# Besides the loss in nats per token, each evaluation reports the validation loss in **bits per
+# byte**: converted to bits (divided by ln 2) and spread over the UTF-8 bytes that the validation
+# tokens stand for — and likewise **bits per character**. Unlike the loss per token, these do not
+# depend on the tokenizer, so a character model and a BPE model can be compared (section 10).
+#
 # Evaluation switches the model to **eval mode** (dropout off, so the answer is deterministic)
 # and turns off gradient tracking (nothing to backpropagate, and it saves memory and time), then puts the
 # model back the way it found it. The sampler needs the same, so it is one context manager.
@@ -1771,7 +1778,7 @@ def process_device(cfg: Config, env: Distributed) -> torch.device:
 # cores at many times the float32 rate, while the weights and the optimiser's averages stay in
 # float32 (bfloat16 keeps float32's range, so no loss scaling is needed). AdamW updates all
 # parameters in one **fused** kernel instead of one small kernel per tensor. And batches are
-# copied from **pinned** (page-locked) memory, which lets the copy run while the GPU computes.
+# copied from **pinned** (page-locked) memory, which the GPU can read without a staging copy.
 # `--compile` additionally hands the model to `torch.compile`, which fuses operations into fewer,
 # larger kernels; it is opt-in because compiling takes longer than a quick CPU run saves.
 #
@@ -1859,7 +1866,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        probe = out_dir / f".write-test-{os.getpid()}"  # one per process: torchrun starts several
         probe.write_text("ok", encoding="utf-8")
         probe.unlink()
     except OSError as e:
@@ -1900,7 +1907,11 @@ def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = p
     out_dir = prepare_out_dir(out_dir)
     checkpoint = resume_checkpoint(out_dir, text) if resume else None
     if checkpoint is not None:
-        cfg = Config(**checkpoint["config"])  # a resumed run keeps its configuration
+        try:
+            cfg = Config(**checkpoint["config"])  # a resumed run keeps its configuration
+        except TypeError:
+            raise UserError(f"{out_dir / 'latest.pt'} comes from another version of llm.py: "
+                            "start a new run without --resume") from None
     cfg.validate()
     env = start_distributed(cfg)
     device = process_device(cfg, env)
@@ -1923,10 +1934,14 @@ def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = p
     optimizer = configure_optimizer(model, cfg)
     history, best_val, first_step = [], float("inf"), 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_states(checkpoint["rng"], batch_generator)
-        history, first_step = checkpoint["history"], checkpoint["step"]
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            restore_rng_states(checkpoint["rng"], batch_generator)
+            history, first_step = checkpoint["history"], checkpoint["step"]
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise UserError(f"{out_dir / 'latest.pt'} cannot be resumed ({type(e).__name__}): it comes from "
+                            "another version or was edited; start a new run without --resume") from None
         best_val = min((row["val_loss"] for row in history if row["step"] > 0), default=float("inf"))
         log(f"resuming {out_dir / 'latest.pt'} at step {first_step}")
     trained = torch.compile(model) if cfg.compile else model
@@ -1964,7 +1979,9 @@ def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = p
             if step == cfg.max_iters:
                 break
             if ctrl_c["stop"]:
-                if env.is_main and not (due and step > 0):  # (just saved, if an evaluation was due)
+                if step == 0:
+                    raise TrainingInterrupted("stopped before the first training step; nothing was saved")
+                if env.is_main and not due:  # (if an evaluation was due, it has just saved)
                     save(out_dir / "latest.pt", step)
                 raise TrainingInterrupted(f"stopped at step {step}; saved {out_dir / 'latest.pt'}. Continue with: "
                                           f"python llm.py train --resume --out-dir {out_dir}")
@@ -1974,8 +1991,10 @@ def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = p
             mine = [(to_device(x, device), to_device(y, device)) for x, y in micro[env.rank::env.world_size]]  # ...and keeps its share
             loss = train_step(trained, optimizer, mine, lr_at(step, cfg), cfg)
             if not math.isfinite(loss):
-                raise UserError(f"the training loss became {loss} at step {step}; the last good checkpoint is "
-                                f"{out_dir / 'latest.pt'}: lower --learning-rate or --grad-clip and train again")
+                saved = f"the last good checkpoint is {out_dir / 'latest.pt'}" if (out_dir / "latest.pt").exists() \
+                    else "nothing was saved yet"
+                raise UserError(f"the training loss became {loss} at step {step}; {saved}: "
+                                "lower --learning-rate or --grad-clip and train again")
             train_seconds, steps_timed = train_seconds + time.perf_counter() - t0, steps_timed + 1
     return TrainResult(model, tokenizer, history, seconds_before + time.perf_counter() - start)
 
@@ -2160,7 +2179,7 @@ if IN_NOTEBOOK:
 # seconds is only a couple of hundred steps, so this measures how fast each variant learns early on,
 # and differences of a few hundredths are within run-to-run noise; the full quick run is the
 # final word. In our runs on a 2-core machine, rotary positions gave the one consistent gain
-# (0.15–0.2 lower loss with 10- and 12-second budgets). The other switches moved the loss up or
+# (0.15–0.2 lower loss in earlier runs with 10- and 12-second budgets). The other switches moved the loss up or
 # down by about as much as the noise between runs; what they buy shows elsewhere — grouped
 # keys/values and dropped biases in memory and speed, SwiGLU at larger scale (where the Llama and
 # PaLM papers measured it).
@@ -2270,8 +2289,8 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # Generation feeds the model its own output, one token at a time. With the **KV cache** from
 # section 6, the prompt is run through the model once (the *prefill*), filling the cache; after
-# that each step runs only the one new token, whose query attends to all the cached keys. The
-# work per token no longer grows with the context.
+# that each step runs only the one new token, whose query attends to all the cached keys: the
+# projections and the MLP no longer grow with the context, only the (small) attention does.
 #
 # **Past `block_size`.** The model knows positions 0 to `block_size − 1` only. When the context is
 # full we keep its last half and **prefill again** from there, so the window starts at position 0
@@ -2297,7 +2316,7 @@ def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature
     if not prompt_ids:
         raise UserError("the prompt is empty: give at least one character with --prompt")
     if max_new_tokens < 0:
-        raise UserError(f"--num-chars must not be negative, got {max_new_tokens}")
+        raise UserError(f"the number of tokens to generate must not be negative, got {max_new_tokens}")
     return _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
 
 
@@ -2318,15 +2337,15 @@ def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, gene
     block_size = model.cfg.block_size
     window_start = max(0, len(ids) - block_size)  # the context is ids[window_start:]
     cache = KVCache(model.cfg.n_layer) if use_cache else None
-    with evaluating(model):
-        for _ in range(max_new_tokens):
-            if len(ids) - window_start > block_size:  # the window is full: keep its last half
-                window_start = len(ids) - block_size // 2
-                cache = KVCache(model.cfg.n_layer) if use_cache else None  # and prefill again
+    for _ in range(max_new_tokens):
+        if len(ids) - window_start > block_size:  # the window is full: keep its last half
+            window_start = len(ids) - max(1, block_size // 2)
+            cache = KVCache(model.cfg.n_layer) if use_cache else None  # and prefill again
+        with evaluating(model):  # per token, so that nothing leaks to the caller between tokens
             logits = next_token_logits(model, ids, window_start, cache)  # (1, V)
             next_id = sample_next(logits, temperature, top_k, top_p, generator).item()
-            ids.append(next_id)
-            yield next_id
+        ids.append(next_id)
+        yield next_id
 
 
 def seeded_generator(model: nn.Module, seed: int) -> torch.Generator:
@@ -2342,6 +2361,8 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, s
     incremental UTF-8 decoder, which holds a partial character back until the rest arrives.
     Each token adds at least one byte and a character has at most 4, so 4 * num_chars tokens
     always suffice; we stop as soon as there are enough characters."""
+    if num_chars < 0:
+        raise UserError(f"--num-chars must not be negative, got {num_chars}")
     new_ids = generate(model, tokenizer.encode(prompt), 4 * num_chars, generator=seeded_generator(model, seed),
                        **sampling)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -2405,8 +2426,8 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### Measuring speed
 #
-# `python llm.py bench` measures this machine running this model (any `--arch`, `--device` or
-# configuration option applies) and prints:
+# `python llm.py bench` measures this machine running this model (any `--arch`, `--size`,
+# `--device` or configuration option applies, except `--compile`) and prints:
 #
 # * **training ms/iter and tokens/s**: the time of one optimiser step on random tokens of the
 #   configured shape (speed does not depend on the text), median of several timed runs;
@@ -2418,7 +2439,7 @@ if IN_NOTEBOOK:
 # * **achieved GFLOP/s** = FLOPs per token × tokens/s, and that as a fraction of the **matmul
 #   peak**, measured by the same command as the speed of one large (2048 × 2048) matrix product:
 #   the most this machine does with PyTorch on ideal work;
-# * **sampling tokens/s** with and without the KV cache, generating from a newline;
+# * **sampling tokens/s** with and without the KV cache, generating from a single token;
 # * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and the
 #   thread count and device.
 
@@ -2438,15 +2459,22 @@ def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 5) ->
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device to finish its queued work, so that timings measure the work itself."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource  # the largest resident set of this process so far (Linux reports KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        import resource  # the largest resident set of this process so far (not on Windows)
+    except ImportError:
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
 
 
 def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 500) -> dict:
@@ -2607,7 +2635,11 @@ def command_train(args: argparse.Namespace) -> None:
 
 def write_training_plots(result: TrainResult, val_text: str, out_dir: Path) -> None:
     """Save loss.png and attention.png to out_dir, drawing off-screen (never opens a window)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return
     matplotlib.use("Agg")  # render to files only, whatever display the machine has
     line = attention_demo_line(val_text, result.model.cfg.block_size)
     save_figure(plot_losses(result.history), out_dir / "loss.png")
@@ -2673,7 +2705,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one while sampling
-        where = f"; the latest checkpoint is {args.out_dir / 'latest.pt'}" if args.command == "train" else ""
+        latest = Path(args.out_dir) / "latest.pt" if args.command == "train" else None
+        where = f"; the latest checkpoint is {latest}" if latest is not None and latest.exists() else ""
         print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
     return 0

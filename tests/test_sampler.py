@@ -99,3 +99,19 @@ def test_generate_restores_the_previous_mode(tiny_model):
     model.eval()
     list(llm.generate(model, tok.encode("a"), 3))
     assert not model.training
+
+
+def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model):
+    model, tok = tiny_model
+    model.train()
+    tokens = llm.generate(model, tok.encode("ab"), 5)
+    next(tokens)  # paused between tokens
+    assert model.training and not torch.is_inference_mode_enabled()
+    _, loss = model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+    loss.backward()  # training still works while the generator waits
+
+
+def test_generation_with_a_context_of_one_token():
+    llm.set_seed(0)
+    model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=1, device="cpu"), 5)
+    assert len(list(llm.generate(model, [1, 2, 3], 6))) == 6
