@@ -302,8 +302,8 @@ if IN_NOTEBOOK:
 # `train` saves are written the same way, so this one helper serves them all.
 
 # %%
-SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
-                   "data/tinyshakespeare/input.txt")
+SHAKESPEARE_URL = os.environ.get(  # LLM_SHAKESPEARE_URL names a mirror (the checksum still applies)
+    "LLM_SHAKESPEARE_URL", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path("data") / "tinyshakespeare.txt"
 

@@ -102,9 +102,33 @@ def assert_clean_failure(result, *fragments):
     (["--n-layer", "two"], ["invalid int value"]),
 ])
 def test_bad_train_options(tmp_path, tiny_text_file, options, fragments):
-    args = ["train", "--data", tiny_text_file, "--out-dir", tmp_path / "out", *TINY_TRAIN_OPTIONS]
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {name: f"an earlier run's {name}".encode() for name in ("ckpt.pt", "latest.pt", "history.csv")}
+    for name, content in earlier.items():
+        (out / name).write_bytes(content)
+    args = ["train", "--data", tiny_text_file, "--out-dir", out, *TINY_TRAIN_OPTIONS]
     result = run_cli(*args, *options)  # later options override the tiny ones
     assert_clean_failure(result, *fragments)
+    for name, content in earlier.items():  # no earlier file damaged
+        assert (out / name).read_bytes() == content
+
+
+def test_offline_download_as_a_real_subprocess(tmp_path):
+    env = {**os.environ, "LLM_SHAKESPEARE_URL": "http://127.0.0.1:9/input.txt"}  # nothing listens on port 9
+    result = subprocess.run([sys.executable, str(ROOT / "llm.py"), "train"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert_clean_failure(result, "--data FILE")
+    assert not (tmp_path / "data" / "tinyshakespeare.txt").exists()
+
+
+def test_sample_with_a_checkpoint_whose_vocabulary_does_not_match(trained_dir, tmp_path):
+    checkpoint = torch.load(trained_dir / "ckpt.pt", weights_only=True)
+    checkpoint["tokenizer"]["chars"] = checkpoint["tokenizer"]["chars"][:-3]  # 3 characters fewer than the model
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    assert_clean_failure(run_cli("sample", "--out-dir", tmp_path), "tokenizer of", "train again")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message shown when no GPU exists")
