@@ -2118,30 +2118,45 @@ if IN_NOTEBOOK:
 # steps, as in the quick run). The budget covers the training steps; evaluations come on top.
 
 # %%
-def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20) -> float:
-    """Measured time of one training step of `cfg` on this machine (random tokens, same shapes)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device to finish its queued work, so that timings measure the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20) -> tuple[float, GPT]:
+    """Median time of one training step of `cfg` on this machine (random tokens of the real
+    shapes: speed does not depend on the text), and the model it was measured with."""
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     model = GPT(cfg, vocab_size).to(device)
     optimizer = configure_optimizer(model, cfg)
     x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-    for step in range(3 + probe_steps):  # 3 untimed steps first: the first calls are slower
-        if step == 3:
-            start = time.perf_counter()
-        train_step(model, optimizer, [(x, x)], cfg.learning_rate, cfg)
-    return (time.perf_counter() - start) / probe_steps
+    batches = [(x, x)] * cfg.grad_accum_steps
+    for _ in range(3):  # untimed: the first steps allocate memory and pick kernels
+        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
+    times = []
+    for _ in range(probe_steps):
+        synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], model  # the median resists the odd slow step
 
 
 def train_for(cfg: Config, text: str, seconds: float, out_dir: Path, n_evals: int = 8) -> dict:
     """Train `cfg` for about `seconds` of training steps; returns a summary row for a table."""
     vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else len(set(text))
-    per_step = seconds_per_step(cfg, vocab_size)
+    per_step, _ = seconds_per_step(cfg, vocab_size)
     steps = max(10, int(seconds / per_step))
     cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=max(1, steps // 30),
                               eval_interval=max(1, steps // n_evals))
     result = train(cfg, text, out_dir, log=lambda *_: None)  # quiet: the table says it all
     return {"parameters": result.model.num_parameters(), "steps": steps,
-            "tokens_per_s": cfg.batch_size * cfg.block_size / per_step,
+            "tokens_per_s": cfg.batch_size * cfg.grad_accum_steps * cfg.block_size / per_step,
             "val_loss": result.history[-1]["val_loss"], "val_bpb": result.history[-1]["val_bpb"],
             "history": result.history}
 
@@ -2458,14 +2473,6 @@ def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 5) ->
     return 2 * n ** 3 / best / 1e9
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device to finish its queued work, so that timings measure the work itself."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -2480,21 +2487,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 500) -> dict:
     """Training and sampling speed of `cfg` on this machine; see the list above."""
     device = pick_device(cfg.device)
-    set_seed(cfg.seed)
-    model = GPT(cfg, vocab_size).to(device)
-    optimizer = configure_optimizer(model, cfg)
-    x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-    batches = [(x, x)] * cfg.grad_accum_steps
-    for _ in range(3):  # warm up: the first steps allocate memory and pick kernels
-        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    per_step = sorted(times)[len(times) // 2]  # the median resists the odd slow step
+    per_step, model = seconds_per_step(cfg, vocab_size, steps)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     matmul_params = model.num_parameters() - (cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0)
     flops_per_token = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
@@ -2606,9 +2599,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The Config fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+
+
 def command_train(args: argparse.Namespace) -> None:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                 if getattr(args, f.name) is not None}
+    overrides = config_overrides(args)
     if args.resume and overrides:
         names = ", ".join(f"--{name.replace('_', '-')}" for name in overrides)
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
@@ -2671,8 +2668,6 @@ def command_tokenize(args: argparse.Namespace) -> None:
     if args.out_dir is not None:
         _, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt")
     else:
-        if args.vocab_size < 256:
-            raise UserError(f"--vocab-size must be at least 256 (the byte values), got {args.vocab_size}")
         tokenizer = BPETokenizer.train(split_train_val(load_text(args.data))[0], args.vocab_size)
     ids = tokenizer.encode(args.text)
     print(" ".join(repr(tokenizer.decode([i])) for i in ids))
@@ -2680,9 +2675,7 @@ def command_tokenize(args: argparse.Namespace) -> None:
 
 
 def command_bench(args: argparse.Namespace) -> None:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                 if getattr(args, f.name) is not None}
-    cfg = preset(args.arch, args.size, **overrides)
+    cfg = preset(args.arch, args.size, **config_overrides(args))
     cfg.validate()
     if args.steps < 1 or args.sample_tokens < 1:
         raise UserError("--steps and --sample-tokens must be at least 1")
