@@ -1597,12 +1597,14 @@ def evaluating(model: nn.Module):
     `inference_mode` is `no_grad` plus a promise that the results never meet autograd later,
     which lets PyTorch skip some bookkeeping on every operation (it matters when sampling)."""
     was_training = model.training
-    model.eval()
+    if was_training:  # (switching walks every module: skip it when there is nothing to switch)
+        model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def fixed_batches(data: torch.Tensor, cfg: Config, seed: int) -> list:
@@ -2491,6 +2493,7 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     matmul_params = model.num_parameters() - (cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0)
     flops_per_token = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    model.eval()  # as `sample` loads it
     sampling = {}
     for use_cache in (True, False):
         tokens = generate(model, [0], sample_tokens, generator=seeded_generator(model, 0), use_cache=use_cache)
