@@ -976,7 +976,7 @@ if IN_NOTEBOOK:
 # A rotation keeps a vector's length, and the dot product of two rotated vectors depends only on
 # the *difference* of their angles: writing $R_p$ for the rotation at position $p$,
 # $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$. So the score between a query at $m$ and a key at
-# $n$ depends on their contents and on the offset $n - m$, never on where the pair sits in the
+# $n$ depends on their contents and on the offset $m - n$ (how far back the key is), never on where the pair sits in the
 # text. Nothing is learned and nothing is added to the residual stream. (In complex numbers, the
 # pair is $a + ib$ and the rotation is a multiplication by $e^{ip\theta_i}$; the cell below
 # checks that the two formulations agree.)
@@ -1631,8 +1631,8 @@ def estimate_loss(model: nn.Module, batches: list, device: torch.device) -> floa
 # Each holds what is needed to use the model and everything a continuation needs to be *exactly*
 # the run that was interrupted: the weights, the optimiser's running averages, the step (and so
 # the position in the learning-rate schedule), the configuration, the tokenizer, the loss history,
-# a checksum of the training text, and the states of every random generator — Python's, PyTorch's
-# on the CPU and GPUs, and the batch sampler's. Nothing is saved before the first training step:
+# a checksum of the training text, and the states of the random generators — Python's, PyTorch's
+# on the CPU and on CUDA GPUs, and the batch sampler's. Nothing is saved before the first training step:
 # an untrained model is not worth replacing an older checkpoint with. It is written atomically (the helper
 # from the data section), so a crash during the save leaves the previous checkpoint intact. The
 # file holds only tensors and plain Python values, so it can be loaded with
