@@ -175,6 +175,7 @@ class Config:
     seed: int = param(1337, "seed for every random number generator")
     compile: bool = param(False, "compile the model with torch.compile (opt-in: slow to start, faster on GPUs)")
     device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
+    threads: int = param(0, "CPU threads for PyTorch; 0: its default, one per core (1 can be faster on a busy machine)")
 
     def validate(self) -> None:
         """Raise UserError naming the first setting that cannot work."""
@@ -189,7 +190,7 @@ class Config:
             raise UserError(f"--min-lr must be between 0 and --learning-rate, got {self.min_lr}")
         if not (0 <= self.dropout < 1):
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+        for name in ("warmup_iters", "weight_decay", "grad_clip", "threads"):
             if not (getattr(self, name) >= 0):  # also catches NaN
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
@@ -231,6 +232,13 @@ class Config:
 #
 # The device is chosen in order of speed: an NVIDIA GPU (`cuda`), an Apple GPU (`mps`), then
 # the CPU. `--device` overrides the choice.
+#
+# On a CPU, PyTorch splits each large enough operation across threads, one per core by default.
+# That is the right choice on an idle machine: a training step of the quick run took 33 ms on
+# both cores of the 2-core machine where this file was written, 52 ms on one. But a thread that
+# shares its core with another program makes every operation wait for it: with a second program
+# keeping one core busy, the same step took 75 ms on two threads and 55 ms on one. `--threads`
+# sets the number (0 keeps PyTorch's default).
 
 # %%
 def set_seed(seed: int) -> None:
@@ -254,6 +262,12 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "mps" and not has_mps:
         raise UserError("--device mps was asked for, but no Apple GPU is available: use --device cpu")
     return torch.device(name)
+
+
+def set_threads(n: int) -> None:
+    """Run PyTorch's CPU operations on n threads; 0 leaves PyTorch's default (one per core)."""
+    if n > 0:
+        torch.set_num_threads(n)
 
 
 # %%
@@ -774,6 +788,12 @@ def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
     return encoding
 
 
+def make_dropout(p: float) -> nn.Module:
+    """Dropout with probability p (see section 7), or no layer at all when p is 0: a Dropout(0)
+    changes nothing, yet each call costs microseconds, which add up when generating (section 11)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Embeddings(nn.Module):
     """Token ids (B, T) -> vectors (B, T, C): what each token is, plus where it stands."""
 
@@ -786,7 +806,7 @@ class Embeddings(nn.Module):
         elif cfg.pos_encoding == "sinusoidal":  # a fixed table: recomputed, never saved or trained
             self.register_buffer("sinusoids", sinusoidal_positions(cfg.block_size, cfg.n_embd),
                                  persistent=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout)
 
     def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         """`start` is the position of idx's first token (0, except when generating with a cache)."""
@@ -977,17 +997,29 @@ if IN_NOTEBOOK:
 # the *difference* of their angles: writing $R_p$ for the rotation at position $p$,
 # $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$. So the score between a query at $m$ and a key at
 # $n$ depends on their contents and on the offset $m - n$ (how far back the key is), never on where the pair sits in the
-# text. Nothing is learned and nothing is added to the residual stream. (In complex numbers, the
-# pair is $a + ib$ and the rotation is a multiplication by $e^{ip\theta_i}$; the cell below
-# checks that the two formulations agree.)
+# text. Nothing is learned and nothing is added to the residual stream.
+#
+# **In code, complex numbers do it in one multiplication.** Read the pair $(a, b)$ as the
+# complex number $a + ib$. Multiplying it by $e^{i\varphi} = \cos\varphi + i\sin\varphi$ gives
+# $(a\cos\varphi - b\sin\varphi) + i\,(a\sin\varphi + b\cos\varphi)$: exactly the rotation
+# above. So we compute the unit complex numbers $e^{ip\theta_i}$ once for every position (the
+# "rotations"), and rotating a vector becomes: view its channels as D/2 complex numbers, multiply,
+# view them as real channels again. (The views cost nothing; the multiplication is a single
+# operation, where the formula written out takes six — and generation runs it for every token in
+# every layer.) The cell below checks the result against the formula written out.
 
 # %%
-def rope_rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair (2i, 2i+1) of x (..., T, D) by angles (T, D/2)."""
-    cos, sin = angles.cos(), angles.sin()  # (T, D/2) each
-    even, odd = x[..., 0::2], x[..., 1::2]  # (..., T, D/2): first and second member of each pair
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (..., T, D/2, 2)
-    return rotated.flatten(-2)  # (..., T, D), pairs interleaved as before
+def rope_rotations(n_positions: int, dim: int) -> torch.Tensor:
+    """e^(i p theta_j) for positions p and channel pairs j: complex, (n_positions, dim/2)."""
+    angles = position_angles(n_positions, dim)  # (P, D/2)
+    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin: unit length, turned by the angle
+
+
+def rope_rotate(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (2i, 2i+1) of x (..., D) by the complex rotations (..., D/2),
+    which broadcast against x's leading dimensions (typically positions)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., D/2): pair (a, b) as a + ib
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)  # (..., D), pairs as before
 
 
 # %%
@@ -995,18 +1027,18 @@ if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     torch.manual_seed(0)
     q, k = torch.randn(2, 1, 32)  # one query and one key of width D = 32
-    angles = position_angles(100, 32)  # (100, 16)
-    rotated_q = rope_rotate(q.expand(100, 32), angles)  # the same query placed at positions 0..99
+    rotations = rope_rotations(100, 32)  # (100, 16) complex
+    rotated_q = rope_rotate(q.expand(100, 32), rotations)  # the same query placed at positions 0..99
     print("length before / after rotation:", round(q.norm().item(), 4), round(rotated_q[37].norm().item(), 4))
 
     def score(m, n):  # query at position m, key at position n
-        return (rope_rotate(q.expand(100, 32), angles)[m] @ rope_rotate(k.expand(100, 32), angles)[n]).item()
+        return (rope_rotate(q, rotations[m]) @ rope_rotate(k, rotations[n]).T).item()
 
     print(f"score(query at 10, key at 7) = {score(10, 7):.4f}")
     print(f"score(query at 60, key at 57) = {score(60, 57):.4f}   (same offset, same score)")
-    as_complex = torch.view_as_complex(q.reshape(16, 2))  # pairs (a, b) as a + ib
-    turned = torch.view_as_real(as_complex * torch.polar(torch.ones(16), angles[37])).flatten()
-    print("equal to multiplying by e^(i*angle):", torch.allclose(turned, rotated_q[37], atol=1e-6))
+    a, b, angle = q[0, 0::2], q[0, 1::2], position_angles(100, 32)[37]  # the formula, written out
+    by_formula = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten()
+    print("equal to the rotation formula:", torch.allclose(rotated_q[37], by_formula, atol=1e-6))
 
 # %% [markdown]
 # The picture: a query and a key with identical content, scored at every offset. The curve is
@@ -1016,9 +1048,9 @@ if IN_NOTEBOOK:
 
 # %%
 def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
-    angles = position_angles(max(query_positions) + 1, dim)  # (P, D/2)
+    rotations = rope_rotations(max(query_positions) + 1, dim)  # (P, D/2)
     vector = torch.ones(dim) / math.sqrt(dim)  # the same content for query and key
-    rotated = rope_rotate(vector.expand(len(angles), dim), angles)  # (P, D): the vector at each position
+    rotated = rope_rotate(vector.expand(len(rotations), dim), rotations)  # (P, D): the vector at each position
     fig, ax = new_figure(figsize=(9, 4.5))
     offsets = range(max_offset + 1)
     for m in query_positions:
@@ -1099,18 +1131,15 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
         self.head_dim = cfg.n_embd // cfg.n_head  # D
-        self.kv_width = self.n_kv_head * self.head_dim  # equals C unless keys/values are grouped
-        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * self.kv_width, bias=cfg.bias)  # q, k, v at once
+        kv_width = self.n_kv_head * self.head_dim  # equals C unless keys/values are grouped
+        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v at once
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # mixes the heads' outputs
-        self.attn_dropout = nn.Dropout(cfg.dropout)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout_p = cfg.dropout
+        self.attn_dropout = make_dropout(cfg.dropout)
+        self.resid_dropout = make_dropout(cfg.dropout)
         self.rope = cfg.pos_encoding == "rope"
-        if self.rope:  # rotation angles for every position: fixed, so recomputed rather than saved
-            self.register_buffer("rope_angles", position_angles(cfg.block_size, self.head_dim), persistent=False)
-
-    def split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+        if self.rope:  # the rotation of every position: fixed, so recomputed rather than saved
+            self.register_buffer("rotations", rope_rotations(cfg.block_size, self.head_dim), persistent=False)
 
     def forward(self, x: torch.Tensor, return_weights: bool = False, cache: LayerCache | None = None,
                 start: int = 0):
@@ -1118,12 +1147,11 @@ class MultiHeadAttention(nn.Module):
         values of earlier positions come from it. Returns (B, T, C), and (B, H, T, T_keys) weights
         if asked (None from the fused path)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([C, self.kv_width, self.kv_width], dim=-1)
-        q = self.split_heads(q, self.n_head)  # (B, H, T, D)
-        k, v = self.split_heads(k, self.n_kv_head), self.split_heads(v, self.n_kv_head)  # (B, Hkv, T, D)
-        if self.rope:
-            angles = self.rope_angles[start:start + T]  # (T, D/2)
-            q, k = rope_rotate(q, angles), rope_rotate(k, angles)
+        heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D): q, k, v heads
+        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # queries and keys; values
+        if self.rope:  # queries and keys turn by the same angles, so one rotation does both
+            qk = rope_rotate(qk, self.rotations[start:start + T])  # rotations (T, D/2) broadcast over B, heads
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, Hkv, T_keys, D): all positions so far
         if return_weights:  # the teaching path: every step visible
@@ -1139,9 +1167,12 @@ class MultiHeadAttention(nn.Module):
 
     def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         T, T_keys = q.shape[-2], k.shape[-2]
-        allowed = None if T == T_keys else ~causal_mask(T, T_keys, q.device)  # queries after cached keys
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=T == T_keys,
-                                              dropout_p=self.attn_dropout.p if self.training else 0.0,
+        # Without a cache the mask is the plain causal one. With one, the queries come after
+        # T_keys - T cached keys: a single newest query may see every key (no mask at all, the
+        # common case when generating); several need the shifted mask.
+        allowed = None if T in (1, T_keys) else ~causal_mask(T, T_keys, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=1 < T == T_keys,
+                                              dropout_p=self.dropout_p if self.training else 0.0,
                                               enable_gqa=self.n_kv_head != self.n_head)
 
 
@@ -1278,7 +1309,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x))))
@@ -1295,13 +1326,13 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         hidden = 8 * cfg.n_embd // 3  # two-thirds of 4C: same parameter count as the GELU MLP
-        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # W_gate and W_up stacked: one multiply
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(silu(self.gate(x)) * self.up(x)))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, 8C/3) each
+        return self.dropout(self.proj(silu(gate) * up))
 
 
 def make_mlp(cfg: Config) -> nn.Module:
@@ -1702,7 +1733,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[GPT
         raise UserError(f"{path} holds a tokenizer of {tokenizer.vocab_size} tokens but a model of "
                         f"{model_vocab}: the file was altered or mixed up; train again")
     model = GPT(cfg, tokenizer.vocab_size).to(device)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:  # weights named or shaped for another version of the model
+        raise UserError(f"{path} holds weights that do not fit this version of llm.py's model: "
+                        "train again with `python llm.py train`") from None
     return model.eval(), tokenizer, checkpoint
 
 
@@ -1917,6 +1952,7 @@ def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = p
     cfg.validate()
     env = start_distributed(cfg)
     device = process_device(cfg, env)
+    set_threads(cfg.threads)
     set_seed(cfg.seed)
     log = log if env.is_main else (lambda *_: None)
 
@@ -2489,6 +2525,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 500) -> dict:
     """Training and sampling speed of `cfg` on this machine; see the list above."""
     device = pick_device(cfg.device)
+    set_threads(cfg.threads)
     per_step, model = seconds_per_step(cfg, vocab_size, steps)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     matmul_params = model.num_parameters() - (cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0)
@@ -2578,6 +2615,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sample only from the most likely tokens that cover probability P")
     sample_p.add_argument("--seed", type=int, default=1337, help="seed of the sampler (default: 1337)")
     sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    sample_p.add_argument("--threads", type=int, default=0,
+                          help="CPU threads for PyTorch; 0: its default, one per core (default: 0)")
 
     tokenize_p = commands.add_parser("tokenize", help="show how a text splits into tokens",
                                      description="Print the tokens of TEXT: with the tokenizer of a trained "
@@ -2657,6 +2696,9 @@ def default_prompt(tokenizer: Tokenizer) -> str:
 
 
 def command_sample(args: argparse.Namespace) -> None:
+    if args.threads < 0:
+        raise UserError(f"--threads must not be negative, got {args.threads}")
+    set_threads(args.threads)
     model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     pieces = stream_text(model, tokenizer, prompt, args.num_chars, args.seed,

@@ -175,6 +175,22 @@ def test_sample_with_a_corrupt_checkpoint(tmp_path):
     assert_clean_failure(run_cli("sample", "--out-dir", tmp_path), "not a readable", "train")
 
 
+def test_sample_with_weights_of_another_version(tmp_path, trained_dir):
+    checkpoint = torch.load(trained_dir / "ckpt.pt", weights_only=True)
+    weights = checkpoint["model"]
+    weights["blocks.0.renamed.weight"] = weights.pop(next(k for k in weights if k.startswith("blocks.0.")))
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    assert_clean_failure(run_cli("sample", "--out-dir", tmp_path), "do not fit", "python llm.py train")
+
+
+def test_threads_option_sets_pytorch_threads(tmp_path):
+    result = run_cli("bench", "--threads", "1", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                     "--block-size", "16", "--batch-size", "2", "--device", "cpu", "--steps", "2",
+                     "--sample-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert "cpu (1 threads)" in result.stdout
+
+
 @pytest.mark.parametrize("options, fragments", [
     (["--prompt", "Zebra ☃"], ["not in the vocabulary", "'☃'"]),
     (["--temperature", "-1"], ["--temperature"]),
@@ -185,6 +201,7 @@ def test_sample_with_a_corrupt_checkpoint(tmp_path):
     (["--top-k", "1000"], ["--top-k", "vocabulary size"]),
     (["--num-chars", "-5"], ["--num-chars"]),
     (["--prompt", ""], ["prompt is empty"]),
+    (["--threads", "-1"], ["--threads"]),
 ])
 def test_bad_sample_options(trained_dir, options, fragments):
     assert_clean_failure(run_cli("sample", "--out-dir", trained_dir, *options), *fragments)

@@ -32,9 +32,11 @@ def test_swiglu_equals_its_formula_with_pytorch_silu():
     cfg = llm.Config(n_embd=24, mlp="swiglu", bias=True)
     mlp = llm.SwiGLU(cfg)
     x = torch.randn(2, 5, 24)
-    expected = mlp.proj(F.silu(mlp.gate(x)) * mlp.up(x))
+    w_gate, w_up = mlp.gate_up.weight.split(64)  # the two stacked (8C/3, C) matrices
+    b_gate, b_up = mlp.gate_up.bias.split(64)
+    expected = mlp.proj(F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up))
     torch.testing.assert_close(mlp(x), expected)
-    assert mlp.gate.out_features == 8 * 24 // 3 == 64
+    assert mlp.gate_up.out_features == 2 * (8 * 24 // 3) == 2 * 64
 
 
 def test_swiglu_has_about_the_parameters_of_the_gelu_mlp():
@@ -46,23 +48,40 @@ def test_swiglu_has_about_the_parameters_of_the_gelu_mlp():
 
 # --- RoPE ----------------------------------------------------------------------------------------
 
-def rope_complex(x, angles):
-    """An independent formulation: channel pairs as complex numbers times e^(i*angle)."""
-    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())  # (..., T, D/2)
-    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+def rope_by_formula(x, angles):
+    """An independent formulation: each channel pair (a, b) times the 2 x 2 rotation matrix,
+    (a cos - b sin, a sin + b cos), in float64 and written out with explicit sin and cos."""
+    a, b = x[..., 0::2].double(), x[..., 1::2].double()  # (..., T, D/2)
+    cos, sin = angles.double().cos(), angles.double().sin()
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).float()
 
 
-def test_rope_equals_the_complex_number_formulation():
+def test_rope_rotations_are_unit_complex_numbers_at_the_position_angles():
+    rotations = llm.rope_rotations(10, 16)
+    assert rotations.shape == (10, 8) and rotations.is_complex()
+    torch.testing.assert_close(rotations.abs(), torch.ones(10, 8))
+    torch.testing.assert_close(rotations.angle(), torch.atan2(llm.position_angles(10, 16).sin(),
+                                                              llm.position_angles(10, 16).cos()))
+
+
+def test_rope_equals_the_rotation_formula():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, 16)  # (B, H, T, D)
-    angles = llm.position_angles(10, 16)
-    torch.testing.assert_close(llm.rope_rotate(x, angles), rope_complex(x, angles))
+    torch.testing.assert_close(llm.rope_rotate(x, llm.rope_rotations(10, 16)),
+                               rope_by_formula(x, llm.position_angles(10, 16)))
+
+
+def test_rope_keeps_the_dtype_of_its_input():
+    x = torch.randn(3, 8, 16, dtype=torch.bfloat16)  # what autocast hands it on a GPU
+    rotated = llm.rope_rotate(x, llm.rope_rotations(8, 16))
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated, rope_by_formula(x.float(), llm.position_angles(8, 16)).bfloat16())
 
 
 def test_rope_preserves_vector_norms():
     torch.manual_seed(0)
     x = torch.randn(4, 50, 32)
-    rotated = llm.rope_rotate(x, llm.position_angles(50, 32))
+    rotated = llm.rope_rotate(x, llm.rope_rotations(50, 32))
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
 
 
@@ -70,10 +89,10 @@ def test_rope_preserves_vector_norms():
 def test_rope_score_depends_only_on_the_relative_offset(m, n, shift):
     torch.manual_seed(0)
     q, k = torch.randn(2, 32)
-    angles = llm.position_angles(100, 32)
+    rotations = llm.rope_rotations(100, 32)
 
     def score(i, j):
-        return llm.rope_rotate(q, angles[i]) @ llm.rope_rotate(k, angles[j])
+        return llm.rope_rotate(q, rotations[i]) @ llm.rope_rotate(k, rotations[j])
 
     torch.testing.assert_close(score(m, n), score(m + shift, n + shift), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(score(m, n), score(m + shift, n), atol=1e-3)  # a real dependence
@@ -116,7 +135,7 @@ def test_rope_attention_equals_pytorch_on_rotated_queries_and_keys():
     B, T, C = x.shape
     q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in attn.qkv(x).split(C, dim=-1))
     angles = llm.position_angles(T, 8)
-    y = F.scaled_dot_product_attention(rope_complex(q, angles), rope_complex(k, angles), v, is_causal=True)
+    y = F.scaled_dot_product_attention(rope_by_formula(q, angles), rope_by_formula(k, angles), v, is_causal=True)
     torch.testing.assert_close(attn(x), attn.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

@@ -162,6 +162,7 @@ def test_ctrl_c_in_a_real_run_saves_and_exits_130(tmp_path, tiny_text_file):
     (["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size"),
     (["--n-kv-head", "-1"], "--n-kv-head"),
     (["--weight-decay", "nan"], "--weight-decay"),
+    (["--threads", "-1"], "--threads"),
 ])
 def test_more_bad_train_options(tmp_path, tiny_text_file, options, fragment):
     base = [] if "--resume" in options else TINY_TRAIN_OPTIONS  # --resume takes no configuration

@@ -32,7 +32,9 @@ def test_cached_logits_equal_a_full_forward_at_every_position(switches):
         cache = llm.KVCache(model.cfg.n_layer)
         prefill, _ = model(idx[:, :5], cache=cache)  # the first five positions at once
         torch.testing.assert_close(prefill, full[:, :5], atol=1e-5, rtol=1e-5)
-        for t in range(5, 12):  # then one position at a time
+        chunk, _ = model(idx[:, 5:8], cache=cache)  # three more after cached keys: the shifted mask
+        torch.testing.assert_close(chunk, full[:, 5:8], atol=1e-5, rtol=1e-5)
+        for t in range(8, 12):  # then one position at a time: no mask at all
             step, _ = model(idx[:, t:t + 1], cache=cache)
             torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
     assert cache.position == 12 and cache.layers[0].k.shape == (1, model.cfg.kv_heads, 12, 8)
