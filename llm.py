@@ -175,7 +175,6 @@ class Config:
     seed: int = param(1337, "seed for every random number generator")
     compile: bool = param(False, "compile the model with torch.compile (opt-in: slow to start, faster on GPUs)")
     device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
-    threads: int = param(0, "CPU threads for PyTorch; 0: its default, one per core (1 can be faster on a busy machine)")
 
     def validate(self) -> None:
         """Raise UserError naming the first setting that cannot work."""
@@ -190,7 +189,7 @@ class Config:
             raise UserError(f"--min-lr must be between 0 and --learning-rate, got {self.min_lr}")
         if not (0 <= self.dropout < 1):
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        for name in ("warmup_iters", "weight_decay", "grad_clip", "threads"):
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
             if not (getattr(self, name) >= 0):  # also catches NaN
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
@@ -237,8 +236,9 @@ class Config:
 # That is the right choice on an idle machine: a training step of the quick run took 33 ms on
 # both cores of the 2-core machine where this file was written, 52 ms on one. But a thread that
 # shares its core with another program makes every operation wait for it: with a second program
-# keeping one core busy, the same step took 75 ms on two threads and 55 ms on one. `--threads`
-# sets the number (0 keeps PyTorch's default).
+# keeping one core busy, the same step took 75 ms on two threads and 55 ms on one. The commands
+# take `--threads` (0 keeps PyTorch's default). It is a property of the machine, not of the
+# model, so it is not part of the configuration.
 
 # %%
 def set_seed(seed: int) -> None:
@@ -264,10 +264,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def set_threads(n: int) -> None:
-    """Run PyTorch's CPU operations on n threads; 0 leaves PyTorch's default (one per core)."""
+@contextmanager
+def using_threads(n: int):
+    """PyTorch's CPU operations run on n threads inside the block (0: leave the number as it is)."""
+    if n < 0:
+        raise UserError(f"--threads must be 0 (one per core) or positive, got {n}")
+    before = torch.get_num_threads()
     if n > 0:
         torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # %%
@@ -1952,7 +1960,6 @@ def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = p
     cfg.validate()
     env = start_distributed(cfg)
     device = process_device(cfg, env)
-    set_threads(cfg.threads)
     set_seed(cfg.seed)
     log = log if env.is_main else (lambda *_: None)
 
@@ -2433,6 +2440,19 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 
 
 # %% [markdown]
+# **One thread for one token.** Each step of generation is a chain of small operations on one
+# token, too small to share out well among threads, yet every operation that does share waits
+# for all of its threads. Measured on the 2-core machine (the quick-run model, 2000 tokens with the
+# KV cache): on an idle machine, two threads gave 1,247 tokens/s and one thread 1,191; with
+# another program keeping one core busy, two threads fell to 280 tokens/s while one thread kept
+# 1,152. A second thread buys 5% at best and costs a factor of four at worst, so `sample` uses
+# one thread unless `--threads` says otherwise.
+
+# %%
+SAMPLING_THREADS = 1  # the thread count of `python llm.py sample` (and of bench's sampling figures)
+
+
+# %% [markdown]
 # Here is what the filters do to the trained model's real prediction. Given the context below,
 # the bars show the probability of the most likely next characters: low temperature piles the
 # mass onto the favourite, high temperature spreads it over more candidates, and top-k and top-p
@@ -2522,27 +2542,33 @@ def peak_memory_mib(device: torch.device) -> float:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
 
 
-def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 500) -> dict:
-    """Training and sampling speed of `cfg` on this machine; see the list above."""
+def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 2000, threads: int = 0) -> dict:
+    """Training and sampling speed of `cfg` on this machine; see the list above. With threads 0,
+    each part runs on the threads its command uses by default."""
     device = pick_device(cfg.device)
-    set_threads(cfg.threads)
-    per_step, model = seconds_per_step(cfg, vocab_size, steps)
+    with using_threads(threads):
+        per_step, model = seconds_per_step(cfg, vocab_size, steps)
+        training_threads = torch.get_num_threads()
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     matmul_params = model.num_parameters() - (cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0)
     flops_per_token = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     model.eval()  # as `sample` loads it
     sampling = {}
-    for use_cache in (True, False):
-        tokens = generate(model, [0], sample_tokens, generator=seeded_generator(model, 0), use_cache=use_cache)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in tokens:
-            pass
-        synchronize(device)
-        sampling[use_cache] = sample_tokens / (time.perf_counter() - start)
-    peak = matmul_peak_gflops(device)
+    with using_threads(threads or SAMPLING_THREADS):
+        sampling_threads = torch.get_num_threads()
+        for use_cache in (True, False):
+            tokens = generate(model, [0], sample_tokens, generator=seeded_generator(model, 0), use_cache=use_cache)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in tokens:
+                pass
+            synchronize(device)
+            sampling[use_cache] = sample_tokens / (time.perf_counter() - start)
+    with using_threads(threads):
+        peak = matmul_peak_gflops(device)
     achieved = flops_per_token * tokens_per_step / per_step / 1e9
-    return {"device": f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device),
+    threads_used = f" ({training_threads} threads training, {sampling_threads} sampling)"
+    return {"device": f"{device}{threads_used if device.type == 'cpu' else ''}",
             "parameters": f"{model.num_parameters():,}",
             "training ms/iter": f"{1000 * per_step:.1f}",
             "training tokens/s": f"{tokens_per_step / per_step:,.0f}",
@@ -2599,6 +2625,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
                          help="a preset of architecture switches, applied before the options below "
                               f"(default: {DEFAULT_ARCH})")
+    train_p.add_argument("--threads", type=int, default=0,
+                         help="CPU threads for PyTorch; 0: one per core (default: 0)")
     add_config_options(train_p)
 
     sample_p = commands.add_parser("sample", help="generate text from OUT_DIR/ckpt.pt",
@@ -2615,8 +2643,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sample only from the most likely tokens that cover probability P")
     sample_p.add_argument("--seed", type=int, default=1337, help="seed of the sampler (default: 1337)")
     sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    sample_p.add_argument("--threads", type=int, default=0,
-                          help="CPU threads for PyTorch; 0: its default, one per core (default: 0)")
+    sample_p.add_argument("--threads", type=int, default=SAMPLING_THREADS,
+                          help=f"CPU threads for PyTorch; 0: one per core (default: {SAMPLING_THREADS})")
 
     tokenize_p = commands.add_parser("tokenize", help="show how a text splits into tokens",
                                      description="Print the tokens of TEXT: with the tokenizer of a trained "
@@ -2635,6 +2663,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
                          help=f"a preset of architecture switches (default: {DEFAULT_ARCH})")
     bench_p.add_argument("--steps", type=int, default=20, help="timed training steps (default: 20)")
+    bench_p.add_argument("--threads", type=int, default=0,
+                         help=f"CPU threads for PyTorch; 0: one per core for training, {SAMPLING_THREADS} for "
+                              "sampling, as the commands do (default: 0)")
     bench_p.add_argument("--sample-tokens", type=int, default=2000,
                          help="tokens generated for each sampling figure (default: 2000)")
     add_config_options(bench_p)
@@ -2653,8 +2684,9 @@ def command_train(args: argparse.Namespace) -> None:
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
     cfg = preset(args.arch, args.size, **overrides)
     cfg.validate()  # before reading data, so a bad option fails fast
-    text = load_text(args.data)
-    result = train(cfg, text, args.out_dir, resume=args.resume)
+    with using_threads(args.threads):
+        text = load_text(args.data)
+        result = train(cfg, text, args.out_dir, resume=args.resume)
     if "RANK" in os.environ:  # under torchrun: leave the process group; only rank 0 reports
         import torch.distributed as dist
         dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
@@ -2696,17 +2728,15 @@ def default_prompt(tokenizer: Tokenizer) -> str:
 
 
 def command_sample(args: argparse.Namespace) -> None:
-    if args.threads < 0:
-        raise UserError(f"--threads must not be negative, got {args.threads}")
-    set_threads(args.threads)
     model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
-    pieces = stream_text(model, tokenizer, prompt, args.num_chars, args.seed,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    print(prompt, end="", flush=True)
-    for piece in pieces:  # stream: print each piece of text as soon as it is sampled
-        print(piece, end="", flush=True)
-    print()
+    with using_threads(args.threads):
+        pieces = stream_text(model, tokenizer, prompt, args.num_chars, args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        print(prompt, end="", flush=True)
+        for piece in pieces:  # stream: print each piece of text as soon as it is sampled
+            print(piece, end="", flush=True)
+        print()
 
 
 def command_tokenize(args: argparse.Namespace) -> None:
@@ -2725,7 +2755,7 @@ def command_bench(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.sample_tokens < 1:
         raise UserError("--steps and --sample-tokens must be at least 1")
     vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else 65  # 65: tiny Shakespeare's characters
-    for name, value in benchmark(cfg, vocab_size, args.steps, args.sample_tokens).items():
+    for name, value in benchmark(cfg, vocab_size, args.steps, args.sample_tokens, args.threads).items():
         print(f"{name:30} {value}")
 
 

@@ -188,7 +188,7 @@ def test_threads_option_sets_pytorch_threads(tmp_path):
                      "--block-size", "16", "--batch-size", "2", "--device", "cpu", "--steps", "2",
                      "--sample-tokens", "5")
     assert result.returncode == 0, result.stderr
-    assert "cpu (1 threads)" in result.stdout
+    assert "cpu (1 threads training, 1 sampling)" in result.stdout
 
 
 @pytest.mark.parametrize("options, fragments", [
