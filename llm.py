@@ -1013,8 +1013,9 @@ if IN_NOTEBOOK:
 # above. So we compute the unit complex numbers $e^{ip\theta_i}$ once for every position (the
 # "rotations"), and rotating a vector becomes: view its channels as D/2 complex numbers, multiply,
 # view them as real channels again. (The views cost nothing; the multiplication is a single
-# operation, where the formula written out takes six — and generation runs it for every token in
-# every layer.) The cell below checks the result against the formula written out.
+# operation, where the formula written out takes seven — four products, a difference, a sum and
+# a stack — and generation runs it for every token in every layer.) The cell below checks the
+# result against the formula written out.
 
 # %%
 def rope_rotations(n_positions: int, dim: int) -> torch.Tensor:
@@ -1026,6 +1027,7 @@ def rope_rotations(n_positions: int, dim: int) -> torch.Tensor:
 def rope_rotate(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate each channel pair (2i, 2i+1) of x (..., D) by the complex rotations (..., D/2),
     which broadcast against x's leading dimensions (typically positions)."""
+    # float(): there are no complex numbers made of bfloat16 (what x is under a GPU's autocast)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., D/2): pair (a, b) as a + ib
     return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)  # (..., D), pairs as before
 
@@ -1294,7 +1296,9 @@ if IN_NOTEBOOK:
 #
 # It has three matrices instead of two. To keep the parameter count of the 4C-wide GELU MLP
 # ($2 \cdot 4C \cdot C = 8C^2$), its hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$, since
-# $3 \cdot C \cdot 8C/3 = 8C^2$ — the rule from the SwiGLU paper that Llama follows.
+# $3 \cdot C \cdot 8C/3 = 8C^2$ — the rule from the SwiGLU paper that Llama follows. In code,
+# $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys and values
+# are in attention: one matrix product instead of two, split in half afterwards.
 #
 # **Pre-norm.** The original Transformer normalised *after* each residual addition
 # (`x = norm(x + f(x))`). GPT-2 adopted the norm at the *input* of each sub-layer
