@@ -232,13 +232,14 @@ class Config:
 # The device is chosen in order of speed: an NVIDIA GPU (`cuda`), an Apple GPU (`mps`), then
 # the CPU. `--device` overrides the choice.
 #
-# On a CPU, PyTorch splits each large enough operation across threads, one per core by default.
-# That is the right choice on an idle machine: a training step of the quick run took 33 ms on
-# both cores of the 2-core machine where this file was written, 52 ms on one. But a thread that
-# shares its core with another program makes every operation wait for it: with a second program
-# keeping one core busy, the same step took 75 ms on two threads and 55 ms on one. The commands
-# take `--threads` (0 keeps PyTorch's default). It is a property of the machine, not of the
-# model, so it is not part of the configuration.
+# On a CPU, PyTorch splits each large enough operation into one share per thread, one thread
+# per core by default, and the operation is done only when its last share is. That is the right
+# choice on an idle machine: a training step of the quick run took 33 ms on both cores of the
+# 2-core machine where this file was written, 52 ms on one. But if another program is using a
+# thread's core, every operation waits for that thread: with a second program keeping one core
+# busy, the same step took 75 ms on two threads and 55 ms on one. The commands (section 12) take
+# `--threads`; 0 keeps PyTorch's default of one per core. It is a property of the machine, not
+# of the model, so it is not part of the configuration.
 
 # %%
 def set_seed(seed: int) -> None:
@@ -266,9 +267,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @contextmanager
 def using_threads(n: int):
-    """PyTorch's CPU operations run on n threads inside the block (0: leave the number as it is)."""
+    """PyTorch's CPU operations run on n threads inside the block; 0 leaves the number as it is
+    (PyTorch's default of one per core, unless something changed it)."""
     if n < 0:
-        raise UserError(f"--threads must be 0 (one per core) or positive, got {n}")
+        raise UserError(f"--threads must be 0 (PyTorch's default, one per core) or positive, got {n}")
     before = torch.get_num_threads()
     if n > 0:
         torch.set_num_threads(n)
@@ -778,6 +780,10 @@ if IN_NOTEBOOK:
 # The angles $p/10000^{2i/C}$ are computed by one helper, because rotary embeddings reuse them.
 # The base 10000 comes from the 2017 paper: it makes the slowest wave's period ($2\pi \cdot
 # 10000$ positions) far longer than any text the model will read, so no two positions collide.
+#
+# The embeddings end with **dropout**, a regulariser explained with the block in section 7. It
+# is off by default (probability 0), and then `make_dropout` puts an `nn.Identity` in its
+# place, which returns its input untouched and skips the dropout call's own cost.
 
 # %%
 def position_angles(n_positions: int, dim: int, base: float = 10000.0, start: int = 0) -> torch.Tensor:
@@ -797,7 +803,7 @@ def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
 
 
 def make_dropout(p: float) -> nn.Module:
-    """Dropout with probability p (see section 7), or no layer at all when p is 0: a Dropout(0)
+    """Dropout with probability p (see section 7), or an identity when p is 0: a Dropout(0)
     changes nothing, yet each call costs microseconds, which add up when generating (section 11)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
@@ -996,40 +1002,46 @@ if IN_NOTEBOOK:
 # how far back is that key? **Rotary embeddings** (Su et al., 2021; used by Llama and most open
 # models since) build exactly that into the attention score. Each query and key is rotated, pair
 # of channels by pair of channels, by an angle proportional to its position: pair $i$ of a
-# vector at position $p$ turns by $p\,\theta_i$ with $\theta_i = 10000^{-2i/D}$ — the very
-# frequencies of the sinusoidal encoding, from the same `position_angles` helper:
+# vector at position $p$ turns by $p\,\theta_i$ with $\theta_i = 10000^{-2i/D}$ — the formula of
+# the sinusoidal encoding's frequencies, with the head width D in place of C, from the same
+# `position_angles` helper:
 #
 # $$(a, b) \mapsto (a\cos p\theta_i - b\sin p\theta_i,\; a\sin p\theta_i + b\cos p\theta_i)$$
 #
 # A rotation keeps a vector's length, and the dot product of two rotated vectors depends only on
 # the *difference* of their angles: writing $R_p$ for the rotation at position $p$,
-# $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$. So the score between a query at $m$ and a key at
-# $n$ depends on their contents and on the offset $m - n$ (how far back the key is), never on where the pair sits in the
-# text. Nothing is learned and nothing is added to the residual stream.
+# $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$, a rotation that depends only on the offset. So the
+# score between a query at $m$ and a key at $n$ depends on their contents and on the offset
+# $m - n$ (how far back the key is), never on where the pair sits in the text. Nothing is
+# learned and nothing is added to the residual stream.
 #
-# **In code, complex numbers do it in one multiplication.** Read the pair $(a, b)$ as the
-# complex number $a + ib$. Multiplying it by $e^{i\varphi} = \cos\varphi + i\sin\varphi$ gives
-# $(a\cos\varphi - b\sin\varphi) + i\,(a\sin\varphi + b\cos\varphi)$: exactly the rotation
-# above. So we compute the unit complex numbers $e^{ip\theta_i}$ once for every position (the
-# "rotations"), and rotating a vector becomes: view its channels as D/2 complex numbers, multiply,
-# view them as real channels again. (The views cost nothing; the multiplication is a single
-# operation, where the formula written out takes seven — four products, a difference, a sum and
-# a stack — and generation runs it for every token in every layer.) The cell below checks the
-# result against the formula written out.
+# **In code, three operations rotate every pair at once.** Regroup the formula as
+#
+# $$(a, b) \mapsto (a, b)\cos p\theta_i + (b, a) \odot (-\sin p\theta_i,\; \sin p\theta_i)$$
+#
+# that is: the vector times the cosines, plus the vector with each pair swapped times the sines
+# (with a minus sign on the first member of each pair). The cosines and signed sines of every
+# position are computed once, as two tables of width D, each pair's angle written twice; then
+# rotating is two products and a sum, for all pairs, heads and positions together — where the
+# formula written pair by pair takes seven operations, and generation runs it for every token
+# in every layer. (With complex numbers the same rotation is a multiplication of $a + ib$ by
+# $e^{ip\theta_i}$; the cell below checks that the two agree.)
 
 # %%
-def rope_rotations(n_positions: int, dim: int) -> torch.Tensor:
-    """e^(i p theta_j) for positions p and channel pairs j: complex, (n_positions, dim/2)."""
-    angles = position_angles(n_positions, dim)  # (P, D/2)
-    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin: unit length, turned by the angle
+def rope_tables(n_positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cosines and signed sines of every position's angles, (n_positions, dim) each."""
+    angles = position_angles(n_positions, dim)  # (P, D/2): one angle per pair
+    cos = angles.cos().repeat_interleave(2, dim=-1)  # (P, D): cos, cos for the pair's two members
+    sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(-2)  # (P, D): -sin, +sin
+    return cos, sin
 
 
-def rope_rotate(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair (2i, 2i+1) of x (..., D) by the complex rotations (..., D/2),
-    which broadcast against x's leading dimensions (typically positions)."""
-    # float(): there are no complex numbers made of bfloat16 (what x is under a GPU's autocast)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., D/2): pair (a, b) as a + ib
-    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)  # (..., D), pairs as before
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (2i, 2i+1) of x (..., D); the tables (..., D) broadcast against
+    x's leading dimensions (typically one row per position)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., D): each pair (a, b) becomes (b, a)
+    rotated = x * cos + swapped * sin  # (a cos - b sin, b cos + a sin)
+    return rotated.type_as(x)  # under a GPU's bfloat16 autocast, x is bfloat16 and the tables float32
 
 
 # %%
@@ -1037,18 +1049,21 @@ if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     torch.manual_seed(0)
     q, k = torch.randn(2, 1, 32)  # one query and one key of width D = 32
-    rotations = rope_rotations(100, 32)  # (100, 16) complex
-    rotated_q = rope_rotate(q.expand(100, 32), rotations)  # the same query placed at positions 0..99
+    cos, sin = rope_tables(100, 32)  # (100, 32) each
+    rotated_q = rope_rotate(q, cos, sin)  # (100, 32): the same query placed at positions 0..99
     print("length before / after rotation:", round(q.norm().item(), 4), round(rotated_q[37].norm().item(), 4))
 
     def score(m, n):  # query at position m, key at position n
-        return (rope_rotate(q, rotations[m]) @ rope_rotate(k, rotations[n]).T).item()
+        return (rope_rotate(q, cos[m], sin[m]) @ rope_rotate(k, cos[n], sin[n]).T).item()
 
     print(f"score(query at 10, key at 7) = {score(10, 7):.4f}")
     print(f"score(query at 60, key at 57) = {score(60, 57):.4f}   (same offset, same score)")
-    a, b, angle = q[0, 0::2], q[0, 1::2], position_angles(100, 32)[37]  # the formula, written out
+    a, b, angle = q[0, 0::2], q[0, 1::2], position_angles(100, 32)[37]  # the formula, pair by pair
     by_formula = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten()
     print("equal to the rotation formula:", torch.allclose(rotated_q[37], by_formula, atol=1e-6))
+    as_complex = torch.view_as_complex(q.reshape(16, 2))  # pairs (a, b) as complex numbers a + ib
+    turned = torch.view_as_real(as_complex * torch.polar(torch.ones(16), angle)).flatten()
+    print("equal to multiplying by e^(i*angle):", torch.allclose(rotated_q[37], turned, atol=1e-6))
 
 # %% [markdown]
 # The picture: a query and a key with identical content, scored at every offset. The curve is
@@ -1058,9 +1073,9 @@ if IN_NOTEBOOK:
 
 # %%
 def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
-    rotations = rope_rotations(max(query_positions) + 1, dim)  # (P, D/2)
+    cos, sin = rope_tables(max(query_positions) + 1, dim)  # (P, D) each
     vector = torch.ones(dim) / math.sqrt(dim)  # the same content for query and key
-    rotated = rope_rotate(vector.expand(len(rotations), dim), rotations)  # (P, D): the vector at each position
+    rotated = rope_rotate(vector, cos, sin)  # (P, D): the vector at each position
     fig, ax = new_figure(figsize=(9, 4.5))
     offsets = range(max_offset + 1)
     for m in query_positions:
@@ -1090,19 +1105,19 @@ if IN_NOTEBOOK:
 # ride along as an extra batch dimension through `causal_attention`. Setting
 # `return_weights=True` hands back the (B, H, T, T) attention weights for plotting.
 #
-# **Grouped-query attention** (GQA; Ainslie et al., 2023; used by Llama 2 70B and Llama 3)
-# gives the H query heads only `n_kv_head` key/value heads, each shared by a group of
-# H / `n_kv_head` query heads. The projection shrinks from (C, 3C) to (C, C + 2·n_kv_head·D),
-# and — what matters most in big models — so does the memory that fast generation spends on
-# keeping every past key and value around (a "KV cache"). `n_kv_head = n_head` is ordinary multi-head attention;
+# **Grouped-query attention** (GQA; Ainslie et al., 2023; used by Llama 2 70B and Llama 3) gives
+# the H query heads only `n_kv_head` key/value heads, each shared by a group of H / `n_kv_head`
+# query heads. The projection shrinks from (C, 3C) to (C, C + 2·n_kv_head·D), and — what matters
+# most in big models — so does the memory that fast generation spends on keeping every past key
+# and value around (a "KV cache"). `n_kv_head = n_head` is ordinary multi-head attention;
 # `n_kv_head = 1` is *multi-query* attention (Shazeer, 2019). Before attending, each key/value
 # head is simply repeated for every query head in its group.
 #
 # **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes exactly what
-# `causal_attention` does, in one optimised kernel (in training on a GPU, a FlashAttention kernel
-# that never even stores the T × T weights). The class uses it whenever the weights are not requested. The
-# hand-written `causal_attention` stays the definition: it runs whenever weights are asked for
-# (the plots), and a test checks that the two agree.
+# `causal_attention` does, in one optimised kernel (in training on a GPU, a FlashAttention
+# kernel that never even stores the T × T weights). The class uses it whenever the weights are
+# not requested. The hand-written `causal_attention` stays the definition: it runs whenever
+# weights are asked for (the plots), and a test checks that the two agree.
 #
 # **A cache for generation.** When the model writes, every new token attends to all the tokens
 # before it, whose keys and values never change: in a causal model, earlier positions never see
@@ -1148,19 +1163,21 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = make_dropout(cfg.dropout)
         self.resid_dropout = make_dropout(cfg.dropout)
         self.rope = cfg.pos_encoding == "rope"
-        if self.rope:  # the rotation of every position: fixed, so recomputed rather than saved
-            self.register_buffer("rotations", rope_rotations(cfg.block_size, self.head_dim), persistent=False)
+        if self.rope:  # the rotation tables of every position: fixed, so recomputed rather than saved
+            cos, sin = rope_tables(cfg.block_size, self.head_dim)  # (block_size, D) each
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, return_weights: bool = False, cache: LayerCache | None = None,
                 start: int = 0):
         """x: (B, T, C), the tokens at positions start, start+1, ...; with a cache, the keys and
-        values of earlier positions come from it. Returns (B, T, C), and (B, H, T, T_keys) weights
-        if asked (None from the fused path)."""
+        values of earlier positions come from it. Returns (B, T, C), and also the (B, H, T, T_keys)
+        weights if asked."""
         B, T, C = x.shape
         heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D): q, k, v heads
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # queries and keys; values
         if self.rope:  # queries and keys turn by the same angles, so one rotation does both
-            qk = rope_rotate(qk, self.rotations[start:start + T])  # rotations (T, D/2) broadcast over B, heads
+            qk = rope_rotate(qk, self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # tables (T, D)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, Hkv, T_keys, D): all positions so far
@@ -1251,7 +1268,8 @@ if IN_NOTEBOOK:
 # $$\text{RMSNorm}(x) = \gamma \odot \frac{x}{\sqrt{\tfrac{1}{C}\sum_j x_j^2 + \epsilon}}$$
 #
 # The paper argued, and showed in experiments, that the re-scaling, not the re-centring, is what
-# stabilises training; RMSNorm is one reduction instead of two and has fewer parameters. `--norm` chooses between the two.
+# stabilises training; RMSNorm is one reduction instead of two and has fewer parameters.
+# `--norm` chooses between the two.
 
 # %%
 class RMSNorm(nn.Module):
@@ -1296,7 +1314,8 @@ if IN_NOTEBOOK:
 #
 # It has three matrices instead of two. To keep the parameter count of the 4C-wide GELU MLP
 # ($2 \cdot 4C \cdot C = 8C^2$), its hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$, since
-# $3 \cdot C \cdot 8C/3 = 8C^2$ — the rule from the SwiGLU paper that Llama follows. In code,
+# $3 \cdot C \cdot 8C/3 = 8C^2$ — the rule from the SwiGLU paper that Llama follows. (Rounded
+# down to a whole number of channels: 341 for C = 128, so the count falls short by 0.1%.) In code,
 # $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys and values
 # are in attention: one matrix product instead of two, split in half afterwards.
 #
@@ -1567,12 +1586,12 @@ def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
 # %% [markdown]
 # ### The learning-rate schedule
 #
-# The learning rate is the size of each step. Early on Adam's running averages are estimated from
-# only a handful of gradients and are unreliable, so we **warm up**: grow the rate linearly from
-# nearly zero to its peak over `warmup_iters` steps — 100 here, which is about the memory of
-# the `beta2` = 0.99 average (1 / (1 − 0.99) = 100 steps). Then a **cosine decay** lowers it smoothly
-# to `min_lr` at the last step: big steps while the loss falls fast, small steps at the end to
-# settle into a minimum. `min_lr` is a tenth of the peak, as in GPT-3 and Chinchilla. The
+# The learning rate is the size of each step. Early on Adam's running averages are estimated
+# from only a handful of gradients and are unreliable, so we **warm up**: grow the rate linearly
+# from nearly zero to its peak over `warmup_iters` steps — 100 here, which is about the memory
+# of the `beta2` = 0.99 average (1 / (1 − 0.99) = 100 steps). Then a **cosine decay** lowers it
+# smoothly to `min_lr` at the last step: big steps while the loss falls fast, small steps at the
+# end to settle into a minimum. `min_lr` is a tenth of the peak, as in GPT-3 and Chinchilla. The
 # schedule is a plain function of the step number, with no hidden state, so it is easy to plot
 # and to test, and a run stopped at any step could pick it up again exactly.
 
@@ -1627,8 +1646,9 @@ if IN_NOTEBOOK:
 # depend on the tokenizer, so a character model and a BPE model can be compared (section 10).
 #
 # Evaluation switches the model to **eval mode** (dropout off, so the answer is deterministic)
-# and turns off gradient tracking (nothing to backpropagate, and it saves memory and time), then puts the
-# model back the way it found it. The sampler needs the same, so it is one context manager.
+# and turns off gradient tracking (nothing to backpropagate, and it saves memory and time), then
+# puts the model back the way it found it. The sampler needs the same, so it is one context
+# manager.
 
 # %%
 @contextmanager
@@ -1671,13 +1691,14 @@ def estimate_loss(model: nn.Module, batches: list, device: torch.device) -> floa
 #
 # Each holds what is needed to use the model and everything a continuation needs to be *exactly*
 # the run that was interrupted: the weights, the optimiser's running averages, the step (and so
-# the position in the learning-rate schedule), the configuration, the tokenizer, the loss history,
-# a checksum of the training text, and the states of the random generators — Python's, PyTorch's
-# on the CPU and on CUDA GPUs, and the batch sampler's. Nothing is saved before the first training step:
-# an untrained model is not worth replacing an older checkpoint with. It is written atomically (the helper
-# from the data section), so a crash during the save leaves the previous checkpoint intact. The
-# file holds only tensors and plain Python values, so it can be loaded with
-# `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file.
+# the position in the learning-rate schedule), the configuration, the tokenizer, the loss
+# history, a checksum of the training text, and the states of the random generators — Python's,
+# PyTorch's on the CPU and on CUDA GPUs, and the batch sampler's. Nothing is saved before the
+# first training step: an untrained model is not worth replacing an older checkpoint with. It is
+# written atomically (the helper from the data section), so a crash during the save leaves the
+# previous checkpoint intact. The file holds only tensors and plain Python values, so it can be
+# loaded with `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious
+# file.
 
 # %%
 def rng_states(batch_generator: torch.Generator) -> dict:
@@ -1827,7 +1848,8 @@ def process_device(cfg: Config, env: Distributed) -> torch.device:
 # parameters in one **fused** kernel instead of one small kernel per tensor. And batches are
 # copied from **pinned** (page-locked) memory, which the GPU can read without a staging copy.
 # `--compile` additionally hands the model to `torch.compile`, which fuses operations into fewer,
-# larger kernels; it is opt-in because compiling takes longer than a quick CPU run saves.
+# larger kernels. It is opt-in: on the 2-core CPU it made a step about 20% faster (26 ms instead
+# of 33) but first spent about 20 s compiling, as much as the whole quick run's 3000 steps save.
 #
 # **Ctrl-C** does not kill the run in the middle of an update. It only raises a flag; the loop
 # finishes the current step, saves `latest.pt`, and stops with a message saying how to resume.
@@ -2238,13 +2260,13 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # **One switch at a time.** Which of the five changes matters? Starting from the classic `gpt2`
 # set, we flip one switch at a time and train each variant for the same short budget. Eight
-# seconds is only a couple of hundred steps, so this measures how fast each variant learns early on,
-# and differences of a few hundredths are within run-to-run noise; the full quick run is the
+# seconds is only a couple of hundred steps, so this measures how fast each variant learns early
+# on, and differences of a few hundredths are within run-to-run noise; the full quick run is the
 # final word. In our runs on a 2-core machine, rotary positions gave the one consistent gain
-# (0.15–0.2 lower loss in earlier runs with 10- and 12-second budgets). The other switches moved the loss up or
-# down by about as much as the noise between runs; what they buy shows elsewhere — grouped
-# keys/values and dropped biases in memory and speed, SwiGLU at larger scale (where the Llama and
-# PaLM papers measured it).
+# (0.15–0.2 lower loss in earlier runs with 10- and 12-second budgets). The other switches moved
+# the loss up or down by about as much as the noise between runs; what they buy shows elsewhere
+# — grouped keys/values and dropped biases in memory and speed, SwiGLU at larger scale (where
+# the Llama and PaLM papers measured it).
 
 # %%
 ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"}, "+ rmsnorm": {"norm": "rmsnorm"},
@@ -2442,19 +2464,6 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 
 
 # %% [markdown]
-# **One thread for one token.** Each step of generation is a chain of small operations on one
-# token, too small to share out well among threads, yet every operation that does share waits
-# for all of its threads. Measured on the 2-core machine (the quick-run model, 2000 tokens with the
-# KV cache): on an idle machine, two threads gave 1,247 tokens/s and one thread 1,191; with
-# another program keeping one core busy, two threads fell to 280 tokens/s while one thread kept
-# 1,152. A second thread buys 5% at best and costs a factor of four at worst, so `sample` uses
-# one thread unless `--threads` says otherwise.
-
-# %%
-SAMPLING_THREADS = 1  # the thread count of `python llm.py sample` (and of bench's sampling figures)
-
-
-# %% [markdown]
 # Here is what the filters do to the trained model's real prediction. Given the context below,
 # the bars show the probability of the most likely next characters: low temperature piles the
 # mass onto the favourite, high temperature spreads it over more candidates, and top-k and top-p
@@ -2497,6 +2506,19 @@ if IN_NOTEBOOK:
 # %%
 if IN_NOTEBOOK:
     print(generate_text(result.model, result.tokenizer, "ROMEO:\n", 400, temperature=0.8))
+
+# %% [markdown]
+# **One thread for one token.** One token's operations are too small to gain much from being
+# split across threads, yet each split operation still waits for its slowest thread, and on a
+# busy core that wait is long (section 1). Measured on the 2-core machine (the quick-run model,
+# 2000 tokens with the KV cache): on an idle machine, two threads gave 1,165 tokens/s and one
+# thread 1,143; with another program keeping one core busy, two threads fell to 330 tokens/s
+# while one thread kept 1,106. A second thread buys a few percent at best and costs a factor of
+# three at worst, so `sample` uses one thread unless `--threads` says otherwise.
+
+# %%
+SAMPLING_THREADS = 1  # the thread count of `python llm.py sample` (and of bench's sampling figures)
+
 
 # %% [markdown]
 # ### Measuring speed
@@ -2586,24 +2608,32 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
 
 
 # %% [markdown]
-# **Where the time of a sampled token goes.** On the 2-core machine, one token of the quick-run
-# model takes about 0.8 ms with the KV cache. Its arithmetic is tiny: a forward pass costs about
-# $2N \approx 1.5$ million floating-point operations per token, some 4 µs at this machine's
-# matmul peak. The rest is overhead. One token passes through about 165 separate tensor
-# operations — 17 matrix products, 4 attentions, and the small multiplications, additions,
-# reshapes and splits around them — and PyTorch spends microseconds launching each one (about
-# 8 µs for a linear layer applied to one token, 1 to 2 µs for an element-wise product), plus
-# Python's cost for every module call. So generation gets faster by doing *fewer* operations,
-# not faster ones. That is why the code above rotates queries and keys with one complex
-# multiplication (section 6), gives a single new query no mask, keeps SwiGLU's two widening
-# matrices in one, and makes dropout 0 no layer at all: measured one at a time, these took
-# generation from 970 to 1,250 tokens/s here. `torch.compile` of the one-token step (with
-# fixed shapes) reached 1,600 tokens/s, or 2,000 with RoPE written out in real numbers (the
-# compiler does not generate code for complex ones), after 8 to 12 s of compiling — longer than
-# generating 2000 characters takes without it, so the sampler does not use it. The cache itself saves
-# recomputing the whole window at every step: about 2× faster here, with 64 tokens of context,
-# and more with longer contexts, since recomputing grows with the context and a cached step
-# barely does.
+# **Where the time of a sampled token goes.** On one thread of the 2-core machine, a token of the
+# quick-run model takes about 0.9 ms with the KV cache. Its arithmetic is tiny: a forward pass
+# costs about $2N \approx 1.5$ million floating-point operations per token, under 10 µs even at
+# one core's share of the matmul peak that `bench` measures (about 330 GFLOP/s on both cores).
+# The rest is overhead. One token passes through about 165 separate tensor operations (counted
+# by intercepting every call to a torch function during one step): 17 matrix products, 4
+# attentions, and the small multiplications, additions, reshapes and splits around them.
+# PyTorch spends microseconds launching each one — about 8 µs for a linear layer applied to one
+# token, 1 to 2 µs for an element-wise product — plus Python's cost for every module call. So
+# generation gets faster by doing *fewer* operations, not faster ones. Measured one after
+# another (tokens/s on one thread, median of three runs of five), each change in the code above
+# that removes operations:
+#
+# | change | tokens/s |
+# |---|---|
+# | before: a mask even for one new query; RoPE pair by pair, queries and keys apart | 918 |
+# | no mask for a single new query (section 6) | 994 |
+# | RoPE with precomputed tables, queries and keys in one call (section 6) | 1,095 |
+# | SwiGLU's two widening matrices as one (section 7) | 1,071 (no measurable change) |
+# | an identity instead of `Dropout(0)` (section 5) | 1,161 |
+#
+# `torch.compile` of the one-token step (with fixed shapes) reached about 2,000 tokens/s, after
+# 8 s of compiling — longer than generating 2000 characters takes without it, so the sampler
+# does not use it. The cache itself saves recomputing the whole window at every step: about 2×
+# faster here, with 64 tokens of context, and more with longer contexts, since recomputing grows
+# with the context and a cached step barely does.
 
 # %% [markdown]
 # ## 12. The command line
@@ -2724,7 +2754,8 @@ def command_train(args: argparse.Namespace) -> None:
           f"history {args.out_dir / 'history.csv'}")
     write_training_plots(result, split_train_val(text)[1], args.out_dir)
     print("a sample from the final model (temperature 0.8):")
-    print(generate_text(result.model, result.tokenizer, default_prompt(result.tokenizer), 200, temperature=0.8))
+    with using_threads(args.threads or SAMPLING_THREADS):
+        print(generate_text(result.model, result.tokenizer, default_prompt(result.tokenizer), 200, temperature=0.8))
 
 
 def write_training_plots(result: TrainResult, val_text: str, out_dir: Path) -> None:

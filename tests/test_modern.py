@@ -56,24 +56,33 @@ def rope_by_formula(x, angles):
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).float()
 
 
-def test_rope_rotations_are_unit_complex_numbers_at_the_position_angles():
-    rotations = llm.rope_rotations(10, 16)
-    assert rotations.shape == (10, 8) and rotations.is_complex()
-    torch.testing.assert_close(rotations.abs(), torch.ones(10, 8))
-    torch.testing.assert_close(rotations.angle(), torch.atan2(llm.position_angles(10, 16).sin(),
-                                                              llm.position_angles(10, 16).cos()))
+def rope_complex(x, angles):
+    """A second independent formulation: pairs as complex numbers a + ib, times e^(i*angle)."""
+    pairs = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles.double()), angles.double())).flatten(-2).float()
 
 
-def test_rope_equals_the_rotation_formula():
+def test_rope_tables_hold_each_pairs_angle_twice_with_the_sign_of_the_formula():
+    cos, sin = llm.rope_tables(10, 16)
+    angles = llm.position_angles(10, 16)  # (10, 8)
+    assert cos.shape == sin.shape == (10, 16)
+    torch.testing.assert_close(cos[:, 0::2], angles.cos())
+    torch.testing.assert_close(cos[:, 1::2], angles.cos())
+    torch.testing.assert_close(sin[:, 0::2], -angles.sin())
+    torch.testing.assert_close(sin[:, 1::2], angles.sin())
+
+
+@pytest.mark.parametrize("reference", [rope_by_formula, rope_complex])
+def test_rope_equals_the_rotation_formula_and_complex_multiplication(reference):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, 16)  # (B, H, T, D)
-    torch.testing.assert_close(llm.rope_rotate(x, llm.rope_rotations(10, 16)),
-                               rope_by_formula(x, llm.position_angles(10, 16)))
+    torch.testing.assert_close(llm.rope_rotate(x, *llm.rope_tables(10, 16)),
+                               reference(x, llm.position_angles(10, 16)))
 
 
 def test_rope_keeps_the_dtype_of_its_input():
     x = torch.randn(3, 8, 16, dtype=torch.bfloat16)  # what autocast hands it on a GPU
-    rotated = llm.rope_rotate(x, llm.rope_rotations(8, 16))
+    rotated = llm.rope_rotate(x, *llm.rope_tables(8, 16))
     assert rotated.dtype == torch.bfloat16
     torch.testing.assert_close(rotated, rope_by_formula(x.float(), llm.position_angles(8, 16)).bfloat16())
 
@@ -81,7 +90,7 @@ def test_rope_keeps_the_dtype_of_its_input():
 def test_rope_preserves_vector_norms():
     torch.manual_seed(0)
     x = torch.randn(4, 50, 32)
-    rotated = llm.rope_rotate(x, llm.rope_rotations(50, 32))
+    rotated = llm.rope_rotate(x, *llm.rope_tables(50, 32))
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
 
 
@@ -89,10 +98,10 @@ def test_rope_preserves_vector_norms():
 def test_rope_score_depends_only_on_the_relative_offset(m, n, shift):
     torch.manual_seed(0)
     q, k = torch.randn(2, 32)
-    rotations = llm.rope_rotations(100, 32)
+    cos, sin = llm.rope_tables(100, 32)
 
     def score(i, j):
-        return llm.rope_rotate(q, rotations[i]) @ llm.rope_rotate(k, rotations[j])
+        return llm.rope_rotate(q, cos[i], sin[i]) @ llm.rope_rotate(k, cos[j], sin[j])
 
     torch.testing.assert_close(score(m, n), score(m + shift, n + shift), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(score(m, n), score(m + shift, n), atol=1e-3)  # a real dependence
@@ -229,3 +238,11 @@ def test_checkpoint_round_trip_records_the_architecture(tmp_path, arch):
     idx = torch.randint(tok.vocab_size, (1, 8))
     torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
     assert len(llm.generate_text(loaded, tok, "abc", 12)) == 15  # sampling works, past block_size too
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_model_buffers_are_real_numbers(arch):
+    # DDP copies every buffer from the first process to the others when it starts; on GPUs it does
+    # so through NCCL, which has no complex type. So no buffer may be complex.
+    model = llm.GPT(llm.preset(arch), 65)
+    assert all(buffer.is_floating_point() for buffer in model.buffers())
