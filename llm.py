@@ -1510,7 +1510,7 @@ if IN_NOTEBOOK:
 #
 # **Which is better here?** Measured on a 2-core CPU with the quick-run defaults (3000 steps,
 # `python llm.py train --arch gpt2` and `--arch llama`): `gpt2` reached a validation loss of
-# 1.70 in 108 s, `llama` 1.62 in 106 s — better, and no slower. So `llama` is the default.
+# 1.70 in 108 s, `llama` 1.61 in 106 s — better, and no slower. So `llama` is the default.
 # Section 10 repeats the comparison in the notebook, on equal time, and flips the switches one
 # at a time.
 
