@@ -1159,7 +1159,7 @@ class MultiHeadAttention(nn.Module):
         kv_width = self.n_kv_head * self.head_dim  # equals C unless keys/values are grouped
         self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v at once
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # mixes the heads' outputs
-        self.dropout_p = cfg.dropout
+        self.dropout_p = cfg.dropout  # the fused kernel takes the probability, not a layer
         self.attn_dropout = make_dropout(cfg.dropout)
         self.resid_dropout = make_dropout(cfg.dropout)
         self.rope = cfg.pos_encoding == "rope"
@@ -2659,6 +2659,11 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                             help=f"{f.metadata['help']} (default: {f.default})")
 
 
+def add_threads_option(parser: argparse.ArgumentParser, default: int, note: str = "") -> None:
+    parser.add_argument("--threads", type=int, default=default,
+                        help=f"CPU threads for PyTorch; 0: one per core{note} (default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm.py", description="Train a small GPT on text, then sample from it.",
@@ -2678,8 +2683,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
                          help="a preset of architecture switches, applied before the options below "
                               f"(default: {DEFAULT_ARCH})")
-    train_p.add_argument("--threads", type=int, default=0,
-                         help="CPU threads for PyTorch; 0: one per core (default: 0)")
+    add_threads_option(train_p, 0)
     add_config_options(train_p)
 
     sample_p = commands.add_parser("sample", help="generate text from OUT_DIR/ckpt.pt",
@@ -2696,8 +2700,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sample only from the most likely tokens that cover probability P")
     sample_p.add_argument("--seed", type=int, default=1337, help="seed of the sampler (default: 1337)")
     sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    sample_p.add_argument("--threads", type=int, default=SAMPLING_THREADS,
-                          help=f"CPU threads for PyTorch; 0: one per core (default: {SAMPLING_THREADS})")
+    add_threads_option(sample_p, SAMPLING_THREADS)
 
     tokenize_p = commands.add_parser("tokenize", help="show how a text splits into tokens",
                                      description="Print the tokens of TEXT: with the tokenizer of a trained "
@@ -2716,9 +2719,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
                          help=f"a preset of architecture switches (default: {DEFAULT_ARCH})")
     bench_p.add_argument("--steps", type=int, default=20, help="timed training steps (default: 20)")
-    bench_p.add_argument("--threads", type=int, default=0,
-                         help=f"CPU threads for PyTorch; 0: one per core for training, {SAMPLING_THREADS} for "
-                              "sampling, as the commands do (default: 0)")
+    add_threads_option(bench_p, 0, f"; with 0, sampling uses {SAMPLING_THREADS} as `sample` does")
     bench_p.add_argument("--sample-tokens", type=int, default=2000,
                          help="tokens generated for each sampling figure (default: 2000)")
     add_config_options(bench_p)
