@@ -1,67 +1,78 @@
 # %% [markdown]
 # # llm.py — a GPT-style language model, built from an empty file
 #
-# This file is a book, a notebook and a program at once.
+# This file is a book, a notebook and a program at once. **Read it** top to bottom: every idea
+# comes before its use, first the idea and why, then the smallest code that does it, then a
+# cell that shows it working. **Run it** as a notebook: `llm.ipynb` is this very file,
+# mirrored by jupytext. **Use it** from the command line: `python llm.py train` trains a small
+# model on Shakespeare's plays (a megabyte of text) in about two minutes on a laptop CPU, and
+# `python llm.py sample` makes it write.
 #
-# * **Read it** top to bottom: every piece of a GPT is introduced before it is used, with the idea
-#   and the reason first, then the smallest code that does it, then a cell that shows it working.
-# * **Run it** as a notebook: `llm.ipynb` is this very file, mirrored by jupytext.
-# * **Use it** from the command line: `python llm.py train` trains a small model on the complete
-#   works of Shakespeare (about a megabyte of text) in about two minutes on a laptop CPU, and
-#   `python llm.py sample` makes it write.
+# **Part I, the story**, builds a working language model and nothing else: 1. the whole idea
+# on one page, 2. just enough PyTorch, 3. data, 4. tokens, 5. batches and what the model is
+# asked to predict, 6. embeddings, 7. attention, 8. the transformer block, 9. the model,
+# 10. training, 11. sampling. At its end you have trained a model and read its writing.
 #
-# The plan of the file, which is also the path of one character through the model:
+# **Part II, the appendices**, makes the same model fast and trustworthy: A. inside the
+# trained model, B. subword tokens and bits per byte, C. classic versus modern, measured,
+# D. fast generation, E. bigger hardware, F. a run you can trust, G. measuring speed, H. the
+# command line. Each says first what it adds and which pieces of Part I it builds on; Part I
+# never needs them. The rule of the split: Part I holds what a model *is* and how it *learns*;
+# an appendix holds what only analysis or a long, large or unattended run needs. That keeps
+# the path from an empty file to a talking model short, and gives each piece of machinery room
+# to be explained instead of interrupting the story.
 #
-# 1. **Setup** — one `Config` that holds every number, seeding, and the choice of device.
-# 2. **Data** — the text we learn from, split into a training and a validation part.
-# 3. **Tokenizer** — text becomes a list of integers (and back).
-# 4. **Batches** — random windows of those integers, each paired with "what comes next".
-# 5. **Embeddings** — integers become vectors that carry *what* a token is (and, in the classic
-#    model, *where* it is).
-# 6. **Attention** — each position gathers information from the positions before it (and, in
-#    the modern model, learns where they are, by rotating queries and keys).
-# 7. **Transformer block** — attention and a small MLP, wrapped in normalisation and residuals.
-# 8. **Model** — embeddings, a stack of blocks, and a layer that scores every possible next token.
-# 9. **Training** — make the scores of the true next tokens high, one small step at a time.
-# 10. **Classic versus modern** — GPT-2's choices against Llama's, measured on the same budget.
-# 11. **Sampling** — use the scores to write new text, one token at a time.
-# 12. **Command line** — the same pieces behind `python llm.py train` and `python llm.py sample`.
-#
-# Notation used in the shape comments throughout: **B** batch size (how many sequences at once),
-# **T** time (how many tokens in a sequence), **C** channels (the width of a token's vector,
-# `n_embd`), **H** attention heads, **D** the width of one head (`C / H`), **V** vocabulary size.
-#
-# The notebook is regenerated from this file (never edited by hand) with:
-#
-#     jupytext --to ipynb --update llm.py
-#     jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False llm.ipynb
+# **Notation** in shape comments such as `# (B, T, C)`: **B** batch size (sequences at once),
+# **T** time (tokens in a sequence), **C** channels (the width of a token's vector), **H**
+# attention heads, **D** the width of one head (C / H), **V** vocabulary size (how many
+# different tokens exist). Each is explained again where it first matters.
 
 # %% [markdown]
-# ## 1. Setup
+# ## 1. The whole idea on one page
 #
-# The model needs nothing but the Python standard library and PyTorch. The plots need
-# matplotlib, which is imported only inside the functions that draw, so `import llm` stays light.
+# Everything this file does, as a chain of arrows: **text → tokens → probabilities → loss →
+# better weights**, and then **probabilities → text**.
+#
+# 1. **Text becomes integers.** A *tokenizer* cuts text into pieces, at first single characters,
+#    and gives each piece a number, its **token**. Shakespeare's plays use 65 different
+#    characters, so the tokens are 0 to 64, and "To be" becomes `[32, 53, 1, 40, 43]`.
+# 2. **The model turns tokens into probabilities.** A *language model*, here, is nothing but a
+#    function: in goes a sequence of tokens, out comes a table with one probability for each of
+#    the 65 possible next tokens. The function is full of adjustable numbers, its
+#    **parameters** (also called **weights**): change them and the table changes. They start out
+#    random, so at first the tables are nonsense.
+# 3. **A loss measures the surprise.** In training text the true next token is known. If the
+#    model gave it probability $p$, its surprise is $-\ln p$: zero when $p = 1$, and larger the
+#    less it expected the truth. Averaged over many positions this is the **loss**, one number,
+#    the lower the better. A model that spreads its bets evenly over 65 tokens scores
+#    $-\ln(1/65) = \ln 65 \approx 4.17$.
+# 4. **Training nudges the weights downhill.** For each weight, calculus says in which direction
+#    a small change would lower the loss (section 2 shows how PyTorch works this out for us).
+#    Move every weight a small step that way, measure again on another piece of text, and repeat
+#    a few thousand times. Nothing else is "learning": it is this loop.
+# 5. **Sampling writes text.** Give the trained model a few tokens, draw the next one at random
+#    with the model's probabilities (a likely token comes up often, an unlikely one rarely),
+#    append it, and repeat. Turn the tokens back into characters, and the model has written.
+
+# %% [markdown]
+# ## 2. Just enough PyTorch
+#
+# The code uses **PyTorch**, a library for computing with large arrays of numbers, which also
+# works out derivatives for us and runs on GPUs. It is imported under three names: `torch`,
+# `nn` (`torch.nn`, the building blocks of models) and `F` (`torch.nn.functional`, the same
+# operations as plain functions with nothing to learn). The other imports are Python's
+# standard library; each appendix imports what only it needs. A few ideas are then enough.
 
 # %%
 from __future__ import annotations
 
-import argparse
-import codecs
-import collections
-import contextlib
-import csv
-import dataclasses
 import hashlib
 import http.client
-import io
 import math
 import os
 import random
-import re
-import signal
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -74,15 +85,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% [markdown]
-# The same file runs in three ways: imported (by the tests), as a script (`python llm.py ...`) and
-# inside a Jupyter kernel. Cells that only *demonstrate* something — printing a shape, training a
-# small model for the plots — should run in the notebook and nowhere else, so that `import llm`
-# trains nothing, downloads nothing and writes nothing. Inside a kernel `__name__` is
-# `"__main__"`, just as for a script, so we also ask IPython: a real kernel has a `kernel`
-# attribute. Both must hold — this file is the notebook being run (`__main__`) *and* it runs in a
-# kernel — so that `import llm` from some other notebook runs no demonstrations either. (We look
-# IPython up in `sys.modules` rather than importing it: if it was never imported, we are
-# certainly not in a kernel.)
+# > **Engineering note.** This file is imported by tests, run as a script and run as a
+# > notebook. Demonstration cells start with `if IN_NOTEBOOK:`, so `import llm` runs none. A
+# > notebook's `__name__` is `"__main__"`, as a script's, so we also ask IPython, the notebook's
+# > Python: a real kernel has a `kernel` attribute. A user's mistake (a missing file, a bad
+# > option) raises a `UserError`, a `ValueError` whose message names the problem and the fix;
+# > the command line (Appendix H) prints it as one line. matplotlib, for the pictures, is
+# > imported only when one is drawn.
 
 # %%
 def running_in_notebook() -> bool:
@@ -94,208 +103,13 @@ def running_in_notebook() -> bool:
 
 IN_NOTEBOOK = __name__ == "__main__" and running_in_notebook()
 
-# %% [markdown]
-# Mistakes a user can make — a missing file, a bad option — should end in one clear line that
-# says what is wrong and how to fix it, not in a traceback. Every such problem is raised as a
-# `UserError`; the command line prints its message and exits with status 2. It subclasses
-# `ValueError`, so code that calls these functions directly can catch it as the ordinary error
-# it is.
 
-# %%
 class UserError(ValueError):
     """A problem with the user's input; its message names the problem and the fix."""
 
 
-# %% [markdown]
-# ### One configuration
-#
-# Every hyperparameter lives in one dataclass, each with a one-line explanation that doubles as
-# its `--help` text on the command line (`python llm.py train --n-layer 6` overrides one). Why
-# each number is what it is gets explained where the number is used.
-#
-# The defaults are the quick CPU run, tuned by measurement on a 2-core laptop-class machine for
-# the lowest validation loss in about two minutes. The model shape (4 layers, 4 heads, 128
-# channels, 64-character context) is that of nanoGPT's well-known CPU recipe, under a million
-# parameters; at that size the machine processes about 20,000 tokens a second, so two minutes
-# buy about 2.3 million tokens of training. How to spend them was measured with the classic
-# GPT-2 architecture (one run each, seed 1337; differences of 0.01 are within noise):
-#
-# | batch × steps | tokens | peak learning rate | validation loss |
-# |---|---|---|---|
-# | 32 × 1200 | 2.46M | 2e-3 | 1.78 |
-# | 24 × 1600 | 2.46M | 2e-3 | 1.74 |
-# | 16 × 2400 | 2.46M | 2e-3 | 1.72 |
-# | 16 × 2400 | 2.46M | 3e-3 | 1.69 |
-# | 16 × 2400 | 2.46M | 4e-3 | 1.69 |
-# | **12 × 3000** | **2.30M** | **3e-3** | **1.68** |
-#
-# (These runs used the hand-written attention; with the fused path that came later, the last run
-# ends at 1.70 — a different order of floating-point operations, a different last digit.)
-# Within the same time, more and smaller steps won, and 3e-3 was as good as any higher rate
-# while leaving a margin against instability. The architecture switches (positions, norm, MLP,
-# key/value heads, biases) default to the modern `llama` set, which beat the classic `gpt2` set
-# in the same two minutes; section 8 explains the two and the measurement.
-
-# %%
-def param(default, help: str):
-    """A Config field with a default and a one-line explanation (shown by --help)."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class Config:
-    # --- data ---
-    block_size: int = param(64, "context length: how many tokens the model sees at once")
-    batch_size: int = param(12, "sequences per micro-batch")
-    grad_accum_steps: int = param(1, "micro-batches per optimizer step (shared out among torchrun processes)")
-    tokenizer: str = param("char", "'char' (a token per character) or 'bpe' (byte-pair encoding)")
-    vocab_size: int = param(512, "vocabulary size of the bpe tokenizer (char uses the text's characters)")
-    # --- model ---
-    n_layer: int = param(4, "number of transformer blocks")
-    n_head: int = param(4, "attention heads per block")
-    n_embd: int = param(128, "width C of every token's vector")
-    dropout: float = param(0.0, "probability of zeroing an activation during training")
-    pos_encoding: str = param("rope", "position information: 'learned', 'sinusoidal' or 'rope'")
-    norm: str = param("rmsnorm", "normalisation: 'layernorm' (GPT-2) or 'rmsnorm' (Llama)")
-    mlp: str = param("swiglu", "feed-forward network: 'gelu' (GPT-2) or 'swiglu' (Llama)")
-    n_kv_head: int = param(2, "key/value heads for grouped-query attention; 0 means n_head")
-    bias: bool = param(False, "learned biases in linear layers and LayerNorm")
-    # --- optimisation ---
-    max_iters: int = param(3000, "number of optimizer steps")
-    learning_rate: float = param(3e-3, "peak learning rate, reached after the warmup")
-    min_lr: float = param(3e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = param(100, "steps of linear learning-rate warmup")
-    weight_decay: float = param(0.1, "AdamW weight decay, applied to matrices only")
-    beta1: float = param(0.9, "AdamW momentum coefficient")
-    beta2: float = param(0.99, "AdamW second-moment coefficient")
-    grad_clip: float = param(1.0, "clip the gradient norm to this (0 turns clipping off)")
-    # --- evaluation and run ---
-    eval_interval: int = param(250, "evaluate (and maybe checkpoint) every this many steps")
-    eval_iters: int = param(20, "batches per split in each evaluation")
-    seed: int = param(1337, "seed for every random number generator")
-    compile: bool = param(False, "compile the model with torch.compile (opt-in: slow to start, faster on GPUs)")
-    device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
-
-    def validate(self) -> None:
-        """Raise UserError naming the first setting that cannot work."""
-        positive = ["block_size", "batch_size", "grad_accum_steps", "n_layer", "n_head", "n_embd",
-                    "max_iters", "eval_interval", "eval_iters"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not (self.learning_rate > 0):  # also catches NaN
-            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if not (0 <= self.min_lr <= self.learning_rate):
-            raise UserError(f"--min-lr must be between 0 and --learning-rate, got {self.min_lr}")
-        if not (0 <= self.dropout < 1):
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        for name in ("warmup_iters", "weight_decay", "grad_clip"):
-            if not (getattr(self, name) >= 0):  # also catches NaN
-                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not (0 <= getattr(self, name) < 1):
-                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.n_embd % self.n_head != 0:
-            raise UserError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}): "
-                            "each head gets an equal slice of the channels")
-        choices = {"pos_encoding": ("learned", "sinusoidal", "rope"), "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "swiglu"), "tokenizer": ("char", "bpe")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                f"got {getattr(self, name)!r}")
-        if self.tokenizer == "bpe" and self.vocab_size < 256:
-            raise UserError(f"--vocab-size must be at least 256 (the byte values), got {self.vocab_size}")
-        if self.n_kv_head < 0:
-            raise UserError(f"--n-kv-head must be 0 (same as --n-head) or positive, got {self.n_kv_head}")
-        if self.n_head % self.kv_heads != 0:
-            raise UserError(f"--n-head ({self.n_head}) must be a multiple of --n-kv-head ({self.n_kv_head}): "
-                            "each key/value head serves an equal group of query heads")
-        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
-            raise UserError(f"rope rotates pairs of channels, so the head width n_embd / n_head "
-                            f"({self.n_embd // self.n_head}) must be even: change --n-embd or --n-head")
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads: n_kv_head, or n_head when it is 0 (plain multi-head)."""
-        return self.n_kv_head or self.n_head
-
-
-# %% [markdown]
-# ### Seeds and devices
-#
-# Training draws random numbers in three places: the initial weights, the choice of batches, and
-# dropout. Seeding every generator makes a CPU run repeatable to the last digit. The batch
-# sampler and the text sampler also get their *own* `torch.Generator`, so that drawing a batch
-# never shifts the random stream of anything else.
-#
-# The device is chosen in order of speed: an NVIDIA GPU (`cuda`), an Apple GPU (`mps`), then
-# the CPU. `--device` overrides the choice.
-#
-# On a CPU, PyTorch splits each large enough operation into one share per thread, one thread
-# per core by default, and the operation is done only when its last share is. That is the right
-# choice on an idle machine: a training step of the quick run took 33 ms on both cores of the
-# 2-core machine where this file was written, 52 ms on one. But if another program is using a
-# thread's core, every operation waits for that thread: with a second program keeping one core
-# busy, the same step took 75 ms on two threads and 55 ms on one. The commands (section 12) take
-# `--threads`; 0 keeps PyTorch's default of one per core. It is a property of the machine, not
-# of the model, so it is not part of the configuration.
-
-# %%
-def set_seed(seed: int) -> None:
-    """Seed Python's and PyTorch's global generators (CPU and all GPUs).
-
-    Nothing here draws from Python's `random`; it is seeded so that code you add that does
-    stays repeatable too."""
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """The device to run on: 'auto' picks cuda, then mps, then cpu."""
-    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu")
-    if name == "mps" and not has_mps:
-        raise UserError("--device mps was asked for, but no Apple GPU is available: use --device cpu")
-    return torch.device(name)
-
-
-@contextmanager
-def using_threads(n: int):
-    """PyTorch's CPU operations run on n threads inside the block; 0 leaves the number as it is
-    (PyTorch's default of one per core, unless something changed it)."""
-    if n < 0:
-        raise UserError(f"--threads must be 0 (PyTorch's default, one per core) or positive, got {n}")
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-# %%
-if IN_NOTEBOOK:
-    print(Config())
-    print("device:", pick_device())
-
-# %% [markdown]
-# ### Pictures
-#
-# Many ideas in this file are easier to see than to read, so some sections end with a plot. The
-# plotting functions live here too, shared by the notebook and by `python llm.py train` (which
-# saves its loss curve and attention maps as PNG files). Matplotlib is imported only when a plot
-# is drawn, and fonts are set large enough to read on a projector.
-
-# %%
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
-    """(figure, axes) from matplotlib; pyplot is imported here, at the first plot, not at import."""
+    """(figure, axes) from matplotlib; pyplot is imported here, at the first plot."""
     import matplotlib.pyplot as plt
     plt.rcParams.update({"font.size": 12, "axes.titlesize": 14, "axes.labelsize": 12})
     return plt.subplots(nrows, ncols, **kwargs)
@@ -311,32 +125,145 @@ if IN_NOTEBOOK:
     import matplotlib.pyplot as plt  # for plt.show() in the notebook's plot cells
 
 # %% [markdown]
-# ## 2. Data
+# ### Tensors
 #
-# A language model learns from nothing but text. Our default text is *tiny Shakespeare*: 40,000
-# lines of his plays in one 1,115,394-character file, first published with Andrej Karpathy's
-# char-rnn. It is small enough to train on a laptop and large enough that the model must learn
-# real structure (words, names, the layout of a play) to do well. Because many projects use it,
-# our losses can be compared with theirs.
+# * A **tensor** is an n-dimensional array of numbers: a list has one dimension, a table two,
+#   a stack of tables three. Its **shape** is its length along each dimension, and all its
+#   numbers share one **dtype**: `float32` for the model's numbers, `int64` for token ids.
+#   Indexing and slicing work as for lists, one index per dimension (`:` takes all of one).
+#   `.tolist()` and `.item()` give back Python lists and numbers.
+# * `.view(shape)` reads the same numbers in another shape (`-1`: whatever length fits). It
+#   copies nothing: a **view** shares memory with the original, so writing into one changes
+#   the other. Reshaping is free; it is also a trap worth seeing once.
+# * `A @ B` multiplies matrices: entry (i, j) of the result is the **dot product** of row i of
+#   A and column j of B (multiply number by number, then add up). The last dimension of A
+#   meets the first of B and vanishes, and leading dimensions ride along: (B, T, C) @ (C, D)
+#   gives (B, T, D), every one of the B·T vectors mapped by the same matrix in one call. This
+#   is most of the model's arithmetic.
+# * `+`, `*` and the like work number by number. When shapes differ, PyTorch lines them up
+#   from the right and repeats missing leading dimensions to match: a (T, C) tensor added to a
+#   (B, T, C) one is added to each of the B sequences. This **broadcasting** is convenient and
+#   a classic source of silent bugs, one reason every tensor line here carries its shape.
 #
-# If the file is not in `data/`, we download it once. A SHA-256 checksum proves that the bytes
-# are exactly the published ones, and the file is written *atomically* — to a temporary file
-# that is renamed into place only when complete — so an interrupted download never leaves half a
-# file behind that would later be mistaken for the whole one. Checkpoints and the plots that
-# `train` saves are written the same way, so this one helper serves them all.
+# `torch.randn` draws random numbers (around 0), `torch.manual_seed` makes the draws
+# repeatable, and `torch.allclose` compares up to rounding errors.
 
 # %%
-SHAKESPEARE_URL = os.environ.get(  # LLM_SHAKESPEARE_URL names a mirror (the checksum still applies)
-    "LLM_SHAKESPEARE_URL", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    ids = torch.tensor([[5, 1, 4], [2, 0, 3]])  # (2, 3): two rows of three token ids
+    print(ids.shape, ids.dtype, ids[0].tolist(), ids[:, -1].tolist())  # row 0, last column
+    a = torch.arange(6.0)  # (6,): 0.0 to 5.0
+    a.view(2, 3)[0, 0] = 100  # write through a (2, 3) view...
+    print(a.tolist())  # ...and the original changed: one memory, two shapes
+    torch.manual_seed(0)
+    x, W, position = torch.randn(2, 4, 3), torch.randn(3, 5), torch.randn(4, 3)  # (B,T,C) (C,D)
+    y = x @ W  # (B, T, D)
+    print(tuple(y.shape), torch.allclose(y[1, 2, 4], (x[1, 2, :] * W[:, 4]).sum()))  # row·col
+    print(torch.allclose((x + position)[1], x[1] + position))  # (T, C) broadcast over B
+
+# %% [markdown]
+# ### Modules and parameters
+#
+# A model is built from **modules**: subclasses of `nn.Module` that hold parameters and other
+# modules. A **parameter** (`nn.Parameter`) is a tensor marked *to be learned*: training will
+# adjust it. The method `forward` says what the module computes; calling the module, `m(x)`,
+# runs it, and `.parameters()` lists every parameter of the module and its sub-modules. The
+# workhorse is `nn.Linear(n_in, n_out)`, which computes `x @ W.T + b`: its weight W is stored
+# as (n_out, n_in), one row per output, and transposed (`.T`) for the product.
+
+# %%
+class LinearByHand(nn.Module):
+    """x @ W.T + b, spelled out: what nn.Linear computes, (..., n_in) -> (..., n_out)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()  # nn.Module's own set-up, which lets it find the parameters below
+        self.weight = nn.Parameter(torch.randn(n_out, n_in))  # (n_out, n_in), like nn.Linear
+        self.bias = nn.Parameter(torch.zeros(n_out))  # (n_out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias  # (..., n_in) @ (n_in, n_out) + (n_out,)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    torch.manual_seed(0)
+    ours, theirs = LinearByHand(3, 2), nn.Linear(3, 2)  # 3 numbers in, 2 out
+    theirs.load_state_dict(ours.state_dict())  # the same weight and bias in both
+    x = torch.randn(4, 3)  # (N, 3): four inputs at once
+    print([(name, tuple(p.shape)) for name, p in ours.named_parameters()],
+          "| equal to nn.Linear:", torch.allclose(ours(x), theirs(x)))
+
+# %% [markdown]
+# ### Gradients, and steps downhill
+#
+# The **loss** is one number that measures how wrong a model is. Its **gradient** says, for
+# each parameter, how fast the loss grows as that parameter grows (the derivative); stepping
+# each parameter *against* its gradient lowers the loss, and the **learning rate** is the size
+# of the step. A tensor with `requires_grad=True` (a parameter is one) makes PyTorch record
+# every operation done with it; `loss.backward()` then walks the record backwards, applying the
+# chain rule of calculus at each operation, and leaves the gradient of every parameter in its
+# `.grad`. This is **backpropagation**. (`.detach()` gives the numbers without the record.)
+#
+# An **optimiser** makes the steps. `torch.optim.SGD` moves each parameter by `-lr * grad`, and
+# one training step is three calls, the heart of every training loop in this book:
+# `optimizer.zero_grad()` clears old gradients (`backward` *adds* to them), `loss.backward()`
+# computes new ones, `optimizer.step()` moves the parameters. Below, one parameter w learns the
+# rule y = 2x from four points, starting from w = 3, with the mean squared error as its loss.
+# That loss is $7.5(w - 2)^2$, so each step multiplies the distance to 2 by $1 - 15 \cdot
+# \text{lr}$: 0.7 with lr = 0.02, a steady approach; above lr = 2/15 each step would overshoot
+# by more than it corrects, and w would fly off.
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    y = 2 * x  # the rule to be found
+    w = nn.Parameter(torch.tensor(3.0))  # a wrong first guess
+    optimizer = torch.optim.SGD([w], lr=0.02)  # lr: see above for why this size
+    for step in range(20):
+        optimizer.zero_grad()
+        loss = ((w * x - y) ** 2).mean()  # mean squared error: one number
+        loss.backward()  # fills w.grad with d loss / d w
+        if step == 0:
+            print(f"gradient {w.grad.item():.4f}, by hand {(2 * (w * x - y) * x).mean():.4f}")
+        optimizer.step()
+        if step % 5 == 0 or step == 19:
+            print(f"step {step:2d}  loss {loss.item():.4f}  w after the step {w.item():.4f}")
+
+# %% [markdown]
+# ## 3. Data
+#
+# A language model learns from nothing but text. Ours is *tiny Shakespeare*: 40,000 lines of
+# his plays in one 1,115,394-character file, first published with Andrej Karpathy's char-rnn.
+# It is small enough to train on a laptop and large enough that the model must learn real
+# structure (words, names, the layout of a play) to do well. Because many projects use it, our
+# losses can be compared with theirs.
+#
+# If the file is not in `data/`, we download it once. A **checksum** (SHA-256, a 64-digit
+# fingerprint of the bytes) proves that the bytes are exactly the published ones.
+#
+# > **Engineering note: atomic writes.** The file is written to a temporary file that is
+# > renamed into place only when complete (and flushed to the disk first, `fsync`). A rename
+# > happens entirely or not at all, so an interrupted download never leaves half a file that
+# > a later run would take for the whole one. A run's checkpoints and plots (Appendix F) are
+# > written the same way.
+#
+# Any UTF-8 text file can replace Shakespeare (`--data FILE`). It is read with an explicit
+# `encoding="utf-8"`, because the platform's default differs between machines. This is where
+# text enters the program, so this is where a bad file becomes one clear message.
+
+# %%
+SHAKESPEARE_URL = os.environ.get(  # LLM_SHAKESPEARE_URL names a mirror (the checksum still holds)
+    "LLM_SHAKESPEARE_URL",
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path("data") / "tinyshakespeare.txt"
 
 
 def atomic_write(path: Path, write: Callable) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it into place.
-
-    The rename is atomic, so readers see either the old file or the complete new one. The data
-    is flushed and fsynced first, so a power cut cannot leave a renamed but empty file."""
+    """Call write(file) on a temporary file beside `path`, then rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -348,13 +275,6 @@ def atomic_write(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a figure to a PNG file (atomically) and free its memory."""
-    import matplotlib.pyplot as plt
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30) -> None:
@@ -373,12 +293,6 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30) -> None:
     atomic_write(dest, lambda f: f.write(payload))
 
 
-# %% [markdown]
-# Any UTF-8 text file can replace Shakespeare (`--data FILE`). Every file is opened with an
-# explicit `encoding="utf-8"`: the platform default differs between machines (Windows often
-# uses a legacy code page), and a model trained on mis-decoded text learns the wrong characters.
-
-# %%
 def load_text(path: Path = DEFAULT_DATA) -> str:
     """The text at `path`; the default corpus is downloaded when it is missing."""
     path = Path(path)
@@ -395,18 +309,20 @@ def load_text(path: Path = DEFAULT_DATA) -> str:
         raise UserError(f"--data {path} is not UTF-8 text (byte {e.start}): "
                         "convert it to UTF-8 or choose another file") from None
     except OSError as e:
-        raise UserError(f"cannot read --data {path} ({e.strerror}): check the file's permissions") from None
+        raise UserError(f"cannot read --data {path} ({e.strerror}): "
+                        "check the file's permissions") from None
     if not text:
         raise UserError(f"--data {path} is empty: give a file with some text in it")
     return text
 
 
 # %% [markdown]
-# We hold back the last 10% of the text for **validation**. The model never trains on it, so the
-# loss there tells us how well the model predicts text it has not seen — memorising the
-# training text would lower the training loss but not this one. Splitting by position (first
-# 90%, last 10%), not at random, keeps the validation text a continuous stretch of plays the
-# model has never read, and matches the split other projects report their numbers on.
+# We hold back the last 10% of the text for **validation**. The model never trains on it, so
+# its loss there (section 5) tells how well it predicts text it has not seen. A model can also
+# do well on its training text by memorising it, which helps nothing on new text: getting
+# better on the training text but worse on unseen text is **overfitting**. Splitting by
+# position, not at random, keeps the validation text a continuous stretch of unread plays,
+# and matches the split other projects report their numbers on.
 
 # %%
 def split_train_val(items, train_fraction: float = 0.9):
@@ -420,20 +336,21 @@ if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     text = load_text()
     train_text, val_text = split_train_val(text)
-    print(f"{len(text):,} characters: {len(train_text):,} for training, {len(val_text):,} for validation")
+    print(f"{len(text):,} characters: {len(train_text):,} for training, "
+          f"{len(val_text):,} for validation")
     print(text[:250])
 
 # %% [markdown]
-# ## 3. Tokenizer
+# ## 4. Tokens: text as integers
 #
 # A neural network computes with numbers, so text must become a sequence of integers, called
-# **tokens**. The simplest tokenizer gives every distinct character its own number. Its
-# vocabulary is tiny (65 characters for Shakespeare), every string over those characters can be
-# encoded, and each token is easy to read — at the price of long sequences, because a word of
-# six letters costs six tokens. (Production models merge frequent character sequences into one
-# token; the idea stays the same.)
+# **tokens**. The simplest **tokenizer** gives every distinct character its own number. Its
+# **vocabulary** (the set of possible tokens) is tiny, 65 characters for Shakespeare; every
+# string over those characters can be encoded, and each token is easy to read. The price is
+# long sequences: a word of six letters costs six tokens. Production models merge frequent
+# character sequences into single tokens; Appendix B builds that, and the idea stays the same.
 #
-# The vocabulary is sorted so that the same text always gives the same numbering. A character the
+# The vocabulary is sorted, so the same text always gives the same numbering. A character the
 # tokenizer has never seen has no number: rather than silently dropping it, `encode` raises an
 # error that lists every such character.
 
@@ -464,10 +381,11 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes of one token (used when text is printed as it is generated)."""
         return self.chars[token_id].encode("utf-8")
 
     def state(self) -> dict:
-        """Everything needed to rebuild this tokenizer, as plain values (saved in checkpoints)."""
+        """Everything needed to rebuild this tokenizer, as plain values (saved with a model)."""
         return {"kind": "char", "chars": self.chars}
 
 
@@ -475,18 +393,1397 @@ class CharTokenizer:
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     tokenizer = CharTokenizer.from_text(text)
-    print("vocabulary size:", tokenizer.vocab_size)
-    print("vocabulary:", repr("".join(tokenizer.chars)))
+    print(tokenizer.vocab_size, "characters:", repr("".join(tokenizer.chars)))
     ids = tokenizer.encode("To be, or not to be")
-    print(ids)
-    print(repr(tokenizer.decode(ids)))
+    print(ids, "->", repr(tokenizer.decode(ids)))
     try:
         tokenizer.encode("naïve ☃")
     except ValueError as e:
         print("ValueError:", e)
 
 # %% [markdown]
-# ### Byte-pair encoding (BPE)
+# ## 5. Batches, and what the model is asked to predict
+#
+# The model learns one thing: given some tokens, predict the next. A window of `block_size + 1`
+# consecutive tokens holds `block_size` such lessons at once (from the first token predict the
+# second, from the first two the third, and so on), so the **inputs** are the first
+# `block_size` tokens of the window and the **targets** the same tokens shifted left by one.
+# `block_size` (T) is also the most the model ever reads at once, its **context**. A **batch**
+# is `batch_size` (B) windows from random places, stacked into one (B, T) tensor that the model
+# processes in one go. Each batch comes from one split, so no window straddles the boundary and
+# leaks validation text into training. `Tensor.unfold` gives a *view* of every possible window,
+# row `i` being `data[i : i + block_size + 1]`, and picking random rows of it is the whole
+# sampler. The rows come from a `torch.Generator`, a random-number stream of our own: seeded,
+# it makes batches repeatable, and drawing from it disturbs no other random stream.
+
+# %%
+def get_batch(data: torch.Tensor, block_size: int, batch_size: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of a 1-D tensor of token ids: inputs (B, T) and their targets (B, T)."""
+    assert len(data) > block_size, "a split must hold at least one window of block_size + 1"
+    windows = data.unfold(0, block_size + 1, 1)  # (N - T, T + 1) for N tokens: a view, no copy
+    rows = torch.randint(len(windows), (batch_size,), generator=generator)
+    batch = windows[rows]  # (B, T + 1)
+    return batch[:, :-1], batch[:, 1:]  # inputs (B, T), targets (B, T)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    data = torch.tensor(tokenizer.encode(text))  # (N,) token ids, int64
+    train_data, val_data = split_train_val(data)
+    x, y = get_batch(train_data, block_size=8, batch_size=2,
+                     generator=torch.Generator().manual_seed(0))
+    print("inputs ", tuple(x.shape), x[0].tolist())
+    print("targets", tuple(y.shape), y[0].tolist())
+    for t in range(4):
+        context, target = tokenizer.decode(x[0, :t + 1].tolist()), tokenizer.decode([y[0, t]])
+        print(f"after {context!r:12} comes {target!r}")
+
+# %% [markdown]
+# ### What the model is asked to predict: softmax and cross-entropy
+#
+# At every position the model will output one score per token of the vocabulary: V real
+# numbers, called **logits**, a high one meaning "likely to come next". The **softmax** turns
+# them into a **probability distribution** (V positive numbers that sum to 1): raise $e$ to
+# each score and divide by the total, $p_i = e^{z_i} / \sum_j e^{z_j}$. A higher score always
+# gets a higher probability, and adding the same constant to every score changes nothing (the
+# factor $e^c$ cancels). For logits $[2.0, 1.0, 0.1]$: $e^{2.0} \approx 7.39$, $e^{1.0} \approx
+# 2.72$, $e^{0.1} \approx 1.11$, total 11.21, so the probabilities are about $[0.66, 0.24,
+# 0.10]$.
+#
+# The **cross-entropy** loss of one position is $-\ln p(\text{target})$, the target being the
+# true next token from `get_batch`: 0 if the model gave it probability 1, larger the less it
+# gave. Above, a target of token 0 costs $-\ln 0.659 \approx 0.42$, of token 2
+# $-\ln 0.0986 \approx 2.32$. A batch's loss is the mean over its $B \cdot T$ positions. Why
+# the logarithm? The probability of a whole text is the product of its tokens' probabilities,
+# and the log of a product is a sum, so the losses of single predictions add up. The log also
+# punishes confident mistakes hard: giving the truth 0.01 costs 4.6, 0.0001 costs 9.2. With
+# the natural log the unit is the **nat** (with $\log_2$ it is the bit; 1 nat ≈ 1.44 bits). A
+# model that knows nothing and gives every token $1/V$ has loss $\ln V$: $\ln 65 \approx 4.17$
+# nats for Shakespeare's 65 characters, the loss an untrained model should show.
+#
+# In code, `exp` of a large score overflows ($e^{89}$ does in 32-bit floats), so we first
+# subtract each row's largest score, which changes nothing; and $\ln p_i = z_i - \ln \sum_j
+# e^{z_j}$ avoids the log of a probability that may have rounded to 0.
+
+# %%
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Scores (..., V) -> probabilities (..., V): positive, summing to 1 along the last axis."""
+    z = logits - logits.max(dim=-1, keepdim=True).values  # largest score 0: exp can't overflow
+    e = z.exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of -ln p(target) over N positions: logits (N, V), targets (N,) of token ids."""
+    z = logits - logits.max(dim=-1, keepdim=True).values  # (N, V), shifted as in softmax
+    log_p = z - z.exp().sum(dim=-1, keepdim=True).log()  # (N, V): ln p, finite even if p ~ 0
+    return -log_p[torch.arange(len(targets)), targets].mean()  # each row's target, averaged
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    scores = torch.tensor([2.0, 1.0, 0.1])  # (V,) with V = 3
+    probs = softmax(scores)
+    print("probabilities", probs.numpy().round(4), f"sum {probs.sum():.4f}")
+    print("scores + 100 ", softmax(scores + 100).numpy().round(4))  # only differences count
+    naive = (scores + 100).exp()  # e^102 overflows float32: inf / inf is not a number
+    print("naive, + 100 ", (naive / naive.sum()).numpy().round(4))
+    for target in (0, 2):
+        loss = cross_entropy(scores[None], torch.tensor([target]))  # one position: N = 1
+        print(f"true token {target}: p = {probs[target]:.4f}, loss = {loss:.4f} nats")
+    print(f"knowing nothing of 65 tokens: {uniform:.4f} nats; ln 65 = {math.log(65):.4f}")
+
+# %% [markdown]
+# PyTorch has both, in fast compiled code: `F.softmax` and `F.cross_entropy`, which takes the
+# logits (not probabilities) and the target ids, and agrees with ours (a test checks it). It
+# reads the *second* axis as the V scores, so the model's (B, T, V) logits and (B, T) targets
+# are first flattened into B·T rows, (B·T, V) and (B·T,), as the model will do (section 9).
+
+# %% [markdown]
+# ## 6. Embeddings
+#
+# ### The model's settings
+#
+# From here on the model takes shape. Its sizes and switches live in one dataclass (a class
+# that just holds named values), each field with a default and a one-line explanation, which
+# the command line shows as its help (`python llm.py train --n-layer 6` changes one). Each
+# field is explained in the section that uses it. The default sizes (4 layers, 4 heads, 128
+# channels, a 64-token context) are those of nanoGPT's well-known CPU recipe: under a million
+# parameters, small enough to train in two minutes on a laptop CPU, big enough to write
+# recognisable Shakespeare. Each switch has a classic GPT-2 setting and a modern Llama setting,
+# and is one clearly marked branch in the code; the defaults are the modern ones, which
+# trained to the lower loss (Appendix C measures both).
+
+# %%
+def param(default, help: str):
+    """A dataclass field with a default and a one-line explanation (shown by --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    block_size: int = param(64, "context length: how many tokens the model sees at once")
+    n_layer: int = param(4, "number of transformer blocks")
+    n_head: int = param(4, "attention heads per block")
+    n_embd: int = param(128, "width C of every token's vector")
+    dropout: float = param(0.0, "probability of zeroing a number during training")
+    pos_encoding: str = param("rope", "positions: 'learned', 'sinusoidal' or 'rope'")
+    norm: str = param("rmsnorm", "normalisation: 'layernorm' (GPT-2) or 'rmsnorm' (Llama)")
+    mlp: str = param("swiglu", "the MLP: 'gelu' (GPT-2) or 'swiglu' (Llama)")
+    n_kv_head: int = param(2, "key/value heads (grouped-query attention); 0 means n_head")
+    bias: bool = param(False, "learned biases in linear layers and LayerNorm")
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads: n_kv_head, or n_head when it is 0 (plain multi-head)."""
+        return self.n_kv_head or self.n_head
+
+
+# %% [markdown]
+# **What a token is.** A token id is only a name; `5` is not "more" than `4`. The model gives
+# each token a learned vector of `n_embd` (C) numbers, its **embedding**, looked up in a table
+# of shape (V, C): `nn.Embedding` is that table, and looking up row `i` is all it does. Training
+# moves these vectors so that tokens that behave alike end up close together (Appendix A shows
+# it).
+#
+# **Where a token is.** Attention, which comes next, compares tokens by their content alone:
+# shuffle the input and its output is shuffled the same way, otherwise unchanged. Its causal
+# mask (section 7) lets a token see only the tokens before it, so a model could in principle
+# count how many it sees, but that is a roundabout, weak way to learn where a token stands. Yet
+# order is everything in language ("dog bites man"). GPT-2 therefore adds to each token's vector
+# a second, **learned** vector that depends only on its **position**, from a second table of
+# shape (block_size, C). It is free to find whatever works, but knows nothing about positions
+# beyond `block_size`. The modern choice, **rotary** embeddings (`rope`, Llama's and our
+# default), adds nothing here: it works inside attention, and comes with it in section 7.
+# `pos_encoding` selects one. (A third, the fixed sine waves of the original Transformer, is in
+# Appendix C.)
+#
+# **Dropout.** The embeddings end with **dropout** (Srivastava et al., 2014): in training it
+# zeroes a random fraction `dropout` of the numbers (and scales up the rest, keeping their
+# average), so that no part of the model can rely on another always being there. It fights
+# overfitting. The quick run reads each character of the text only about twice and does not
+# overfit, so its dropout is 0, and an `nn.Identity` (a layer that returns its input) stands in
+# its place; Appendix G says why. Outside training, dropout is off (section 10).
+
+# %%
+def make_dropout(p: float) -> nn.Module:
+    """Dropout with probability p, or an identity (a layer that does nothing) when p is 0."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class Embeddings(nn.Module):
+    """Token ids (B, T) -> vectors (B, T, C): what each token is, plus where it stands."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, cfg.n_embd)
+        self.pos_encoding = cfg.pos_encoding
+        if cfg.pos_encoding == "learned":  # GPT-2
+            self.position = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos_encoding == "sinusoidal":  # fixed waves (Appendix C): not trained...
+            self.register_buffer("sinusoids", sinusoidal_positions(cfg.block_size, cfg.n_embd),
+                                 persistent=False)  # ...nor saved: a buffer, recomputed
+        self.dropout = make_dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`start` is the position of idx's first token: 0, except in Appendix D's fast
+        generation, which feeds the model one new token at a time."""
+        T = idx.shape[1]
+        x = self.token(idx)  # (B, T, C)
+        if self.pos_encoding == "learned":
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+            x = x + self.position(positions)  # (T, C) broadcasts over B
+        elif self.pos_encoding == "sinusoidal":
+            x = x + self.sinusoids[start:start + T]  # (T, C)
+        # rope: positions enter inside attention instead (section 7)
+        return self.dropout(x)  # (B, T, C)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    demo_cfg = ModelConfig(n_embd=16, block_size=8)
+    embed = Embeddings(demo_cfg, tokenizer.vocab_size)
+    print("token ids", tuple(x.shape), "-> vectors", tuple(embed(x).shape))
+
+# %% [markdown]
+# ## 7. Attention
+#
+# Until now every token's vector knows only about itself. **Attention** lets each position
+# collect information from earlier positions, with weights that depend on the content. Every
+# position makes three vectors from its own, each with a learned linear map (an `nn.Linear`):
+# a **query** $q$ (what am I looking for?), a **key** $k$ (what do I contain?) and a **value**
+# $v$ (what do I pass on to whoever attends to me?). Position $t$ scores every position $s$ by
+# the dot product $q_t \cdot k_s$, turns the scores into weights with a softmax (positive,
+# summing to one), and outputs the weighted average of the values. For all positions at once,
+# with the queries, keys and values as the rows of matrices Q, K and V of width D:
+#
+# $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{D}} + M\right) V$$
+#
+# **Why divide by $\sqrt{D}$.** If the $D$ numbers of $q$ and $k$ are independent with
+# variance 1, their dot product, a sum of $D$ products, has variance $D$. Our default model
+# splits its C = 128 channels among 4 heads (below), so D = 32: the scores would spread over
+# roughly ±11 (two standard deviations of $\sqrt{32} \approx 5.7$), the softmax would put
+# almost all the weight on one position, and its gradient would all but vanish, so attention
+# would barely learn. Dividing by $\sqrt{D}$ brings the variance back to 1.
+#
+# **The causal mask $M$.** When predicting the token after position $t$, the model must not
+# see it, or any later token: it could copy the answer. $M$ is 0 where $s \le t$ and $-\infty$
+# where $s > t$. Why $-\infty$? The mask must act *before* the softmax, since zeroing weights
+# afterwards would leave rows that no longer sum to one, and adding 0 changes nothing. Since
+# $e^{-\infty} = 0$, future positions get weight exactly zero and the rest still sum to one; a
+# finite number such as −1000 would only make the leak small, not zero. One function does this
+# for any number of heads: the leading dimensions just come along.
+
+# %%
+def causal_mask(T: int, T_keys: int | None = None, device=None) -> torch.Tensor:
+    """(T, T_keys) boolean mask, True where a query would look into the future (key after query).
+
+    The queries are the *last* T of the T_keys positions (T_keys > T only when earlier keys
+    were kept from before, Appendix D); by default T_keys = T."""
+    T_keys = T if T_keys is None else T_keys
+    return torch.ones(T, T_keys, dtype=torch.bool, device=device).triu(diagonal=T_keys - T + 1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     dropout: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention with a causal mask. q: (..., T, D); k, v: (..., T_keys, D).
+
+    Returns the outputs (..., T, D) and the attention weights (..., T, T_keys)."""
+    T, D = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T_keys): query t vs key s
+    scores = scores.masked_fill(causal_mask(T, k.shape[-2], q.device), float("-inf"))
+    weights = F.softmax(scores, dim=-1)  # (..., T, T_keys), each row sums to 1
+    if dropout is not None:
+        weights = dropout(weights)
+    return weights @ v, weights  # (..., T, D), (..., T, T_keys)
+
+
+# %% [markdown]
+# ### One head
+#
+# A single **head** projects the C-wide input to D-wide queries, keys and values and attends.
+# This class is here to make the idea concrete; the model uses the batched version below.
+
+# %%
+class Head(nn.Module):
+    """One head of causal self-attention: (B, T, C) -> outputs (B, T, D) and weights (B, T, T)."""
+
+    def __init__(self, n_embd: int, head_dim: int):
+        super().__init__()
+        self.query = nn.Linear(n_embd, head_dim, bias=False)
+        self.key = nn.Linear(n_embd, head_dim, bias=False)
+        self.value = nn.Linear(n_embd, head_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, D)
+        return causal_attention(q, k, v)  # (B, T, D), (B, T, T)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    torch.manual_seed(0)
+    head = Head(n_embd=16, head_dim=4)
+    out, weights = head(torch.randn(1, 5, 16))
+    print("output", tuple(out.shape), " weights (row: query, column: key)", tuple(weights.shape))
+    print(weights[0].detach().numpy().round(2))
+    print("rows sum to", weights[0].sum(-1).detach().numpy().round(6))
+    q, k = torch.randn(2, 10_000, 32)
+    print(f"variance of q·k with D=32: {(q * k).sum(-1).var():.1f} raw, "
+          f"{((q * k).sum(-1) / math.sqrt(32)).var():.2f} after dividing by sqrt(32)")
+
+# %% [markdown]
+# ### Rotary position embeddings (RoPE)
+#
+# Adding a position vector to the input (section 6) mixes *what* and *where* into one vector
+# and leaves the model to untangle them. Yet attention mostly cares about *relative* position:
+# how far back is that key? **Rotary embeddings** (Su et al., 2021; Llama and most open models
+# since) build exactly that into the score. Each query and key is rotated, pair of channels by
+# pair of channels, by an angle proportional to its position: pair $i$ at position $p$ turns by
+# $p\,\theta_i$, with $\theta_i = 10000^{-2i/D}$ (`position_angles`). The first pairs turn fast,
+# telling neighbours apart; the last so slowly that they tell the start of a text from its end.
+# The base 10000, from the original Transformer paper, makes the slowest turn's period
+# ($2\pi \cdot 10000$ positions) far longer than any text here, so no two positions look alike:
+#
+# $$(a, b) \mapsto (a\cos p\theta_i - b\sin p\theta_i,\; a\sin p\theta_i + b\cos p\theta_i)$$
+#
+# A rotation keeps a vector's length, and the dot product of two rotated vectors depends only
+# on the *difference* of their angles: with $R_p$ the rotation at position $p$,
+# $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$. So the score of a query at $m$ and a key at $n$
+# depends on their contents and on the offset $m - n$, never on where the pair sits in the
+# text. Nothing is learned and nothing is added to the residual stream.
+#
+# **In code, three operations rotate every pair at once.** Regroup the formula as
+#
+# $$(a, b) \mapsto (a, b)\cos p\theta_i + (b, a) \odot (-\sin p\theta_i,\; \sin p\theta_i)$$
+#
+# the vector times the cosines, plus the vector with each pair swapped times the signed sines.
+# Both tables are computed once for every position (each pair's angle written twice, to width
+# D); rotating is then two products and a sum for all pairs, heads and positions together,
+# instead of seven operations pair by pair. (With complex numbers the same rotation multiplies
+# $a + ib$ by $e^{ip\theta_i}$; the cell below checks that they agree.)
+
+# %%
+def position_angles(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Angle p / base^(2i/dim) for positions p and channel pairs i: (n_positions, ceil(dim/2))."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (T, 1)
+    frequency = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
+    return (position * frequency).float()  # (T, ceil(dim/2)); float64 first keeps large p exact
+
+
+def rope_tables(n_positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cosines and signed sines of every position's angles, (n_positions, dim) each."""
+    angles = position_angles(n_positions, dim)  # (P, D/2): one angle per pair
+    cos = angles.cos().repeat_interleave(2, dim=-1)  # (P, D): cos, cos for the pair's two members
+    sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(-2)  # (P, D): -sin, +sin
+    return cos, sin
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (2i, 2i+1) of x (..., D); the tables (..., D) broadcast against
+    x's leading dimensions (typically one row per position)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., D): pairs (a, b) -> (b, a)
+    rotated = x * cos + swapped * sin  # (a cos - b sin, b cos + a sin)
+    return rotated.type_as(x)  # (on a GPU, x may be bfloat16 while the tables are float32)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 32)  # one query and one key of width D = 32
+    cos, sin = rope_tables(100, 32)  # (100, 32) each
+    rotated_q = rope_rotate(q, cos, sin)  # (100, 32): the same query at positions 0..99
+    print(f"length before / after: {q.norm():.4f} / {rotated_q[37].norm():.4f}")
+
+    def score(m, n):  # query at position m, key at position n
+        return (rope_rotate(q, cos[m], sin[m]) @ rope_rotate(k, cos[n], sin[n]).T).item()
+
+    print(f"score(10, 7) = {score(10, 7):.4f}, score(60, 57) = {score(60, 57):.4f}: same offset")
+    a, b, angle = q[0, 0::2], q[0, 1::2], position_angles(100, 32)[37]  # pair by pair, p = 37
+    formula = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()])
+    print("equal to the formula:", torch.allclose(rotated_q[37], formula.T.flatten(), atol=1e-6))
+    complex_q = torch.view_as_complex(q.reshape(16, 2))  # pairs (a, b) as a + ib
+    turned = torch.view_as_real(complex_q * torch.polar(torch.ones(16), angle)).flatten()
+    print("equal to multiplying by e^(i*angle):", torch.allclose(rotated_q[37], turned, atol=1e-6))
+
+# %% [markdown]
+# ### Many heads at once
+#
+# One head computes one weighted average, so it can follow one kind of relation at a time
+# ("the previous character", "the start of this word"). **Multi-head attention** runs H heads
+# side by side, each of width D = C / H, and concatenates their outputs, so the total cost is
+# that of one C-wide head. A final linear layer mixes what the heads found. Instead of H small
+# `Head` modules, one matrix makes all queries, keys and values in a single product; the
+# channels are then reshaped into heads of width D, which ride along as a batch dimension.
+#
+# **Grouped-query attention** (GQA; Ainslie et al., 2023; used by Llama 2 70B and Llama 3)
+# gives the H query heads only `n_kv_head` key/value heads, each shared by a group of
+# H / `n_kv_head` query heads. The projection shrinks from (C, 3C) to (C, C + 2·n_kv_head·D),
+# and so does the memory that fast generation spends on keeping every past key and value
+# (Appendix D), which is what matters most in big models. `n_kv_head = n_head` is ordinary
+# multi-head attention; `n_kv_head = 1` is *multi-query* attention (Shazeer, 2019). Before
+# attending, each key/value head is simply repeated for every query head in its group.
+#
+# **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes exactly what
+# `causal_attention` does, in one optimised piece of compiled code (on a GPU, a FlashAttention
+# kernel that never even stores the T × T weights), and the model uses it. The hand-written
+# `causal_attention` stays the definition: a layer whose `keep_weights` is set attends the
+# hand-written way and keeps its weights in `.weights`, which is how pictures get them; a test
+# checks that the two ways agree. One attribute prepares for later: `cache`
+# stays `None` in Part I, and the first token's position, `start`, is then 0. Appendix D uses
+# them to write text fast, by keeping the keys and values of earlier tokens.
+
+# %%
+class MultiHeadAttention(nn.Module):
+    """H causal attention heads batched together: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
+        self.head_dim = cfg.n_embd // cfg.n_head  # D
+        kv_width = self.n_kv_head * self.head_dim  # equals C unless keys/values are grouped
+        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # mixes the heads' outputs
+        self.dropout_p = cfg.dropout  # (the fused kernel takes the probability, not a layer)
+        self.attn_dropout = make_dropout(cfg.dropout)
+        self.resid_dropout = make_dropout(cfg.dropout)
+        self.rope = cfg.pos_encoding == "rope"
+        if self.rope:  # every position's rotation (RoPE, above): fixed, so not saved
+            cos, sin = rope_tables(cfg.block_size, self.head_dim)  # (block_size, D) each
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.keep_weights = False  # True: attend by hand and keep the weights (for plots)
+        self.weights = None  # (B, H, T, T_keys), the last weights kept
+        self.cache = None  # earlier tokens' keys and values: only in Appendix D
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        start = self.first_position()  # the position of x's first token
+        heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D)
+        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        if self.rope:  # queries and keys turn by the same angles, so one rotation does both
+            qk = rope_rotate(qk, self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+        if self.cache is not None:  # Appendix D: the keys and values of earlier tokens too
+            k, v = self.cache.extend(k, v)  # (B, Hkv, T_keys, D)
+        if self.keep_weights:
+            out, self.weights = self.attend_by_hand(q, k, v)  # (B, H, T, D), (B, H, T, T_keys)
+        else:
+            out = self.fused_attention(q, k, v)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D): heads side by side
+        return self.resid_dropout(self.proj(out))  # (B, T, C)
+
+    def first_position(self) -> int:
+        """0, or after the tokens whose keys and values are cached (Appendix D)."""
+        return 0 if self.cache is None else self.cache.length
+
+    def attend_by_hand(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n_kv_head != self.n_head:  # grouped: repeat each key/value head for its group
+            group = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return causal_attention(q, k, v, self.attn_dropout)
+
+    def fused_attention(self, q, k, v) -> torch.Tensor:
+        T, T_keys = q.shape[-2], k.shape[-2]
+        # Without a cache the mask is the plain causal one. With one (Appendix D), the queries
+        # come after T_keys - T cached keys: a single newest query may see every key (no mask
+        # at all, the usual case when generating); several need the shifted mask.
+        allowed = None if T in (1, T_keys) else ~causal_mask(T, T_keys, q.device)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, is_causal=1 < T == T_keys,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)  # (the kernel repeats grouped heads)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(ModelConfig(n_embd=16, n_head=4))
+    x_demo = torch.randn(2, 5, 16)  # (B, T, C)
+    mha.keep_weights = True  # attend by hand, and keep the weights
+    out, weights = mha(x_demo), mha.weights
+    mha.keep_weights = False
+    print("output", tuple(out.shape), " weights (B, H, T, T)", tuple(weights.shape))
+    print("weights above the diagonal are exactly zero:", bool((weights.triu(1) == 0).all()))
+    print("the fused kernel gives the same output:", torch.allclose(mha(x_demo), out, atol=1e-6))
+
+# %% [markdown]
+# ## 8. The transformer block
+#
+# A block does two things in turn: **attention** (tokens talk to each other) and an **MLP**
+# (each token thinks on its own, defined below). The model stacks `n_layer` blocks, each
+# refining what the one before it wrote. Two devices make a deep stack of blocks trainable.
+#
+# **Residual connections.** Each sub-layer *adds* its output to its input: `x = x + f(x)`.
+# The sum gives gradients a straight path from the loss to every layer (through the `x +`,
+# the gradient arrives unchanged, however small `f`'s own gradient gets), and a freshly
+# initialised block, whose output is small (section 9), barely changes its input, so stacking
+# more blocks hardly disturbs the initial model. The vector that flows through the additions
+# is called the *residual stream*.
+#
+# **Layer normalisation.** Each token's vector is rescaled to mean 0 and variance 1 across
+# its C channels, then given a learned gain $\gamma$ and bias $\beta$:
+#
+# $$\text{LayerNorm}(x) = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta$$
+#
+# ($\mu$ and $\sigma^2$ are the mean and variance of the vector's C numbers, and $\odot$
+# multiplies number by number.) This keeps the inputs of every layer on the same scale however
+# the weights drift in training. $\epsilon = 10^{-5}$ (PyTorch's default) only guards against
+# dividing by zero; the variance is the biased one (divide by C), as in the LayerNorm paper.
+#
+# **RMSNorm** (Zhang & Sennrich, 2019; used by Llama) drops the centring and the bias and only
+# rescales each vector by its root mean square:
+#
+# $$\text{RMSNorm}(x) = \gamma \odot \frac{x}{\sqrt{\tfrac{1}{C}\sum_j x_j^2 + \epsilon}}$$
+#
+# The paper argued, and showed in experiments, that the re-scaling, not the re-centring, is what
+# stabilises training; RMSNorm is one reduction instead of two and has fewer parameters.
+# `--norm` chooses between the two.
+
+# %%
+class LayerNorm(nn.Module):
+    """Normalise each vector over its last dimension, then scale and shift (learned)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # gamma, starts as "no change"
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None  # beta (optional)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)  # (B, T, 1)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)  # (B, T, 1), the biased variance
+        x = self.weight * (x - mean) / torch.sqrt(var + self.eps)  # (B, T, C)
+        return x + self.bias if self.bias is not None else x
+
+
+class RMSNorm(nn.Module):
+    """Divide each vector by its root mean square, then scale (learned)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_square = (x * x).mean(-1, keepdim=True)  # (B, T, 1)
+        return self.weight * x / torch.sqrt(mean_square + self.eps)  # (B, T, C)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The normalisation layer the configuration asks for."""
+    if cfg.norm == "rmsnorm":  # modern (Llama)
+        return RMSNorm(cfg.n_embd)
+    return LayerNorm(cfg.n_embd, bias=cfg.bias)  # classic (GPT-2)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    torch.manual_seed(0)
+    x_demo = torch.randn(2, 3, 8) * 5 + 3  # (B, T, C): vectors far from mean 0, variance 1
+    ln, rms = LayerNorm(8), RMSNorm(8)
+    out = ln(x_demo).detach()  # (.detach: the numbers without autograd's record, for numpy)
+    print("input:  mean", x_demo.mean(-1)[0].numpy().round(2),
+          " std", x_demo.std(-1, unbiased=False)[0].numpy().round(2))
+    print("output: mean", out.mean(-1)[0].abs().numpy().round(4),
+          " std", out.std(-1, unbiased=False)[0].numpy().round(4))
+    print("equal to F.layer_norm:",
+          torch.allclose(out, F.layer_norm(x_demo, (8,), ln.weight, ln.bias), atol=1e-6))
+    out = rms(x_demo)
+    print("root mean square after RMSNorm:",
+          (out * out).mean(-1).sqrt()[0].detach().numpy().round(4))
+    print("equal to F.rms_norm:",
+          torch.allclose(out, F.rms_norm(x_demo, (8,), rms.weight, eps=1e-5), atol=1e-6))
+
+# %% [markdown]
+# **The MLP** (multi-layer perceptron; the Transformer paper calls the same thing a
+# "position-wise feed-forward network") works on each token's vector alone: one linear layer
+# widens it to 4C, a **non-linearity** bends it, a second layer projects it back to C. Without
+# the non-linearity the two layers would multiply out to a single matrix; with it, the MLP can
+# compute what no matrix can. The factor 4 is the original Transformer's (2048 = 4 × 512).
+# The classic non-linearity is **ReLU**, $\max(0, x)$. GPT-2's is its smooth cousin **GELU**,
+# $x \cdot \Phi(x)$, with $\Phi(x)$ the probability that a standard normal variable is below
+# $x$: like ReLU far from 0, smooth near it, and with a gradient that is not exactly zero for
+# negative inputs, so a unit that went negative can still learn. (GPT-2 used a tanh
+# approximation; `F.gelu` computes it exactly.)
+#
+# **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed
+# through the SiLU non-linearity ($\text{SiLU}(x) = x \cdot \sigma(x)$, with $\sigma$ the
+# sigmoid $1/(1 + e^{-x})$), multiplied number by number with the other, so that one decides
+# how much of the other passes:
+#
+# $$\text{SwiGLU}(x) = W_{\text{proj}}
+#   \big(\text{SiLU}(W_{\text{gate}}\,x) \odot W_{\text{up}}\,x\big)$$
+#
+# Three matrices instead of two: to keep the 4C-wide MLP's $2 \cdot 4C \cdot C = 8C^2$
+# parameters, the hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$, since $3 \cdot C \cdot 8C/3
+# = 8C^2$, the SwiGLU paper's rule that Llama follows (rounded down: 341 for C = 128, 0.1%
+# fewer). $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys and
+# values are: one matrix product instead of two, split in half afterwards.
+#
+# **Pre-norm.** The original Transformer normalised *after* each residual addition
+# (`x = norm(x + f(x))`). GPT-2 moved the norm to the *input* of each sub-layer
+# (`x = x + f(norm(x))`), which trains more stably in deep stacks because the residual stream
+# itself is never squeezed. The price: the stream is never normalised either, and its scale
+# grows as blocks add to it. So a pre-norm model needs one **final norm** after the last block.
+# Without it, the output layer would read vectors whose size depends on the depth and drifts in
+# training: the logits grow with that size, and with them the confidence of every prediction,
+# earned or not. **Dropout** (section 6) acts in two more places: on the attention weights, and
+# on each sub-layer's output before it joins the residual stream.
+
+# %%
+class MLP(nn.Module):
+    """GPT-2's MLP: (B, T, C) -> (B, T, 4C) -> GELU -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = make_dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated MLP: (B, T, C) -> 2 x (B, T, 8C/3) -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = 8 * cfg.n_embd // 3  # two-thirds of 4C: the GELU MLP's parameter count
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # W_gate, W_up stacked
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = make_dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, 8C/3) each
+        return self.dropout(self.proj(F.silu(gate) * up))  # SiLU(x) = x * sigmoid(x)
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    """The MLP the configuration asks for."""
+    if cfg.mlp == "swiglu":  # modern (Llama)
+        return SwiGLU(cfg)
+    return MLP(cfg)  # classic (GPT-2)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = MultiHeadAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))  # tokens talk: (B, T, C)
+        x = x + self.mlp(self.norm2(x))  # each token thinks: (B, T, C)
+        return x
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    block = Block(ModelConfig(n_embd=16, n_head=4))
+    print("block keeps the shape:", tuple(block(torch.randn(2, 5, 16)).shape))
+
+# %% [markdown]
+# ## 9. The model
+#
+# The whole GPT: embed the tokens, run them through `n_layer` blocks, normalise, and map every
+# position's vector to V logits, one per possible next token (section 5).
+#
+# **Weight tying.** The output layer is a (V, C) matrix, the shape of the token embedding
+# table, and the two do mirror-image jobs: one turns a token into a vector, the other scores
+# how well a vector matches each token. Press & Wolf (2017) showed that one matrix for both
+# works as well or better, and GPT-2 does it. It helps a *small* model most. The embedding
+# table alone learns only from the tokens in a batch, but the output layer learns about every
+# token at every position (each logit gets a gradient), so tying lets rare tokens learn from
+# every prediction. And with a large vocabulary the tables are a large share of a small model:
+# in GPT-2's smallest (124M parameters) one table holds 38.6M numbers, so a second would add
+# almost a third. The output layer's weight is *the same tensor* as the embedding's.
+#
+# **Initialisation.** Weights start from a normal distribution with standard deviation 0.02,
+# GPT-2's value, small enough that the initial logits are all near zero; biases start at zero.
+# The two layers of each block that write into the residual stream (the `proj` of attention
+# and of the MLP) get their std scaled by $1/\sqrt{2 \cdot n_{layer}}$, as in GPT-2: the stream
+# is a sum of $2 \cdot n_{layer}$ such contributions, and the variance of a sum of N independent
+# terms grows like N, so dividing each term's std by $\sqrt{N}$ keeps the stream's scale
+# independent of depth. With logits near zero, every token gets $p \approx 1/V$ and the loss
+# starts at $\ln V$ (section 5), 4.17 for 65 characters: a loss far above that at step 0 means
+# a broken initialisation, the first thing to check.
+#
+# **Random numbers** (initial weights, batches, dropout): seeding PyTorch's generator, and
+# Python's for code you add, makes a CPU run repeatable to the last digit.
+
+# %%
+def set_seed(seed: int) -> None:
+    """Seed Python's and PyTorch's global random generators (CPU and every GPU)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, V), and the loss when targets are given."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg, vocab_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))  # a list of modules
+        self.norm = make_norm(cfg)  # the final norm that pre-norm blocks need
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.embed.token.weight  # weight tying: one tensor, two roles
+        self.apply(self._init_weights)  # (apply: call it on every sub-module)
+        for block in self.blocks:  # residual projections, scaled for depth
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters; the tied embedding/output matrix counts once."""
+        return sum(p.numel() for p in self.parameters())  # parameters() skips duplicates
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (the CPU, or a GPU: Appendix E)."""
+        return self.lm_head.weight.device
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Returns (logits (B, T, V), the mean loss over B*T positions, or None)."""
+        T = idx.shape[1]
+        start = self.blocks[0].attn.first_position()  # 0, except in Appendix D
+        assert start + T <= self.cfg.block_size, f"{start + T} positions > block_size"
+        x = self.embed(idx, start)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V), (B*T,)
+        return logits, loss
+
+
+# %%
+if IN_NOTEBOOK:
+    set_seed(1337)
+    model = GPT(ModelConfig(), tokenizer.vocab_size)
+    x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
+    logits, loss = model(x, y)
+    print(f"{model.num_parameters():,} parameters; logits {tuple(logits.shape)}")
+    print(f"loss at initialisation {loss.item():.3f}; "
+          f"ln(vocab size) = ln({tokenizer.vocab_size}) = {math.log(tokenizer.vocab_size):.3f}")
+
+# %% [markdown]
+# ## 10. Training
+#
+# ### Gradient descent on the model
+#
+# Training is the loop of section 2 applied to the whole model: draw a batch, compute the
+# loss, backpropagate, step every parameter against its gradient, repeat. This is **gradient
+# descent** (*stochastic*, because each step sees a random batch, not the whole text). The cell
+# below is that loop, plainly, with `torch.optim.SGD`: 300 steps on a fresh model. Its learning
+# rate, 0.3, was the largest of the few we tried at which the loss fell; at 0.5 it became `nan`
+# ("not a number": the arithmetic overflowed) within fifty steps.
+#
+# Watch where it stalls: a little below 3.3 nats, the loss of a model that knows only how common
+# each character is and ignores the context (the average of −ln(frequency) over the text: 3.31
+# for Shakespeare). The rest of this section adds what takes the same loop much further: a
+# better optimiser, a learning-rate schedule, a guard against bad steps, an honest measurement.
+# (A model has two modes: `model.train()`, for training, and `model.eval()`, for measuring and
+# writing, which switches dropout off. A new model starts in training mode.)
+
+# %%
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list,
+               lr: float, grad_clip: float = 0.0) -> float:
+    """One optimizer step on a list of (inputs, targets) batches; returns their mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # this step's learning rate (the schedule below changes it every step)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in batches:
+        _, loss = model(x, y)
+        (loss / len(batches)).backward()  # gradients add up: their mean over the batches
+        total += loss.item()
+    if grad_clip > 0:  # (explained below)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return total / len(batches)
+
+
+# %%
+if IN_NOTEBOOK:
+    set_seed(1337)
+    model = GPT(ModelConfig(), tokenizer.vocab_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    generator = torch.Generator().manual_seed(1337)
+    for step in range(301):
+        x, y = get_batch(train_data, block_size=64, batch_size=12, generator=generator)
+        loss = train_step(model, optimizer, [(x, y)], lr=0.3)
+        if step % 50 == 0:
+            print(f"step {step:3}: loss {loss:.3f}")
+
+# %% [markdown]
+# ### The settings of training
+#
+# `Config` extends `ModelConfig` with the settings of training, so one object describes a whole
+# run; each is explained below, where it is used, and a few belong to the appendices. The batch
+# size, the number of steps and the learning rate were chosen by measurement (the README has
+# the table): within two minutes on a laptop CPU, more and smaller steps won, and 3e-3 was as
+# good as any higher rate while leaving a margin against blowing up.
+
+# %%
+@dataclass
+class Config(ModelConfig):
+    # --- batches (section 5) ---
+    batch_size: int = param(12, "sequences per batch")
+    grad_accum_steps: int = param(1, "batches averaged into each step (shared by processes)")
+    tokenizer: str = param("char", "'char' (a token per character) or 'bpe' (Appendix B)")
+    vocab_size: int = param(512, "vocabulary size of the bpe tokenizer (Appendix B)")
+    # --- optimisation (this section) ---
+    max_iters: int = param(3000, "number of training steps")
+    learning_rate: float = param(3e-3, "peak learning rate, reached after the warmup")
+    min_lr: float = param(3e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = param(100, "steps of linear learning-rate warmup")
+    weight_decay: float = param(0.1, "how hard AdamW pulls matrices towards zero")
+    beta1: float = param(0.9, "AdamW: how long the average gradient remembers")
+    beta2: float = param(0.99, "AdamW: how long the average squared gradient remembers")
+    grad_clip: float = param(1.0, "clip the gradient's norm to this (0 turns clipping off)")
+    # --- measuring ---
+    eval_interval: int = param(250, "evaluate (and save, Appendix F) every this many steps")
+    eval_iters: int = param(20, "batches per split in each evaluation")
+    seed: int = param(1337, "seed of every random number generator")
+    # --- hardware (Appendix E) ---
+    compile: bool = param(False, "compile the model with torch.compile (opt-in, Appendix E)")
+    device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
+
+
+# %% [markdown]
+# ### The optimiser: AdamW
+#
+# Plain gradient descent moves every parameter by the same multiple of its gradient, but
+# gradients differ in size by orders of magnitude between parameters, so one learning rate is
+# too large for some and too small for others, and noise makes the steps zigzag. **Adam**
+# (Kingma & Ba, 2015) keeps, per parameter, a running average of the gradient (*momentum*;
+# `beta1` = 0.9 remembers about 10 steps) and of its square (`beta2`), and steps by the first
+# divided by the square root of the second: every parameter moves at a similar pace, in the
+# direction recent gradients agree on. `beta2` = 0.99 rather than the textbook 0.999 makes the
+# average forget within about 100 steps instead of 1000, which suits a run of a few thousand.
+#
+# **Weight decay** pulls weights gently towards zero, which fights overfitting; AdamW applies it
+# directly to the weights rather than through the gradient (Loshchilov & Hutter, 2019). We
+# decay only the *matrices* (everything with 2 dimensions). Biases and norm gains are vectors:
+# decaying a gain would just shrink a layer's output, and biases hold too few numbers to
+# overfit with. The strength, 0.1, is GPT-3's (Brown et al., 2020, appendix B), as are the
+# clipping and the final learning rate below.
+
+# %%
+def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) and none on vectors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    on_gpu = params[0].device.type == "cuda"  # one fused GPU kernel updates every parameter
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=on_gpu or None)
+
+
+# %% [markdown]
+# ### The learning-rate schedule
+#
+# Early on, Adam's running averages rest on a handful of gradients and are unreliable, so we
+# **warm up**: grow the learning rate linearly from nearly zero to its peak over `warmup_iters`
+# = 100 steps, about the memory of the `beta2` = 0.99 average (1 / (1 − 0.99) = 100). Then a
+# **cosine decay** lowers it smoothly to `min_lr`, a tenth of the peak as in GPT-3, at the last
+# step: big steps while the loss falls fast, small ones at the end to settle into a minimum.
+# It is a plain function of the step number, easy to test, and a stopped run resumes it exactly.
+#
+# **Gradient clipping.** Now and then an unlucky batch gives a gradient far larger than the
+# rest, and one such step can throw the weights far off course. `train_step` rescales the
+# whole gradient whenever its **norm** (the square root of the sum of the squares of all its
+# numbers) exceeds `grad_clip` = 1.0, GPT-3's setting, kept by most models since.
+
+# %%
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    decay_steps = max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = min(1.0, (step - cfg.warmup_iters) / decay_steps)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    cfg = Config()
+    for s in (0, 49, 99, 100, cfg.max_iters // 2, cfg.max_iters - 1):
+        print(f"step {s:4}: lr {lr_at(s, cfg):.2e}")
+
+# %% [markdown]
+# ### Measuring progress
+#
+# A loss measured on one random batch is noisy, so we average over `eval_iters` batches per
+# split, drawn **once** from a generator with a fixed seed and reused at every evaluation:
+# differences between evaluations then come from the model alone, not from which text was
+# drawn. The two splits' batches and the training batches use three different seeds (`seed`,
+# `seed + 1`, `seed + 2`), so training never starts with the very windows evaluation measures.
+# 20 batches of 12 × 64 characters, about 15,000 characters, pin the loss to about ±0.01.
+# Evaluation runs in eval mode (dropout off, so the answer is repeatable) without recording
+# for gradients (nothing to backpropagate, and the record costs memory and time), then puts the
+# model back as it found it. Sampling needs the same: one context manager, `evaluating`.
+
+# %%
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode and no gradient record inside the block; the previous mode is restored after.
+    (`inference_mode` is `no_grad` with less bookkeeping: its results never meet autograd.)"""
+    was_training = model.training
+    if was_training:  # (switching walks every module: skip it when there is nothing to switch)
+        model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def fixed_batches(data: torch.Tensor, cfg: Config, seed: int) -> list:
+    """`eval_iters` batches drawn with their own seeded generator, reused at every evaluation."""
+    generator = torch.Generator().manual_seed(seed)
+    return [get_batch(data, cfg.block_size, cfg.batch_size, generator)
+            for _ in range(cfg.eval_iters)]
+
+
+def estimate_loss(model: GPT, batches: list) -> float:
+    """Mean loss of the model over a fixed list of (inputs, targets) batches."""
+    with evaluating(model):
+        losses = [model(x.to(model.device), y.to(model.device))[1].item() for x, y in batches]
+    return sum(losses) / len(losses)
+
+
+# %% [markdown]
+# ### The training loop
+#
+# Everything comes together in one loop. A `Run` holds what changes while a model trains: the
+# model, the optimiser, the generator that draws the batches, the steps taken, and the history
+# of evaluations (a row every `eval_interval` steps and after the last; its `lr` is the rate of
+# the step about to be taken). A real run also needs things that have nothing to do with
+# learning: progress lines, checkpoints, a clean stop on Ctrl-C, several processes. Rather than
+# weave them in, the loop calls **hooks**, methods of a `Hooks` object, at fixed moments. Here
+# they do nothing; Appendices E and F subclass `Hooks` to add run management without changing
+# a line of the loop. The one subclass Part I needs prints the losses. Below, the notebook
+# trains the default model for 1000 steps, a third of the command line's quick run (about 40
+# seconds on a laptop CPU), so that the whole notebook runs in minutes.
+
+# %%
+@dataclass
+class Run:
+    """What changes while a model trains: everything needed to continue the run exactly."""
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    batch_generator: torch.Generator  # draws the training batches
+    step: int = 0  # optimizer steps taken so far
+    history: list = field(default_factory=list)  # a dict per evaluation
+
+
+def start_run(model: GPT, cfg: Config) -> Run:
+    return Run(model, configure_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
+
+
+class Hooks:
+    """Moments of the training loop where run management plugs in; here they do nothing."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model  # the module the steps run: e.g. spread over processes (Appendix E)
+
+    def prepare(self, batches: list) -> list:
+        return batches  # e.g. this process's share, moved to the GPU (Appendix E)
+
+    def evaluated(self, run: Run) -> None:
+        pass  # e.g. print progress, save the history and checkpoints (Appendix F)
+
+    def before_step(self, run: Run) -> None:
+        pass  # e.g. stop cleanly when Ctrl-C was pressed (Appendix F)
+
+    def after_step(self, run: Run, loss: float) -> None:
+        pass  # e.g. stop when the loss is no longer a number (Appendix F)
+
+
+def train(run: Run, cfg: Config, train_data: torch.Tensor, val_data: torch.Tensor,
+          hooks: Hooks = Hooks()) -> Run:
+    """Train run.model from run.step to cfg.max_iters steps, evaluating as it goes."""
+    eval_batches = {"train": fixed_batches(train_data, cfg, cfg.seed + 1),
+                    "val": fixed_batches(val_data, cfg, cfg.seed + 2)}
+    model = hooks.wrap(run.model)
+    seconds_before = run.history[-1]["elapsed_s"] if run.history else 0.0  # (a resumed run)
+    started = time.perf_counter()
+    while True:
+        due = run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters
+        if due and not (run.history and run.history[-1]["step"] == run.step):  # (not resumed)
+            losses = {split: estimate_loss(run.model, batches)
+                      for split, batches in eval_batches.items()}
+            run.history.append({"step": run.step, "train_loss": losses["train"],
+                                "val_loss": losses["val"],
+                                "lr": lr_at(min(run.step, cfg.max_iters - 1), cfg),
+                                "elapsed_s": seconds_before + time.perf_counter() - started})
+            hooks.evaluated(run)
+        if run.step == cfg.max_iters:
+            return run
+        hooks.before_step(run)
+        batches = [get_batch(train_data, cfg.block_size, cfg.batch_size, run.batch_generator)
+                   for _ in range(cfg.grad_accum_steps)]
+        loss = train_step(model, run.optimizer, hooks.prepare(batches), lr_at(run.step, cfg),
+                          cfg.grad_clip)
+        hooks.after_step(run, loss)
+        run.step += 1
+
+
+class PrintLosses(Hooks):
+    """Print each evaluation's losses."""
+
+    def evaluated(self, run: Run) -> None:
+        row = run.history[-1]
+        print(f"step {row['step']:5} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
+              f" | {row['elapsed_s']:4.0f} s")
+
+
+# %%
+if IN_NOTEBOOK:
+    notebook_cfg = Config(max_iters=1000, eval_interval=100)
+    set_seed(notebook_cfg.seed)
+    model = GPT(notebook_cfg, tokenizer.vocab_size)
+    run = train(start_run(model, notebook_cfg), notebook_cfg, train_data, val_data, PrintLosses())
+
+# %% [markdown]
+# ### What training did
+#
+# **The loss curves.** Both losses start at ln 65 ≈ 4.17 and fall fast while the model learns
+# which characters are common, then which follow which, then whole words. Usually the
+# validation loss ends a little above the training loss, because the model was tuned on the
+# training text. That is not guaranteed: each estimate is good to about ±0.01, and the
+# validation text is a different stretch of plays that may simply be easier or harder to
+# predict. What signals overfitting is a gap that *widens*: the training loss still falling
+# while the validation loss stalls or rises. (Appendix A looks inside the trained model.)
+
+# %%
+def plot_losses(history: list, title: str = "Training and validation loss"):
+    steps = [row["step"] for row in history]
+    fig, ax = new_figure(figsize=(9, 5))
+    ax.plot(steps, [row["train_loss"] for row in history], marker=".", label="train")
+    ax.plot(steps, [row["val_loss"] for row in history], marker=".", label="validation")
+    ax.set(title=title, xlabel="step", ylabel="cross-entropy loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    plot_losses(run.history)
+    plt.show()
+
+# %% [markdown]
+# ## 11. Sampling
+#
+# To write, we pick a next token from the model's probabilities, append it, and repeat. *How*
+# we pick changes the text a lot, so the choice is made by small functions of the logits:
+#
+# * **Temperature** $\tau$ divides the logits before the softmax: $p_i \propto e^{z_i/\tau}$.
+#   $\tau < 1$ sharpens the distribution (safer, more repetitive), $\tau > 1$ flattens it
+#   (more surprising, more mistakes). As $\tau \to 0$ all the probability goes to the largest
+#   logit, so we define $\tau = 0$ as **greedy** decoding: always take the most likely token.
+# * **Top-k** keeps only the k most likely tokens, so the long tail of unlikely tokens (each
+#   improbable, but many of them) can never be drawn.
+# * **Top-p** (nucleus sampling, Holtzman et al. 2019) keeps the smallest set of most likely
+#   tokens whose probabilities add up to at least p. Unlike top-k it adapts: few candidates
+#   when the model is sure, many when it is not. The most likely token is always kept.
+#
+# Filtered-out tokens get logit $-\infty$, hence probability exactly 0; `torch.multinomial`
+# draws from the rest with a seeded generator (same seed, same text). The arguments are
+# checked once, where they come in (`generate`, below), not at every token.
+
+# %%
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
+                        vocab_size: int) -> None:
+    if not (temperature >= 0):  # also rejects NaN
+        raise UserError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and not (1 <= top_k <= vocab_size):
+        raise UserError(f"--top-k must be at least 1 and at most the vocabulary size "
+                        f"{vocab_size}, got {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits in the last dimension (and any tied with the k-th)."""
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to at least p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of all likelier tokens
+    drop_sorted = mass_before >= p  # reached p without this token; never the first one
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token id from logits (..., V): greedy when temperature is 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])  # (N, V)
+    return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    toy = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    for p in (0.6, 0.85, 1.0):
+        print(f"top-p {p}: keeps", F.softmax(top_p_filter(toy, p), -1).numpy().round(3))
+    print("top-k 2 :  keeps", F.softmax(top_k_filter(toy, 2), -1).numpy().round(3))
+    print("temperature 0 picks token", sample_next(toy, temperature=0).item())
+
+# %% [markdown]
+# ### Writing
+#
+# Generation feeds the model its own output, one token at a time, yielding each new token as
+# soon as it exists (`generate` is a Python generator), so text can be printed as it comes.
+# The model reads at most `block_size` tokens: a **window** of the latest ones. When the window
+# is full we keep its last half and go on. Why half, rather than sliding by one token? Appendix
+# D makes generation fast by keeping work from one token to the next (`use_cache=True`), and a
+# window that moves only every `block_size / 2` tokens lets it keep that work. The fast path
+# and this plain one read the same windows and write the same text.
+
+# %%
+def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None,
+             use_cache: bool = False) -> Iterator[int]:
+    """`max_new_tokens` token ids, each sampled after the prompt and the tokens before it.
+    The arguments are checked here, at the call, not at the first token."""
+    check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
+    if not prompt_ids:
+        raise UserError("the prompt is empty: give at least one character with --prompt")
+    if max_new_tokens < 0:
+        raise UserError(f"the number of tokens to generate must not be negative, "
+                        f"got {max_new_tokens}")
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return _generate(model, list(prompt_ids), max_new_tokens, sampling, use_cache)
+
+
+def _generate(model: GPT, ids: list[int], max_new_tokens: int, sampling: dict,
+              use_cache: bool) -> Iterator[int]:
+    block_size = model.cfg.block_size
+    window_start = max(0, len(ids) - block_size)  # the model reads ids[window_start:]
+    cache = KVCache(model) if use_cache else None  # (Appendix D)
+    for _ in range(max_new_tokens):
+        if len(ids) - window_start > block_size:  # the window is full: keep its last half
+            window_start = len(ids) - max(1, block_size // 2)
+            cache = KVCache(model) if use_cache else None  # (and start the cache afresh)
+        with evaluating(model):  # per token, so nothing leaks to the caller between tokens
+            logits = next_token_logits(model, ids, window_start, cache)  # (1, V)
+            next_id = sample_next(logits, **sampling).item()
+        ids.append(next_id)
+        yield next_id
+
+
+def next_token_logits(model: GPT, ids: list[int], window_start: int,
+                      cache: KVCache | None) -> torch.Tensor:
+    """Logits (1, V) for the token after ids[window_start:]."""
+    if cache is not None:  # (Appendix D)
+        return cached_next_token_logits(model, ids[window_start:], cache)
+    logits, _ = model(torch.tensor([ids[window_start:]], device=model.device))  # (1, T, V)
+    return logits[:, -1, :]
+
+
+# %% [markdown]
+# Finally, the model of section 10 writes. Text became integers, integers vectors, attention
+# and MLPs turned them into probabilities, gradient descent made the probabilities good, and
+# sampling turns them back into text. That is the whole story.
+
+# %%
+if IN_NOTEBOOK:
+    prompt = tokenizer.encode("ROMEO:\n")
+    new_ids = generate(model, prompt, 400, temperature=0.8,
+                       generator=torch.Generator().manual_seed(1337))
+    print(tokenizer.decode(prompt + list(new_ids)))
+
+# %% [markdown]
+# # Part II: the appendices
+#
+# Part I built a model that learns and writes. The appendices make the same model fast and
+# trustworthy, one concern each. None of them changes what the model computes; each says what
+# it adds and which pieces of Part I it builds on.
+
+# %% [markdown]
+# ## Appendix A. Inside the trained model
+#
+# *Builds on sections 7 (attention, and its `keep_weights` switch), 9 to 11 (the model
+# trained there, and the sampling filters). Adds three pictures of what training produced;
+# `python llm.py train` saves the first as `attention.png`.*
+
+# %% [markdown]
+# **Before training.** Seen as pictures: the mask lets each row (a query position) look only at
+# columns (key positions) on or left of the diagonal. On the right, one head with random,
+# untrained weights attends over a real line of Shakespeare: the weights already respect the
+# mask, but their pattern is arbitrary.
+
+# %%
+def plot_attention_heatmap(ax, weights: torch.Tensor, tokens: list[str], title: str,
+                           fontsize: int = 10) -> None:
+    """Draw one (T, T) attention matrix on `ax`, with the tokens' text along both axes."""
+    T = len(tokens)
+    ax.imshow(weights.detach().cpu().numpy(), cmap="viridis", vmin=0)
+    labels = ["".join(visible(c) for c in token) for token in tokens]
+    ax.set_xticks(range(T), labels, fontsize=fontsize)
+    ax.set_yticks(range(T), labels, fontsize=fontsize)
+    ax.tick_params(length=0)
+    ax.set_title(title)
+
+
+def plot_mask_and_head(head: Head, embed: Embeddings, tokenizer: CharTokenizer, line: str):
+    ids = torch.tensor([tokenizer.encode(line)])  # (1, T)
+    with torch.no_grad():
+        _, weights = head(embed(ids))  # (1, T, T)
+    fig, (left, right) = new_figure(1, 2, figsize=(15, 7))
+    allowed = (~causal_mask(len(line))).float()
+    plot_attention_heatmap(left, allowed, list(line), "Causal mask (yellow = may attend)")
+    plot_attention_heatmap(right, weights[0], list(line), "One untrained head's weights")
+    for ax in (left, right):
+        ax.set(xlabel="key position (attended to)", ylabel="query position (attending)")
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    torch.manual_seed(0)
+    line = "First Citizen:\nSpeak, speak."
+    plot_mask_and_head(Head(n_embd=32, head_dim=8),
+                       Embeddings(ModelConfig(n_embd=32), tokenizer.vocab_size), tokenizer, line)
+    plt.show()
+
+# %% [markdown]
+# **Attention after training.** Below is every head of every layer reading the first line of
+# the validation text, which the model has never seen. Each row is a query position and shows
+# where that character looked. Look for heads with a bright stripe just left of the diagonal:
+# they attend to the *previous* character, the most useful single fact for guessing the next
+# one. Other heads light up columns at spaces (␣) and line breaks (↵): they track where the
+# current word or line began. Which head does which job changes from run to run; the kinds
+# recur.
+
+# %%
+@contextmanager
+def keeping_attention_weights(model: nn.Module):
+    """Inside the block, every attention layer of `model` attends by hand and keeps its weights
+    in `.weights`; yields the list of those layers, in order."""
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    for layer in layers:
+        layer.keep_weights = True
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.keep_weights, layer.weights = False, None
+
+
+def plot_attention_maps(model: GPT, tokenizer, line: str):
+    """Every head of every layer (rows: layers, columns: heads) attending over `line`."""
+    token_ids = tokenizer.encode(line)[:model.cfg.block_size]
+    tokens = [tokenizer.decode([i]) for i in token_ids]
+    idx = torch.tensor([token_ids], device=model.device)  # (1, T)
+    with evaluating(model), keeping_attention_weights(model) as layers:
+        model(idx)
+        weights = [layer.weights[0] for layer in layers]  # n_layer x (H, T, T)
+    n_layer, n_head = len(weights), weights[0].shape[0]
+    fig, axes = new_figure(n_layer, n_head, figsize=(4 * n_head, 4 * n_layer), squeeze=False)
+    for layer in range(n_layer):
+        for head in range(n_head):
+            plot_attention_heatmap(axes[layer][head], weights[layer][head], tokens,
+                                   f"layer {layer + 1}, head {head + 1}", fontsize=7)
+    fig.suptitle("Attention weights after training (row: query, column: key)", fontsize=16)
+    fig.tight_layout()
+    return fig
+
+
+def attention_demo_line(val_text: str, block_size: int, max_chars: int = 40) -> str:
+    """The first whole line(s) of the validation text, short enough to label every character."""
+    start = val_text.find("\n") + 1  # skip the partial line the 90% cut may leave at the start
+    line = val_text[start:].lstrip("\n") or val_text  # (a text with no later line: use it all)
+    return line[:min(block_size, max_chars)]
+
+
+# %%
+if IN_NOTEBOOK:
+    plot_attention_maps(model, tokenizer, attention_demo_line(val_text, notebook_cfg.block_size))
+    plt.show()
+
+# %% [markdown]
+# **The embeddings.** Each character's learned vector has 128 numbers; projecting them onto
+# their two directions of greatest variance (principal components) gives a map. Characters the
+# model treats alike end up near each other: typically upper-case letters separate from
+# lower-case ones (they occur in different places: names and line starts), the lower-case
+# vowels sit together, apart from the lower-case consonants, and rare symbols such as `$` and
+# `&` drift off on their own. The colours mark those four groups, so you can check.
+
+# %%
+def plot_embeddings_2d(model: GPT, tokenizer):
+    table = model.embed.token.weight.detach().cpu()  # (V, C)
+    centered = table - table.mean(0)
+    _, _, v = torch.linalg.svd(centered, full_matrices=False)
+    xy = centered @ v[:2].T  # (V, 2): coordinates along the two main directions
+    groups = {"tab:red": "aeiou", "tab:green": "bcdfghjklmnpqrstvwxyz",
+              "tab:blue": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    fig, ax = new_figure(figsize=(9, 8))
+    for i in range(tokenizer.vocab_size):
+        ch = tokenizer.decode([i])
+        color = next((c for c, members in groups.items() if ch in members), "tab:gray")
+        ax.text(xy[i, 0].item(), xy[i, 1].item(), visible(ch), color=color, fontsize=14,
+                ha="center", va="center")
+    ax.set_xlim(xy[:, 0].min() - 0.05, xy[:, 0].max() + 0.05)
+    ax.set_ylim(xy[:, 1].min() - 0.05, xy[:, 1].max() + 0.05)
+    ax.set(title="Character embeddings, first two principal components\n(red: lower-case "
+                 "vowels, green: lower-case consonants, blue: upper case, grey: the rest)",
+           xlabel="component 1", ylabel="component 2")
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    plot_embeddings_2d(model, tokenizer)
+    plt.show()
+
+# %% [markdown]
+# **What the sampling filters do** (section 11) to the trained model's real prediction. Given the
+# context below,
+# the bars show the probability of the most likely next characters: low temperature piles the
+# mass onto the favourite, high temperature spreads it over more candidates, and top-k and
+# top-p cut the tail off completely.
+
+# %%
+def plot_next_token_distributions(model: GPT, tokenizer, context: str,
+                                  top_k: int = 3, top_p: float = 0.9, n_bars: int = 12):
+    with evaluating(model):
+        logits, _ = model(torch.tensor([tokenizer.encode(context)], device=model.device))
+    logits = logits[0, -1].cpu()  # (V,) scores for the character after the context
+    shown = torch.topk(logits, n_bars).indices  # the most likely characters, best first
+    panels = [("temperature 0.5", logits / 0.5), ("temperature 1", logits),
+              ("temperature 2", logits / 2), (f"top-k, k = {top_k}", top_k_filter(logits, top_k)),
+              (f"top-p, p = {top_p}", top_p_filter(logits, top_p)),
+              ("greedy (temperature 0)", top_k_filter(logits, 1))]
+    fig, axes = new_figure(2, 3, figsize=(16, 8), sharey=True)
+    for ax, (title, panel_logits) in zip(axes.flat, panels):
+        probs = F.softmax(panel_logits, dim=-1)[shown]
+        ax.bar(range(n_bars), probs, color="tab:blue")
+        ax.set_xticks(range(n_bars), [visible(tokenizer.decode([i])) for i in shown], fontsize=13)
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("probability")
+    fig.suptitle(f"Next-character probabilities after {context!r}", fontsize=16)
+    fig.tight_layout()
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    plot_next_token_distributions(model, tokenizer, "ROMEO:\nWhat say")
+    plt.show()
+
+# %% [markdown]
+# ## Appendix B. Subword tokens: byte-pair encoding, and bits per byte
+#
+# *Builds on sections 4 (the character tokenizer) and 5 (the loss). Adds a second tokenizer,
+# chosen with `--tokenizer bpe`, and a unit that compares models across tokenizers.*
 #
 # Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become a single
 # token, rare words are spelled out in pieces. Sequences get shorter (more text fits in the
@@ -523,7 +1820,12 @@ if IN_NOTEBOOK:
 # Each distinct chunk is encoded once and remembered.
 
 # %%
-CHUNK_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")  # words, numbers, punctuation, spaces
+import codecs
+import collections
+import re
+
+# Words with their leading space, numbers, runs of punctuation, runs of whitespace:
+CHUNK_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
@@ -562,8 +1864,7 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
-        if vocab_size < 256:
-            raise UserError(f"--vocab-size must be at least 256 (the byte values), got {vocab_size}")
+        assert vocab_size >= 256, "the 256 byte values are the first tokens"
         chunk_counts = collections.Counter(CHUNK_PATTERN.findall(text))
         words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # each distinct chunk once
         counts = list(chunk_counts.values())
@@ -592,7 +1893,7 @@ class BPETokenizer:
     def encode_chunk(self, chunk: str) -> list[int]:
         ids = list(chunk.encode("utf-8"))
         while len(ids) > 1:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))  # learned earliest
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))  # earliest
             if pair not in self.ranks:
                 break
             ids = merge_pair(ids, pair, self.ranks[pair])
@@ -607,7 +1908,7 @@ class BPETokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        # A single token can end inside a multi-byte character; "replace" shows that as "�".
+        # One token can end inside a multi-byte character; "replace" shows that as "�".
         return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -632,7 +1933,8 @@ if IN_NOTEBOOK:
     print(f"trained {len(bpe.merges)} merges in {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     bpe_ids = bpe.encode(text)
-    print(f"encoded {len(text):,} characters into {len(bpe_ids):,} tokens in {time.perf_counter() - started:.1f} s")
+    print(f"encoded {len(text):,} characters into {len(bpe_ids):,} tokens "
+          f"in {time.perf_counter() - started:.1f} s")
 
 # %%
 if IN_NOTEBOOK:
@@ -640,7 +1942,8 @@ if IN_NOTEBOOK:
     print("the first 24 merges:", [bpe.vocab[256 + i].decode() for i in range(24)])
     line = "First Citizen:\nBefore we proceed any further, hear me speak."
     print([bpe.decode([i]) for i in bpe.encode(line)])
-    print("round trip of text it never saw:", bpe.decode(bpe.encode("Naïve café, 東京 🙂")) == "Naïve café, 東京 🙂")
+    unseen = "Naïve café, 東京 🙂"
+    print("round trip of text it never saw:", bpe.decode(bpe.encode(unseen)) == unseen)
 
 # %% [markdown]
 # Drawn with alternating colours (spaces shown as ␣), the token boundaries show what the merges
@@ -653,8 +1956,9 @@ def plot_token_boundaries(tokenizer, line: str, title: str):
     ax.set_axis_off()
     x = 0.0
     for n, piece in enumerate(pieces):
-        label = ax.text(x, 0.5, "".join(map(visible, piece)), fontsize=18, family="monospace", va="center",
-                        bbox={"facecolor": ("#cfe2f3" if n % 2 == 0 else "#f9cb9c"), "edgecolor": "none", "pad": 2})
+        colour = "#cfe2f3" if n % 2 == 0 else "#f9cb9c"
+        label = ax.text(x, 0.5, "".join(map(visible, piece)), fontsize=18, family="monospace",
+                        va="center", bbox={"facecolor": colour, "edgecolor": "none", "pad": 2})
         fig.canvas.draw()  # measure the drawn text so the next token starts where this one ends
         box = label.get_window_extent().transformed(ax.transData.inverted())
         x = box.x1 + 0.004
@@ -665,7 +1969,8 @@ def plot_token_boundaries(tokenizer, line: str, title: str):
 
 # %%
 if IN_NOTEBOOK:
-    plot_token_boundaries(bpe, "Before we proceed any further, hear me speak.", "BPE with 512 tokens")
+    plot_token_boundaries(bpe, "Before we proceed any further, hear me speak.",
+                          "BPE with 512 tokens")
     plt.show()
 
 # %% [markdown]
@@ -677,10 +1982,12 @@ if IN_NOTEBOOK:
 # %%
 def plot_compression(train_text: str, val_text: str, sizes=(256, 320, 384, 512, 768, 1024)):
     n_bytes = len(val_text.encode("utf-8"))
-    ratios = [n_bytes / len(BPETokenizer.train(train_text, size).encode(val_text)) for size in sizes]
+    ratios = [n_bytes / len(BPETokenizer.train(train_text, size).encode(val_text))
+              for size in sizes]
     fig, ax = new_figure(figsize=(8, 4.5))
     ax.plot(sizes, ratios, marker="o")
-    ax.set(title="BPE compression on unseen text", xlabel="vocabulary size", ylabel="bytes per token")
+    ax.set(title="BPE compression on unseen text", xlabel="vocabulary size",
+           ylabel="bytes per token")
     ax.grid(alpha=0.3)
     return fig
 
@@ -698,7 +2005,7 @@ if IN_NOTEBOOK:
 # text anyway, and its merges should not be tuned on the text that measures the model.
 
 # %%
-Tokenizer = CharTokenizer | BPETokenizer  # either: encode, decode, token_bytes, vocab_size, state
+Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, token_bytes, vocab_size, state
 
 
 def tokenizer_from_state(state: dict) -> Tokenizer:
@@ -715,84 +2022,173 @@ def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> To
 
 
 # %% [markdown]
-# ## 4. Batches
+# ### Bits per byte
 #
-# The model learns one thing: given some tokens, predict the next. A window of `block_size + 1`
-# consecutive tokens holds `block_size` such lessons at once: from the first token predict the
-# second, from the first two predict the third, and so on. So the **inputs** are the first
-# `block_size` tokens of the window and the **targets** are the same tokens shifted left by one.
+# A loss in nats *per token* cannot compare the two tokenizers: a BPE token carries about two
+# characters, so predicting it is harder, and its loss is higher even when the model is
+# better. The fair unit is **bits per byte**: the loss per token, converted to bits (divided by
+# ln 2), divided by the number of UTF-8 bytes per token of the validation text. It is the
+# number of bits the model would need to compress the text, per byte, whatever the tokenizer.
+# **Bits per character** divides by characters instead; for plain English text the two are
+# equal. Runs report both beside the loss (Appendix F), and Appendix C races the tokenizers.
 #
-# A batch is `batch_size` windows starting at random places. We draw them from one split at a
-# time — the training tokens or the validation tokens, held in separate tensors — so no window
-# can straddle the boundary and leak validation text into training.
-#
-# `Tensor.unfold` gives a *view* of every possible window without copying anything: row `i` is
-# `data[i : i + block_size + 1]`. Picking random rows of it is the whole batch sampler.
+# A `Corpus` is a text made ready for training: its tokenizer, both splits as tensors of token
+# ids, and how many bytes and characters a validation token stands for. This is where a text
+# meets the model's settings, so it is where a text too short for the context is refused.
 
 # %%
-def get_batch(data: torch.Tensor, block_size: int, batch_size: int,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows from a 1-D tensor of token ids: inputs (B, T) and next-token targets (B, T)."""
-    if len(data) < block_size + 1:
-        raise UserError(f"a split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}: "
-                        "use a longer text or a smaller --block-size")
-    windows = data.unfold(0, block_size + 1, 1)  # (N - T, T + 1) for N tokens: a view, no copy
-    rows = torch.randint(len(windows), (batch_size,), generator=generator)
-    batch = windows[rows]  # (B, T + 1)
-    return batch[:, :-1], batch[:, 1:]  # inputs (B, T), targets (B, T)
+@dataclass
+class Corpus:
+    tokenizer: Tokenizer
+    train_data: torch.Tensor  # (N_train,) token ids
+    val_data: torch.Tensor  # (N_val,) token ids
+    bytes_per_token: float  # of the validation text
+    chars_per_token: float
+
+
+def encode_corpus(text: str, tokenizer: Tokenizer, block_size: int) -> Corpus:
+    """Both splits of `text` as token ids; a UserError if one is too short for block_size."""
+    train_text, val_text = split_train_val(text)
+    train_data, val_data = (torch.tensor(tokenizer.encode(t), dtype=torch.long)
+                            for t in (train_text, val_text))
+    for data in (train_data, val_data):
+        if len(data) < block_size + 1:
+            raise UserError(f"a split has {len(data)} tokens, fewer than block_size + 1 = "
+                            f"{block_size + 1}: use a longer text or a smaller --block-size")
+    return Corpus(tokenizer, train_data, val_data, len(val_text.encode("utf-8")) / len(val_data),
+                  len(val_text) / len(val_data))
+
+
+def with_bits(row: dict, corpus: Corpus) -> dict:
+    """A history row with the validation loss also in bits per byte and per character."""
+    bits_per_token = row["val_loss"] / math.log(2)
+    return row | {"val_bpb": bits_per_token / corpus.bytes_per_token,
+                  "val_bpc": bits_per_token / corpus.chars_per_token}
+
+
+# %% [markdown]
+# ### Text as it is generated
+#
+# The command line prints text while it is being written. `stream_text` turns the token ids
+# of section 11's `generate` into text piece by piece. A byte-level token can end in the middle
+# of a multi-byte character, which is why it decodes through an incremental decoder.
+
+# %%
+def seeded_generator(model: GPT, seed: int) -> torch.Generator:
+    """A random generator on the model's device, seeded: the same seed gives the same text."""
+    return torch.Generator(device=model.device).manual_seed(seed)
+
+
+def stream_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int = 1337,
+                **sampling) -> Iterator[str]:
+    """Yield the continuation of `prompt`, piece by piece, until it has `num_chars` characters.
+
+    A byte-level token may end in the middle of a multi-byte character, so bytes go through
+    an incremental UTF-8 decoder, which holds a partial character back until the rest
+    arrives. Each token adds at least one byte and a character has at most 4, so 4 * num_chars
+    tokens always suffice; we stop as soon as there are enough characters."""
+    if num_chars < 0:
+        raise UserError(f"--num-chars must not be negative, got {num_chars}")
+    new_ids = generate(model, tokenizer.encode(prompt), 4 * num_chars,
+                       generator=seeded_generator(model, seed), **sampling)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    remaining = num_chars
+    while remaining > 0:
+        piece = decoder.decode(tokenizer.token_bytes(next(new_ids)))[:remaining]
+        remaining -= len(piece)
+        yield piece
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int = 1337,
+                  **sampling) -> str:
+    """The prompt followed by `num_chars` sampled characters (seeded)."""
+    return prompt + "".join(stream_text(model, tokenizer, prompt, num_chars, seed, **sampling))
+
+
+# %% [markdown]
+# ## Appendix C. Classic versus modern, measured
+#
+# *Builds on sections 6 to 10, where each switch was introduced, and on Appendix B for the
+# tokenizer race. Adds presets that set all the switches at once, and measures them.*
+#
+# Each switch met in Part I has a GPT-2 (2019) setting and a Llama (2023) setting. Today's
+# open models differ from GPT-2 in just these few, well-understood places:
+#
+# | switch | `gpt2` (classic) | `llama` (modern) |
+# |---|---|---|
+# | `pos_encoding` | learned table added to the input | rotary, inside attention |
+# | `norm` | LayerNorm | RMSNorm |
+# | `mlp` | GELU, 4C wide | SwiGLU, 8C/3 wide |
+# | `n_kv_head` | one per query head | grouped: 2 for our 4 query heads |
+# | `bias` | in every linear layer and norm | none |
+#
+# `--arch gpt2` or `--arch llama` selects a whole set, and any switch can still be flipped on
+# top (`--arch llama --norm layernorm`). Llama drops biases because they cost memory and bring
+# nothing measurable at scale. For grouping, Llama 3 shares each key/value head among 4 query
+# heads (32 query, 8 key/value); with only 4 query heads we use groups of 2, so the model
+# keeps more than one key/value head.
+#
+# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps,
+# `python llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of
+# 1.70 and `llama` 1.61, in the same time (the README has the timings). So `llama` is the
+# default. Below, the notebook repeats the comparison on equal time and flips the switches
+# one at a time.
+#
+# `--size` picks the model's shape: `cpu` is the quick run of Part I; `gpu` is a model about
+# ten times bigger, for a GPU (Appendix E).
+
+# %%
+import dataclasses
+
+ARCHITECTURES = {
+    "gpt2": dict(pos_encoding="learned", norm="layernorm", mlp="gelu", n_kv_head=0, bias=True),
+    "llama": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
+}
+DEFAULT_ARCH = "llama"  # measured: the lower validation loss in the quick run (above)
+
+# A larger model for a GPU, the size of nanoGPT's Shakespeare GPU run (about 10M parameters,
+# 256 characters of context), which reaches a validation loss of about 1.47 there. Dropout 0.2:
+# a model this size sees the 1M training characters about 80 times and would overfit without it.
+SIZES = {
+    "cpu": {},  # the quick-run defaults of Config
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
+                learning_rate=1e-3, min_lr=1e-4, max_iters=5000, warmup_iters=100,
+                eval_interval=250, eval_iters=200),
+}
+
+
+def preset(arch: str, size: str = "cpu", **overrides) -> Config:
+    """A Config with the switches of `arch` and the shape of `size`, then any overrides."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown --arch {arch!r}: use {' or '.join(ARCHITECTURES)}")
+    if size not in SIZES:
+        raise UserError(f"unknown --size {size!r}: use {' or '.join(SIZES)}")
+    return Config(**{**ARCHITECTURES[arch], **SIZES[size], **overrides})
 
 
 # %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
-    data = torch.tensor(tokenizer.encode(text))
-    train_data, val_data = split_train_val(data)
-    x, y = get_batch(train_data, block_size=8, batch_size=2, generator=torch.Generator().manual_seed(0))
-    print("inputs ", tuple(x.shape), x[0].tolist())
-    print("targets", tuple(y.shape), y[0].tolist())
-    for t in range(4):
-        print(f"after {tokenizer.decode(x[0, :t + 1].tolist())!r:12} comes {tokenizer.decode([y[0, t].item()])!r}")
+    x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
+    for arch in ARCHITECTURES:
+        set_seed(1337)
+        arch_model = GPT(preset(arch), tokenizer.vocab_size)
+        _, arch_loss = arch_model(x, y)
+        print(f"{arch:5}: {arch_model.num_parameters():,} parameters, "
+              f"loss at initialisation {arch_loss.item():.2f}")
 
 # %% [markdown]
-# ## 5. Embeddings
+# ### A third way to encode positions: fixed sine waves
 #
-# A token id is only a name; `5` is not "more" than `4`. The model gives each token a learned
-# vector of `n_embd` numbers — its **embedding** — looked up in a table of shape (V, C). Training
-# moves these vectors so that tokens that behave alike end up close together.
-#
-# Attention, which comes next, compares tokens by their content alone: without its causal mask it
-# would treat the input as an unordered *set* (shuffle the positions and each output is shuffled
-# the same way, unchanged otherwise), and the mask only leaks a weak sense of order. Yet order is
-# everything in language ("dog bites man"). So we add to each token's vector a second vector
-# that depends only on its **position**. Two classic choices:
-#
-# * **Sinusoidal** (from "Attention Is All You Need", 2017): fixed waves of different
-#   frequencies, nothing to learn. Pair $i$ of channels at position $p$ holds
-#   $\sin(p/10000^{2i/C})$ and $\cos(p/10000^{2i/C})$. Fast waves tell neighbours apart, slow
-#   waves tell the start of a text from its end, and the offset between two positions becomes a
-#   fixed rotation of each (sin, cos) pair, which the model can learn to detect.
-# * **Learned** (GPT-2): a second table of shape (block_size, C), trained like the token table.
-#   It is free to find whatever works, but knows nothing about positions beyond `block_size`.
-#
-# A third, modern choice, **rotary** embeddings (`rope`, used by Llama), adds nothing here: it
-# works inside attention, and comes with it in the next section. `--pos-encoding` selects one.
-#
-# The angles $p/10000^{2i/C}$ are computed by one helper, because rotary embeddings reuse them.
-# The base 10000 comes from the 2017 paper: it makes the slowest wave's period ($2\pi \cdot
-# 10000$ positions) far longer than any text the model will read, so no two positions collide.
-#
-# The embeddings end with **dropout**, a regulariser explained with the block in section 7. It
-# is off by default (probability 0), and then `make_dropout` puts an `nn.Identity` in its
-# place, which returns its input untouched and skips the dropout call's own cost.
+# The original Transformer ("Attention Is All You Need", 2017) added to each token a fixed
+# vector of sine waves of different frequencies, with nothing to learn (`--pos-encoding
+# sinusoidal`). Pair $i$ of channels at position $p$ holds $\sin(p/10000^{2i/C})$ and
+# $\cos(p/10000^{2i/C})$: the angles of RoPE (section 7), written into the vector instead of
+# turning it. Fast waves tell neighbours apart, slow waves tell the start of a text from its
+# end, and the offset between two positions becomes a fixed rotation of each (sin, cos) pair,
+# which the model can learn to detect. Neither preset uses it; it is here for comparison.
 
 # %%
-def position_angles(n_positions: int, dim: int, base: float = 10000.0, start: int = 0) -> torch.Tensor:
-    """Angle p / base^(2i/dim) for positions p = start, start+1, ... and channel pairs i: (T, ceil(dim/2))."""
-    position = torch.arange(start, start + n_positions, dtype=torch.float64)[:, None]  # (T, 1)
-    frequency = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
-    return (position * frequency).float()  # (T, ceil(dim/2)); float64 first keeps large p exact
-
-
 def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
     """The fixed sinusoidal encodings of positions 0..n_positions-1, shape (n_positions, dim)."""
     angle = position_angles(n_positions, dim)  # (T, ceil(C/2))
@@ -802,47 +2198,11 @@ def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
     return encoding
 
 
-def make_dropout(p: float) -> nn.Module:
-    """Dropout with probability p (see section 7), or an identity when p is 0: a Dropout(0)
-    changes nothing, yet each call costs microseconds, which add up when generating (section 11)."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
-class Embeddings(nn.Module):
-    """Token ids (B, T) -> vectors (B, T, C): what each token is, plus where it stands."""
-
-    def __init__(self, cfg: Config, vocab_size: int):
-        super().__init__()
-        self.token = nn.Embedding(vocab_size, cfg.n_embd)
-        self.pos_encoding = cfg.pos_encoding
-        if cfg.pos_encoding == "learned":
-            self.position = nn.Embedding(cfg.block_size, cfg.n_embd)
-        elif cfg.pos_encoding == "sinusoidal":  # a fixed table: recomputed, never saved or trained
-            self.register_buffer("sinusoids", sinusoidal_positions(cfg.block_size, cfg.n_embd),
-                                 persistent=False)
-        self.dropout = make_dropout(cfg.dropout)
-
-    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """`start` is the position of idx's first token (0, except when generating with a cache)."""
-        T = idx.shape[1]
-        x = self.token(idx)  # (B, T, C)
-        if self.pos_encoding == "learned":
-            x = x + self.position(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcasts over B
-        elif self.pos_encoding == "sinusoidal":
-            x = x + self.sinusoids[start:start + T]  # (T, C)
-        # rope: positions enter inside attention instead
-        return self.dropout(x)  # (B, T, C)
-
-
 # %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
-    demo_cfg = Config(n_embd=16, block_size=8)
-    embed = Embeddings(demo_cfg, tokenizer.vocab_size)
-    print("token ids", tuple(x.shape), "-> vectors", tuple(embed(x).shape))
-    pe = sinusoidal_positions(8, 16)
     print("sinusoidal encodings of positions 0-3, first 6 channels:")
-    print(pe[:4, :6].numpy().round(3))
+    print(sinusoidal_positions(8, 16)[:4, :6].numpy().round(3))
 
 # %% [markdown]
 # Drawn as a picture, each row of the sinusoidal table is the code of one position. The left
@@ -869,207 +2229,12 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# ## 6. Attention
+# ### RoPE's preference for nearby tokens
 #
-# Until now every token's vector knows only about itself. **Attention** lets each position
-# collect information from earlier positions, with weights that depend on the content. Every
-# position makes three vectors from its own, each with a learned linear map:
-#
-# * a **query** $q$: what am I looking for?
-# * a **key** $k$: what do I contain?
-# * a **value** $v$: what do I pass on to whoever attends to me?
-#
-# Position $t$ scores every position $s$ by the dot product $q_t \cdot k_s$, turns the scores
-# into weights with a softmax, and outputs the weighted average of the values:
-#
-# $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{D}} + M\right) V$$
-#
-# **Why divide by $\sqrt{D}$.** If the $D$ components of $q$ and $k$ are independent with
-# variance 1, their dot product is a sum of $D$ terms and has variance $D$. With $D = 32$ the
-# scores would spread over roughly ±6, the softmax would put almost all weight on one position,
-# and its gradient would vanish. Dividing by $\sqrt{D}$ brings the variance back to 1.
-#
-# **The causal mask $M$.** When predicting the token after position $t$, the model must not see
-# it — or any later token — otherwise it could copy the answer. $M$ is 0 where $s \le t$ and
-# $-\infty$ where $s > t$. Since $e^{-\infty} = 0$, the softmax gives future positions weight
-# exactly zero, and the remaining weights still sum to one.
-#
-# One function does this for any number of heads; the leading dimensions just come along.
-
-# %%
-def causal_mask(T: int, T_keys: int | None = None, device=None) -> torch.Tensor:
-    """(T, T_keys) boolean mask, True where a query would look into the future (key after query).
-
-    The queries are the *last* T of the T_keys positions (T_keys > T only when generating with a
-    cache of earlier keys); by default T_keys = T."""
-    T_keys = T if T_keys is None else T_keys
-    return torch.ones(T, T_keys, dtype=torch.bool, device=device).triu(diagonal=T_keys - T + 1)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     dropout: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention with a causal mask. q: (..., T, D); k, v: (..., T_keys, D).
-
-    Returns the outputs (..., T, D) and the attention weights (..., T, T_keys)."""
-    T, D = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T_keys): query t vs key s
-    scores = scores.masked_fill(causal_mask(T, k.shape[-2], q.device), float("-inf"))
-    weights = F.softmax(scores, dim=-1)  # (..., T, T_keys), each row sums to 1
-    if dropout is not None:
-        weights = dropout(weights)
-    return weights @ v, weights  # (..., T, D), (..., T, T_keys)
-
-
-# %% [markdown]
-# ### One head
-#
-# A single **head** projects the C-wide input to D-wide queries, keys and values and attends.
-# This class is here to make the idea concrete; the model uses the batched version below.
-
-# %%
-class Head(nn.Module):
-    """One head of causal self-attention: (B, T, C) -> (B, T, D)."""
-
-    def __init__(self, n_embd: int, head_dim: int):
-        super().__init__()
-        self.query = nn.Linear(n_embd, head_dim, bias=False)
-        self.key = nn.Linear(n_embd, head_dim, bias=False)
-        self.value = nn.Linear(n_embd, head_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.query(x), self.key(x), self.value(x)  # each (B, T, D)
-        return causal_attention(q, k, v)  # (B, T, D), (B, T, T)
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    torch.manual_seed(0)
-    head = Head(n_embd=16, head_dim=4)
-    out, weights = head(torch.randn(1, 5, 16))
-    print("output", tuple(out.shape), " weights", tuple(weights.shape))
-    print("attention weights (row = query position, column = key position):")
-    print(weights[0].detach().numpy().round(2))
-    print("rows sum to", weights[0].sum(-1).detach().numpy().round(6))
-    q, k = torch.randn(2, 10_000, 32)
-    print(f"variance of q·k with D=32: {(q * k).sum(-1).var():.1f} raw, "
-          f"{((q * k).sum(-1) / math.sqrt(32)).var():.2f} after dividing by sqrt(32)")
-
-# %% [markdown]
-# Seen as pictures: the mask lets each row (a query position) look only at columns (key
-# positions) on or left of the diagonal. On the right, one head — with random, untrained weights
-# — attends over a real line of Shakespeare: the weights already respect the mask, but their
-# pattern is arbitrary. After training, the same kind of map will show heads with a purpose.
-
-# %%
-def plot_attention_heatmap(ax, weights: torch.Tensor, tokens: list[str], title: str, fontsize: int = 10) -> None:
-    """Draw one (T, T) attention matrix on `ax`, with the tokens' text along both axes."""
-    T = len(tokens)
-    ax.imshow(weights.detach().cpu().numpy(), cmap="viridis", vmin=0)
-    labels = ["".join(visible(c) for c in token) for token in tokens]
-    ax.set_xticks(range(T), labels, fontsize=fontsize)
-    ax.set_yticks(range(T), labels, fontsize=fontsize)
-    ax.tick_params(length=0)
-    ax.set_title(title)
-
-
-def plot_mask_and_head(head: Head, embed: Embeddings, tokenizer: Tokenizer, line: str):
-    ids = torch.tensor([tokenizer.encode(line)])  # (1, T)
-    with torch.no_grad():
-        _, weights = head(embed(ids))  # (1, T, T)
-    fig, (left, right) = new_figure(1, 2, figsize=(15, 7))
-    allowed = (~causal_mask(len(line))).float()
-    plot_attention_heatmap(left, allowed, list(line), "Causal mask (yellow = may attend)")
-    plot_attention_heatmap(right, weights[0], list(line), "One untrained head's weights")
-    for ax in (left, right):
-        ax.set(xlabel="key position (attended to)", ylabel="query position (attending)")
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    torch.manual_seed(0)
-    line = "First Citizen:\nSpeak, speak."
-    plot_mask_and_head(Head(n_embd=32, head_dim=8), Embeddings(Config(n_embd=32), tokenizer.vocab_size),
-                       tokenizer, line)
-    plt.show()
-
-# %% [markdown]
-# ### Rotary position embeddings (RoPE)
-#
-# Adding a position vector to the input (section 5) mixes *what* and *where* into one vector
-# and leaves the model to untangle them. Yet attention mostly cares about *relative* position:
-# how far back is that key? **Rotary embeddings** (Su et al., 2021; used by Llama and most open
-# models since) build exactly that into the attention score. Each query and key is rotated, pair
-# of channels by pair of channels, by an angle proportional to its position: pair $i$ of a
-# vector at position $p$ turns by $p\,\theta_i$ with $\theta_i = 10000^{-2i/D}$ — the formula of
-# the sinusoidal encoding's frequencies, with the head width D in place of C, from the same
-# `position_angles` helper:
-#
-# $$(a, b) \mapsto (a\cos p\theta_i - b\sin p\theta_i,\; a\sin p\theta_i + b\cos p\theta_i)$$
-#
-# A rotation keeps a vector's length, and the dot product of two rotated vectors depends only on
-# the *difference* of their angles: writing $R_p$ for the rotation at position $p$,
-# $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$, a rotation that depends only on the offset. So the
-# score between a query at $m$ and a key at $n$ depends on their contents and on the offset
-# $m - n$ (how far back the key is), never on where the pair sits in the text. Nothing is
-# learned and nothing is added to the residual stream.
-#
-# **In code, three operations rotate every pair at once.** Regroup the formula as
-#
-# $$(a, b) \mapsto (a, b)\cos p\theta_i + (b, a) \odot (-\sin p\theta_i,\; \sin p\theta_i)$$
-#
-# that is: the vector times the cosines, plus the vector with each pair swapped times the sines
-# (with a minus sign on the first member of each pair). The cosines and signed sines of every
-# position are computed once, as two tables of width D, each pair's angle written twice; then
-# rotating is two products and a sum, for all pairs, heads and positions together — where the
-# formula written pair by pair takes seven operations, and generation runs it for every token
-# in every layer. (With complex numbers the same rotation is a multiplication of $a + ib$ by
-# $e^{ip\theta_i}$; the cell below checks that the two agree.)
-
-# %%
-def rope_tables(n_positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cosines and signed sines of every position's angles, (n_positions, dim) each."""
-    angles = position_angles(n_positions, dim)  # (P, D/2): one angle per pair
-    cos = angles.cos().repeat_interleave(2, dim=-1)  # (P, D): cos, cos for the pair's two members
-    sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(-2)  # (P, D): -sin, +sin
-    return cos, sin
-
-
-def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair (2i, 2i+1) of x (..., D); the tables (..., D) broadcast against
-    x's leading dimensions (typically one row per position)."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., D): each pair (a, b) becomes (b, a)
-    rotated = x * cos + swapped * sin  # (a cos - b sin, b cos + a sin)
-    return rotated.type_as(x)  # under a GPU's bfloat16 autocast, x is bfloat16 and the tables float32
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 1, 32)  # one query and one key of width D = 32
-    cos, sin = rope_tables(100, 32)  # (100, 32) each
-    rotated_q = rope_rotate(q, cos, sin)  # (100, 32): the same query placed at positions 0..99
-    print("length before / after rotation:", round(q.norm().item(), 4), round(rotated_q[37].norm().item(), 4))
-
-    def score(m, n):  # query at position m, key at position n
-        return (rope_rotate(q, cos[m], sin[m]) @ rope_rotate(k, cos[n], sin[n]).T).item()
-
-    print(f"score(query at 10, key at 7) = {score(10, 7):.4f}")
-    print(f"score(query at 60, key at 57) = {score(60, 57):.4f}   (same offset, same score)")
-    a, b, angle = q[0, 0::2], q[0, 1::2], position_angles(100, 32)[37]  # the formula, pair by pair
-    by_formula = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten()
-    print("equal to the rotation formula:", torch.allclose(rotated_q[37], by_formula, atol=1e-6))
-    as_complex = torch.view_as_complex(q.reshape(16, 2))  # pairs (a, b) as complex numbers a + ib
-    turned = torch.view_as_real(as_complex * torch.polar(torch.ones(16), angle)).flatten()
-    print("equal to multiplying by e^(i*angle):", torch.allclose(rotated_q[37], turned, atol=1e-6))
-
-# %% [markdown]
-# The picture: a query and a key with identical content, scored at every offset. The curve is
-# the same wherever the query stands (three query positions, one curve), and it tends to fall as
-# the offset grows, because the fast-turning pairs stop agreeing — a gentle built-in preference
-# for nearby tokens.
+# A query and a key with identical content, rotated by RoPE (section 7), scored at every offset.
+# The curve is the same wherever the query stands (three query positions, one curve), and it
+# tends to fall as the offset grows, because the fast-turning pairs stop agreeing: a gentle
+# built-in preference for nearby tokens.
 
 # %%
 def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
@@ -1080,8 +2245,10 @@ def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 9
     offsets = range(max_offset + 1)
     for m in query_positions:
         scores = [(rotated[m] @ rotated[m - o]).item() for o in offsets]
-        ax.plot(offsets, scores, label=f"query at position {m}", linewidth=5 - query_positions.index(m) * 1.5)
-    ax.set(title="RoPE: query·key score depends only on the offset", xlabel="offset m - n (key before query)",
+        ax.plot(offsets, scores, label=f"query at position {m}",
+                linewidth=5 - query_positions.index(m) * 1.5)  # thinner lines drawn on top
+    ax.set(title="RoPE: query·key score depends only on the offset",
+           xlabel="offset m - n (key before query)",
            ylabel="query · key")
     ax.legend()
     return fig
@@ -1093,38 +2260,173 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# ### Many heads at once
+# ### The race
 #
-# One head computes one weighted average, so it can follow one kind of relation at a time
-# ("the previous character", "the start of this word"). **Multi-head attention** runs H heads
-# side by side, each of width D = C / H, and concatenates their outputs, so the total cost is
-# that of one C-wide head. A final linear layer mixes what the heads found.
+# Here the notebook measures the two presets again, on whatever machine runs it. A fair race
+# gives both the same **time**, not the same number of steps: a slower architecture should pay
+# for its slowness. So we first time a few training steps of each configuration, give it as many
+# steps as fit in the budget, and scale its learning-rate schedule to that length (warmup for
+# the first 1/30 of the steps, as in the quick run). The budget covers the training steps;
+# evaluations come on top.
+
+# %%
+def synchronize(device: torch.device) -> None:
+    """Wait for the device to finish its queued work, so that timings measure the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20,
+                     device: torch.device = torch.device("cpu"),
+                     hooks: Hooks = Hooks()) -> tuple[float, GPT]:
+    """Median time of one training step of `cfg` on `device` (random tokens of the real shapes:
+    speed does not depend on the text), and the model it was measured with. `hooks.wrap` gives
+    the module the steps run, as in `train`."""
+    set_seed(cfg.seed)
+    model = GPT(cfg, vocab_size).to(device)
+    optimizer = configure_optimizer(model, cfg)
+    stepped = hooks.wrap(model)
+    x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+    batches = [(x, x)] * cfg.grad_accum_steps
+
+    def step() -> None:
+        train_step(stepped, optimizer, batches, cfg.learning_rate, cfg.grad_clip)
+
+    for _ in range(3):  # untimed: the first steps allocate memory and pick kernels
+        step()
+    times = []
+    for _ in range(probe_steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], model  # the median resists the odd slow step
+
+
+def tokens_per_step(cfg: Config) -> int:
+    """How many tokens one optimizer step trains on (all processes together)."""
+    return cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
+
+
+def train_for(cfg: Config, text: str, seconds: float, n_evals: int = 8) -> dict:
+    """Train `cfg` on the CPU for about `seconds` of training steps; a summary row for a table."""
+    tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
+    corpus = encode_corpus(text, tokenizer, cfg.block_size)
+    per_step, _ = seconds_per_step(cfg, tokenizer.vocab_size)
+    steps = max(10, int(seconds / per_step))
+    cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=max(1, steps // 30),
+                              eval_interval=max(1, steps // n_evals))
+    set_seed(cfg.seed)
+    run = train(start_run(GPT(cfg, tokenizer.vocab_size), cfg), cfg, corpus.train_data,
+                corpus.val_data)
+    history = [with_bits(row, corpus) for row in run.history]
+    return {"parameters": run.model.num_parameters(), "steps": steps,
+            "tokens_per_s": tokens_per_step(cfg) / per_step,
+            "val_loss": history[-1]["val_loss"], "val_bpb": history[-1]["val_bpb"],
+            "history": history}
+
+
+def print_table(rows: dict) -> None:
+    print(f"{'':24} {'parameters':>10} {'steps':>6} {'tokens/s':>9} {'val loss':>9} "
+          f"{'bits/byte':>9}")
+    for name, row in rows.items():
+        print(f"{name:24} {row['parameters']:>10,} {row['steps']:>6} {row['tokens_per_s']:>9,.0f} "
+              f"{row['val_loss']:>9.3f} {row['val_bpb']:>9.3f}")
+
+
+def plot_val_curves(rows: dict, title: str, metric: str = "val_loss",
+                    ylabel: str = "validation loss (nats)"):
+    fig, ax = new_figure(figsize=(9, 5))
+    for name, row in rows.items():
+        history = row["history"]
+        ax.plot([r["elapsed_s"] for r in history], [r[metric] for r in history], marker=".",
+                label=name)
+    ax.set(title=title, xlabel="seconds (training and evaluation)", ylabel=ylabel)
+    lowest = min(r[metric] for row in rows.values() for r in row["history"])
+    ax.set_ylim(top=min(ax.get_ylim()[1], 1.5 * lowest))  # the first evaluations, far above the
+    ax.grid(alpha=0.3)  # rest, would squash the interesting part
+    ax.legend()
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    race = {arch: train_for(preset(arch), text, 15) for arch in ARCHITECTURES}
+    print_table(race)
+    plot_val_curves(race, "gpt2 and llama presets, 15 seconds of training each")
+    plt.show()
+
+# %% [markdown]
+# **One switch at a time.** Which of the five changes matters? Starting from the classic
+# `gpt2` set, we flip one switch at a time and train each variant for the same short budget.
+# Eight seconds is only a couple of hundred steps, so this measures how fast each variant
+# learns early on, and differences of a few hundredths are within run-to-run noise; the full
+# quick run is the final word. In our runs, rotary positions gave the one consistent gain. The
+# other switches moved the loss up or down by about as much as the noise between runs; what
+# they buy shows elsewhere: grouped keys/values and dropped biases in memory and speed, SwiGLU
+# at larger scale (where the Llama and PaLM papers measured it).
+
+# %%
+ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
+            "+ rmsnorm": {"norm": "rmsnorm"}, "+ swiglu": {"mlp": "swiglu"},
+            "+ 2 key/value heads": {"n_kv_head": 2}, "+ no biases": {"bias": False}}
+
+# %%
+if IN_NOTEBOOK:
+    ablation = {name: train_for(preset("gpt2", **switch), text, 8, n_evals=1)
+                for name, switch in ABLATION.items()}
+    print_table(ablation)
+
+# %% [markdown]
+# **Characters or BPE?** Both tokenizers of Appendix B, with the default architecture, for the
+# same time, compared in bits per byte. In our runs BPE reached the lower bits per byte: each
+# of its steps covers about twice as much text, which outweighs the harder prediction and the
+# larger output layer. The curves below are this run's.
+
+# %%
+if IN_NOTEBOOK:
+    tokenizers = {"char": train_for(Config(tokenizer="char"), text, 15),
+                  "bpe, 512 tokens": train_for(Config(tokenizer="bpe"), text, 15)}
+    print_table(tokenizers)
+    plot_val_curves(tokenizers, "Character vs BPE tokenizer, 15 seconds of training each",
+                    metric="val_bpb", ylabel="validation bits per byte")
+    plt.show()
+
+# %% [markdown]
+# ## Appendix D. Fast generation: the KV cache
 #
-# Instead of H small `Head` modules we use one matrix that makes all queries, keys and values in
-# a single matrix multiply, then reshape the channels into heads of width D. The heads then
-# ride along as an extra batch dimension through `causal_attention`. Setting
-# `return_weights=True` hands back the (B, H, T, T) attention weights for plotting.
+# *Builds on sections 7 (attention, with its `cache` attribute), 9 (the model) and 11
+# (`generate`, with its `use_cache` switch). Adds a cache that makes each new token cost one
+# small step instead of a pass over the whole window. `python llm.py sample` uses it.*
 #
-# **Grouped-query attention** (GQA; Ainslie et al., 2023; used by Llama 2 70B and Llama 3) gives
-# the H query heads only `n_kv_head` key/value heads, each shared by a group of H / `n_kv_head`
-# query heads. The projection shrinks from (C, 3C) to (C, C + 2·n_kv_head·D), and — what matters
-# most in big models — so does the memory that fast generation spends on keeping every past key
-# and value around (a "KV cache"). `n_kv_head = n_head` is ordinary multi-head attention;
-# `n_kv_head = 1` is *multi-query* attention (Shazeer, 2019). Before attending, each key/value
-# head is simply repeated for every query head in its group.
+# When the model writes, every new token attends to all the tokens before it, whose keys and
+# values never change: in a causal model, earlier positions never see later ones. So instead
+# of recomputing them at every step we keep them in a **KV cache** and compute queries, keys
+# and values for the one new token only. The prompt is run through the model once (the
+# *prefill*), filling the cache; after that each step runs only the new token, whose query
+# attends to all the cached keys. The projections and the MLP no longer grow with the context,
+# only the (small) attention does.
 #
-# **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes exactly what
-# `causal_attention` does, in one optimised kernel (in training on a GPU, a FlashAttention
-# kernel that never even stores the T × T weights). The class uses it whenever the weights are
-# not requested. The hand-written `causal_attention` stays the definition: it runs whenever
-# weights are asked for (the plots), and a test checks that the two agree.
+# A `LayerCache` holds one attention layer's keys and values, before grouped heads are
+# repeated (which is how grouped-query attention saves memory here). A `KVCache` holds one per
+# layer. `attached` lends each layer its cache for one forward pass: that layer's `cache`
+# attribute (section 7) then makes it start its positions after the cached tokens and attend
+# over cached and new keys together. The model is left exactly as it was afterwards, so a
+# paused generator never leaves a cache behind in a model that is used for something else.
 #
-# **A cache for generation.** When the model writes, every new token attends to all the tokens
-# before it, whose keys and values never change: in a causal model, earlier positions never see
-# later ones. So instead of recomputing them at every step we keep them in a **KV cache** and
-# compute queries, keys and values for the one new token only. `KVCache` holds, per layer, the
-# keys and values seen so far — before the grouped heads are repeated, which is how grouped-query
-# attention saves memory — and the position the next token will have. Section 11 uses it.
+# **Past `block_size`.** The model knows positions 0 to `block_size − 1` only. When the window
+# is full, `generate` keeps its last half (section 11), and the cache starts afresh: the new
+# window is **prefilled again** from position 0, then continues step by step until it is full
+# again. Simply dropping the oldest cached entry would not be the same thing: every cached key
+# was computed while its token could still see tokens that have now left the window (through
+# the layers below), and with learned or sinusoidal positions every position would shift by
+# one. Re-prefilling is exact for every positional scheme, and costs one prefill per
+# `block_size / 2` tokens; a window that slid by one token would need a prefill per token and
+# undo the cache's gain. Without the cache the model recomputes the same windows; a test
+# checks that the two give the same logits at every position.
 
 # %%
 class LayerCache:
@@ -1132,665 +2434,196 @@ class LayerCache:
 
     def __init__(self):
         self.k = self.v = None  # (B, Hkv, T_seen, D) once filled
+        self.length = 0  # T_seen: the position the next token will have
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's keys and values (B, Hkv, T, D); return all of them so far."""
         if self.k is not None:
             k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
+        self.k, self.v, self.length = k, v, k.shape[2]
         return k, v
 
 
 class KVCache:
-    """The caches of all layers, and the position the next token will have."""
-
-    def __init__(self, n_layer: int):
-        self.layers = [LayerCache() for _ in range(n_layer)]
-        self.position = 0
-
-
-class MultiHeadAttention(nn.Module):
-    """H causal attention heads batched together: (B, T, C) -> (B, T, C)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
-        self.head_dim = cfg.n_embd // cfg.n_head  # D
-        kv_width = self.n_kv_head * self.head_dim  # equals C unless keys/values are grouped
-        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v at once
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # mixes the heads' outputs
-        self.dropout_p = cfg.dropout  # the fused kernel takes the probability, not a layer
-        self.attn_dropout = make_dropout(cfg.dropout)
-        self.resid_dropout = make_dropout(cfg.dropout)
-        self.rope = cfg.pos_encoding == "rope"
-        if self.rope:  # the rotation tables of every position: fixed, so recomputed rather than saved
-            cos, sin = rope_tables(cfg.block_size, self.head_dim)  # (block_size, D) each
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-
-    def forward(self, x: torch.Tensor, return_weights: bool = False, cache: LayerCache | None = None,
-                start: int = 0):
-        """x: (B, T, C), the tokens at positions start, start+1, ...; with a cache, the keys and
-        values of earlier positions come from it. Returns (B, T, C), and also the (B, H, T, T_keys)
-        weights if asked."""
-        B, T, C = x.shape
-        heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D): q, k, v heads
-        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # queries and keys; values
-        if self.rope:  # queries and keys turn by the same angles, so one rotation does both
-            qk = rope_rotate(qk, self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # tables (T, D)
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
-        if cache is not None:
-            k, v = cache.extend(k, v)  # (B, Hkv, T_keys, D): all positions so far
-        if return_weights:  # the teaching path: every step visible
-            if self.n_kv_head != self.n_head:  # grouped-query: repeat each key/value head for its group
-                group = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T_keys, D)
-            out, weights = causal_attention(q, k, v, self.attn_dropout)  # (B, H, T, D), (B, H, T, T_keys)
-        else:  # the same maths in one fused kernel, which also does the repeating
-            out, weights = self.fused_attention(q, k, v), None
-        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D): heads side by side
-        out = self.resid_dropout(self.proj(out))  # (B, T, C)
-        return (out, weights) if return_weights else out
-
-    def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        T, T_keys = q.shape[-2], k.shape[-2]
-        # Without a cache the mask is the plain causal one. With one, the queries come after
-        # T_keys - T cached keys: a single newest query may see every key (no mask at all, the
-        # common case when generating); several need the shifted mask.
-        allowed = None if T in (1, T_keys) else ~causal_mask(T, T_keys, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=1 < T == T_keys,
-                                              dropout_p=self.dropout_p if self.training else 0.0,
-                                              enable_gqa=self.n_kv_head != self.n_head)
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    torch.manual_seed(0)
-    mha = MultiHeadAttention(Config(n_embd=16, n_head=4))
-    out, weights = mha(torch.randn(2, 5, 16), return_weights=True)
-    print("output", tuple(out.shape), " weights (B, H, T, T)", tuple(weights.shape))
-    print("weights above the diagonal are exactly zero:", bool((weights.triu(1) == 0).all()))
-
-# %% [markdown]
-# ## 7. The transformer block
-#
-# A block does two things in turn: **attention** (tokens talk to each other) and an **MLP**
-# (each token thinks on its own). Two devices make a deep stack of blocks trainable.
-#
-# **Residual connections.** Each sub-layer *adds* its output to its input: `x = x + f(x)`. The
-# sum gives gradients a straight path from the loss to every layer, and a freshly initialised
-# block, whose output is small (see the initialisation in section 8), barely changes its input,
-# so stacking more blocks hardly disturbs the initial model. The vector that flows through the
-# additions is called the *residual stream*.
-#
-# **Layer normalisation.** Each token's vector is rescaled to mean 0 and variance 1 across its C
-# channels, then given a learned gain $\gamma$ and bias $\beta$:
-#
-# $$\text{LayerNorm}(x) = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta$$
-#
-# This keeps the inputs of every layer on the same scale however the weights drift in training.
-# $\epsilon = 10^{-5}$ (PyTorch's default) only guards against dividing by zero; the variance is
-# the biased one (divide by C), as in the LayerNorm paper.
-
-# %%
-class LayerNorm(nn.Module):
-    """Normalise each vector over its last dimension, then scale and shift (learned)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))  # gamma, starts as "no change"
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None  # beta (optional)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)  # (B, T, 1)
-        var = ((x - mean) ** 2).mean(-1, keepdim=True)  # (B, T, 1), the biased variance
-        x = self.weight * (x - mean) / torch.sqrt(var + self.eps)  # (B, T, C)
-        return x + self.bias if self.bias is not None else x
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    torch.manual_seed(0)
-    x_demo = torch.randn(2, 3, 8) * 5 + 3
-    ln = LayerNorm(8)
-    ours, theirs = ln(x_demo), F.layer_norm(x_demo, (8,), ln.weight, ln.bias)
-    print("input:  mean", x_demo.mean(-1)[0].numpy().round(2), " std", x_demo.std(-1, unbiased=False)[0].numpy().round(2))
-    print("output: mean", ours.mean(-1)[0].detach().abs().numpy().round(4), " std", ours.std(-1, unbiased=False)[0].detach().numpy().round(4))
-    print("equal to F.layer_norm:", torch.allclose(ours, theirs, atol=1e-6))
-
-# %% [markdown]
-# **RMSNorm** (Zhang & Sennrich, 2019; used by Llama) drops the centring and the bias and only
-# rescales each vector by its root mean square:
-#
-# $$\text{RMSNorm}(x) = \gamma \odot \frac{x}{\sqrt{\tfrac{1}{C}\sum_j x_j^2 + \epsilon}}$$
-#
-# The paper argued, and showed in experiments, that the re-scaling, not the re-centring, is what
-# stabilises training; RMSNorm is one reduction instead of two and has fewer parameters.
-# `--norm` chooses between the two.
-
-# %%
-class RMSNorm(nn.Module):
-    """Divide each vector by its root mean square, then scale (learned)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))  # gamma
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_square = (x * x).mean(-1, keepdim=True)  # (B, T, 1)
-        return self.weight * x / torch.sqrt(mean_square + self.eps)  # (B, T, C)
-
-
-def make_norm(cfg: Config) -> nn.Module:
-    """The normalisation layer the configuration asks for."""
-    return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else LayerNorm(cfg.n_embd, bias=cfg.bias)
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    rms = RMSNorm(8)
-    out = rms(x_demo)
-    print("root mean square after RMSNorm:", (out * out).mean(-1).sqrt()[0].detach().numpy().round(4))
-    print("equal to F.rms_norm:", torch.allclose(out, F.rms_norm(x_demo, (8,), rms.weight, eps=1e-5), atol=1e-6))
-
-# %% [markdown]
-# **The MLP** widens each vector to 4C, applies a non-linearity, and projects back to C. The
-# factor 4 is the ratio used by the original Transformer (2048 = 4 × 512) and kept by GPT-2.
-# The non-linearity is **GELU**, $x \cdot \Phi(x)$ with $\Phi$ the standard normal CDF: a smooth
-# version of ReLU, whose gradient is not exactly zero for negative inputs. (GPT-2 computed it with
-# a tanh approximation; PyTorch's `F.gelu` computes it exactly.)
-#
-# **SwiGLU** (Shazeer, 2020; used by Llama) replaces "widen, non-linearity, narrow" with a
-# *gated* unit: two widening matrices, one passed through the SiLU non-linearity
-# ($\text{SiLU}(x) = x \cdot \sigma(x)$), the other left linear, multiplied element by element
-# so that one decides how much of the other passes:
-#
-# $$\text{SwiGLU}(x) = W_{\text{proj}}\,\big(\text{SiLU}(W_{\text{gate}}\,x) \odot W_{\text{up}}\,x\big)$$
-#
-# It has three matrices instead of two. To keep the parameter count of the 4C-wide GELU MLP
-# ($2 \cdot 4C \cdot C = 8C^2$), its hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$, since
-# $3 \cdot C \cdot 8C/3 = 8C^2$ — the rule from the SwiGLU paper that Llama follows. (Rounded
-# down to a whole number of channels: 341 for C = 128, so the count falls short by 0.1%.) In code,
-# $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys and values
-# are in attention: one matrix product instead of two, split in half afterwards.
-#
-# **Pre-norm.** The original Transformer normalised *after* each residual addition
-# (`x = norm(x + f(x))`). GPT-2 adopted the norm at the *input* of each sub-layer
-# (`x = x + f(norm(x))`), which trains more stably in deep stacks because the residual stream
-# itself is never squeezed. The price: the stream is never normalised either, and its scale
-# grows as blocks add to it. So a pre-norm model needs one **final norm** after the last
-# block, before the output layer — we add it in the model below.
-#
-# **Dropout** (`--dropout`, Srivastava et al., 2014) zeroes a random fraction of activations in
-# training — here the summed embeddings, the attention weights, and each sub-layer's output
-# before it joins the residual stream — so that no unit can rely on another always being there.
-# It fights overfitting. The quick run sees each character of the corpus only about twice and
-# does not overfit, so its dropout is 0; raise it for long runs on small texts.
-
-# %%
-class MLP(nn.Module):
-    """Position-wise feed-forward network: (B, T, C) -> (B, T, 4C) -> (B, T, C)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = make_dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU ("swish"): x * sigmoid(x), a smooth ReLU that dips slightly below zero."""
-    return x * torch.sigmoid(x)
-
-
-class SwiGLU(nn.Module):
-    """Gated feed-forward network: (B, T, C) -> 2 x (B, T, 8C/3) -> (B, T, C)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        hidden = 8 * cfg.n_embd // 3  # two-thirds of 4C: same parameter count as the GELU MLP
-        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)  # W_gate and W_up stacked: one multiply
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = make_dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, 8C/3) each
-        return self.dropout(self.proj(silu(gate) * up))
-
-
-def make_mlp(cfg: Config) -> nn.Module:
-    """The feed-forward network the configuration asks for."""
-    return SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.norm1 = make_norm(cfg)
-        self.attn = MultiHeadAttention(cfg)
-        self.norm2 = make_norm(cfg)
-        self.mlp = make_mlp(cfg)
-
-    def forward(self, x: torch.Tensor, return_weights: bool = False, cache: LayerCache | None = None,
-                start: int = 0):
-        attended = self.attn(self.norm1(x), return_weights, cache, start)
-        attn_out, weights = attended if return_weights else (attended, None)  # (B, T, C), (B, H, T, T)
-        x = x + attn_out  # tokens talk
-        x = x + self.mlp(self.norm2(x))  # each token thinks
-        return (x, weights) if return_weights else x
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    block = Block(Config(n_embd=16, n_head=4))
-    print("block keeps the shape:", tuple(block(torch.randn(2, 5, 16)).shape))
-
-# %% [markdown]
-# ## 8. The model
-#
-# The whole GPT: embed the tokens, run them through `n_layer` blocks, normalise, and map every
-# position's vector to V scores (**logits**), one per possible next token. A softmax of the
-# logits is the model's probability distribution over the next token.
-#
-# **Weight tying.** The output layer is a (V, C) matrix, the same shape as the token embedding
-# table, and the two do mirror-image jobs: one turns a token into a vector, the other scores how
-# well a vector matches each token. Press & Wolf (2017) showed that using one matrix for both
-# works as well or better with fewer parameters, and GPT-2 does it. We make the output layer's
-# weight *the same tensor* as the embedding's, so the parameter count counts it once.
-#
-# **Initialisation.** Weights start from a normal distribution with standard deviation 0.02, the
-# value GPT-1 and GPT-2 used: small enough that the initial logits are all near zero. Biases
-# start at zero. The two layers of each block that write into the residual stream (attention's
-# `proj` and the MLP's `proj`) get their std scaled by $1/\sqrt{2 \cdot n_{layer}}$, as in the
-# GPT-2 paper: the stream is a sum of $2 \cdot n_{layer}$ such contributions (two per block),
-# and the variance of a sum of N independent terms grows like N, so shrinking each term's std by
-# $\sqrt{N}$ keeps the stream's scale independent of depth.
-#
-# **Loss.** Training minimises the cross-entropy: the average of $-\ln p(\text{true next
-# token})$. With logits near zero at initialisation, the softmax is nearly uniform, every token
-# gets $p \approx 1/V$, and the loss is $-\ln(1/V) = \ln V$ — about 4.17 for 65 characters. A
-# loss far above that at step 0 means a broken initialisation; it is the first thing to check.
-
-# %%
-class GPT(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, V), and the loss when targets are given."""
-
-    def __init__(self, cfg: Config, vocab_size: int):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embeddings(cfg, vocab_size)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = make_norm(cfg)  # the final norm that pre-norm blocks require
-        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.embed.token.weight  # weight tying: one tensor, two roles
-        self.apply(self._init_weights)
-        for block in self.blocks:  # residual projections, scaled for depth
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def num_parameters(self) -> int:
-        """Trainable parameters; the tied embedding/output matrix counts once."""
-        return sum(p.numel() for p in self.parameters())  # parameters() skips duplicates
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                return_weights: bool = False, cache: KVCache | None = None):
-        """Returns (logits, loss), plus a list of per-layer (B, H, T, T) weights if asked.
-
-        With a cache, idx holds only the new tokens; the earlier ones are in the cache."""
-        T = idx.shape[1]
-        start = cache.position if cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"{start + T} positions are more than block_size={self.cfg.block_size}")
-        x = self.embed(idx, start)  # (B, T, C)
-        all_weights = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = cache.layers[i] if cache is not None else None
-            if return_weights:
-                x, weights = block(x, True, layer_cache, start)  # (B, T, C), (B, H, T, T)
-                all_weights.append(weights)
-            else:
-                x = block(x, False, layer_cache, start)  # (B, T, C)
-        if cache is not None:
-            cache.position += T
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # mean over B*T
-        return (logits, loss, all_weights) if return_weights else (logits, loss)
-
-
-# %%
-if IN_NOTEBOOK:
-    set_seed(1337)
-    model = GPT(Config(), tokenizer.vocab_size)
-    x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
-    logits, loss = model(x, y)
-    print(f"{model.num_parameters():,} parameters")
-    print("logits", tuple(logits.shape))
-    print(f"loss at initialisation {loss.item():.3f}; ln(vocab size) = ln({tokenizer.vocab_size}) = "
-          f"{math.log(tokenizer.vocab_size):.3f}")
-
-# %% [markdown]
-# ### Classic and modern: two presets
-#
-# Each switch met so far has a GPT-2 (2019) setting and a Llama (2023) setting. Today's open
-# models differ from GPT-2 in just these few, well-understood places:
-#
-# | switch | `gpt2` (classic) | `llama` (modern) |
-# |---|---|---|
-# | `pos_encoding` | learned table added to the input | rotary, inside attention |
-# | `norm` | LayerNorm | RMSNorm |
-# | `mlp` | GELU, 4C wide | SwiGLU, 8C/3 wide |
-# | `n_kv_head` | one per query head | grouped: 2 for our 4 query heads |
-# | `bias` | in every linear layer and norm | none |
-#
-# `--arch gpt2` or `--arch llama` selects a whole set, and any switch can still be flipped on top
-# (`--arch llama --norm layernorm`). Llama drops biases because they cost memory and bring
-# nothing measurable at scale. For grouping, Llama 3 shares each key/value head among 4 query
-# heads (32 query, 8 key/value); with only 4 query heads we use groups of 2, so the model keeps
-# more than one key/value head.
-#
-# **Which is better here?** Measured on a 2-core CPU with the quick-run defaults (3000 steps,
-# `python llm.py train --arch gpt2` and `--arch llama`): `gpt2` reached a validation loss of
-# 1.70 in 108 s, `llama` 1.61 in 106 s — better, and no slower. So `llama` is the default.
-# Section 10 repeats the comparison in the notebook, on equal time, and flips the switches one
-# at a time.
-
-# %%
-ARCHITECTURES = {
-    "gpt2": dict(pos_encoding="learned", norm="layernorm", mlp="gelu", n_kv_head=0, bias=True),
-    "llama": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
-}
-DEFAULT_ARCH = "llama"  # measured: the lower validation loss in the quick run (see above)
-
-# A larger model for a GPU, the size of nanoGPT's Shakespeare GPU run (about 10M parameters,
-# 256 characters of context), which reaches a validation loss of about 1.47 there. Dropout 0.2:
-# a model this size sees the 1M training characters about 80 times and would overfit without it.
-SIZES = {
-    "cpu": {},  # the quick-run defaults of Config
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
-                learning_rate=1e-3, min_lr=1e-4, max_iters=5000, warmup_iters=100, eval_interval=250,
-                eval_iters=200),
-}
-
-
-def preset(arch: str, size: str = "cpu", **overrides) -> Config:
-    """A Config with the switches of architecture `arch` and the shape of `size`, then any overrides."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown --arch {arch!r}: use {' or '.join(ARCHITECTURES)}")
-    if size not in SIZES:
-        raise UserError(f"unknown --size {size!r}: use {' or '.join(SIZES)}")
-    return Config(**{**ARCHITECTURES[arch], **SIZES[size], **overrides})
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    for arch in ARCHITECTURES:
-        set_seed(1337)
-        arch_model = GPT(preset(arch), tokenizer.vocab_size)
-        _, arch_loss = arch_model(x, y)
-        print(f"{arch:5}: {arch_model.num_parameters():,} parameters, loss at initialisation {arch_loss.item():.2f}")
-
-# %% [markdown]
-# ## 9. Training
-#
-# Training repeats one step: take a batch, compute the loss, compute its gradient with respect
-# to every parameter (backpropagation), and move each parameter a little downhill.
-#
-# ### The optimiser: AdamW
-#
-# Adam keeps, per parameter, a running average of the gradient (momentum, `beta1` = 0.9) and of
-# its square (`beta2`), and divides the first by the square root of the second, so every
-# parameter moves at a similar pace whatever the scale of its gradient. We use `beta2` = 0.99
-# rather than the textbook 0.999: the average then forgets within about 100 steps instead of
-# 1000, which suits a run of only a few thousand steps.
-#
-# **Weight decay** pulls weights gently towards zero, which fights overfitting. AdamW applies it
-# directly to the weights rather than through the gradient (Loshchilov & Hutter, 2019). We decay
-# only the *matrices* (linear layers and embeddings, everything with 2 dimensions). Biases and
-# the norm gains are vectors: decaying a gain towards zero would just shrink a layer's output,
-# and biases hold too few numbers to overfit with. The strength, 0.1, is GPT-3's setting (Brown
-# et al., 2020, appendix B), as are the clipping and the final learning rate below.
-
-# %%
-def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2) and none on vectors."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    on_gpu = params[0].device.type == "cuda"  # one fused kernel updates every parameter at once
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=on_gpu or None)
-
-
-# %% [markdown]
-# ### The learning-rate schedule
-#
-# The learning rate is the size of each step. Early on Adam's running averages are estimated
-# from only a handful of gradients and are unreliable, so we **warm up**: grow the rate linearly
-# from nearly zero to its peak over `warmup_iters` steps — 100 here, which is about the memory
-# of the `beta2` = 0.99 average (1 / (1 − 0.99) = 100 steps). Then a **cosine decay** lowers it
-# smoothly to `min_lr` at the last step: big steps while the loss falls fast, small steps at the
-# end to settle into a minimum. `min_lr` is a tenth of the peak, as in GPT-3 and Chinchilla. The
-# schedule is a plain function of the step number, with no hidden state, so it is easy to plot
-# and to test, and a run stopped at any step could pick it up again exactly.
-
-# %%
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    decay_steps = max(1, cfg.max_iters - cfg.warmup_iters)
-    progress = min(1.0, (step - cfg.warmup_iters) / decay_steps)  # 0 -> 1
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-# %%
-def plot_lr_schedule(cfg: Config):
-    steps = range(cfg.max_iters)
-    fig, ax = new_figure(figsize=(9, 4))
-    ax.plot(steps, [lr_at(s, cfg) for s in steps])
-    ax.axvline(cfg.warmup_iters, color="gray", linestyle=":", label=f"end of warmup ({cfg.warmup_iters} steps)")
-    ax.set(title="Learning rate: linear warmup, then cosine decay", xlabel="step", ylabel="learning rate")
-    ax.legend()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    cfg = Config()
-    for s in (0, 49, 99, 100, cfg.max_iters // 2, cfg.max_iters - 1):
-        print(f"step {s:4}: lr {lr_at(s, cfg):.2e}")
-
-# %%
-if IN_NOTEBOOK:
-    plot_lr_schedule(Config())
-    plt.show()
-
-# %% [markdown]
-# ### Measuring progress
-#
-# A loss measured on one random batch is noisy, so we average over `eval_iters` batches per
-# split. The batches are drawn **once**, from a generator with a fixed seed, and reused at every
-# evaluation: differences between two evaluations then come from the model alone, not from
-# which text happened to be drawn. The two splits' batches and the training batches use three
-# different seeds (`seed`, `seed + 1`, `seed + 2`), so the training stream never starts with the
-# very windows the evaluation measures. With 20 batches of 12 × 64 characters, each estimate
-# reads about 15,000 characters, enough to pin the loss to about ±0.01; evaluating every 250
-# steps costs about 5% of the run.
-#
-# Besides the loss in nats per token, each evaluation reports the validation loss in **bits per
-# byte**: converted to bits (divided by ln 2) and spread over the UTF-8 bytes that the validation
-# tokens stand for — and likewise **bits per character**. Unlike the loss per token, these do not
-# depend on the tokenizer, so a character model and a BPE model can be compared (section 10).
-#
-# Evaluation switches the model to **eval mode** (dropout off, so the answer is deterministic)
-# and turns off gradient tracking (nothing to backpropagate, and it saves memory and time), then
-# puts the model back the way it found it. The sampler needs the same, so it is one context
-# manager.
-
-# %%
-@contextmanager
-def evaluating(model: nn.Module):
-    """Eval mode and no gradients inside the block; the previous mode is restored after.
-
-    `inference_mode` is `no_grad` plus a promise that the results never meet autograd later,
-    which lets PyTorch skip some bookkeeping on every operation (it matters when sampling)."""
-    was_training = model.training
-    if was_training:  # (switching walks every module: skip it when there is nothing to switch)
-        model.eval()
-    try:
-        with torch.inference_mode():
+    """The caches of all the model's attention layers."""
+
+    def __init__(self, model: GPT):
+        self.layers = [LayerCache() for _ in model.blocks]
+
+    @property
+    def position(self) -> int:
+        """How many tokens the cache holds: the position the next token will have."""
+        return self.layers[0].length
+
+    @contextmanager
+    def attached(self, model: GPT):
+        """Lend each attention layer of `model` its cache inside the block."""
+        for block, layer in zip(model.blocks, self.layers):
+            block.attn.cache = layer
+        try:
             yield
-    finally:
-        if was_training:
-            model.train()
+        finally:
+            for block in model.blocks:
+                block.attn.cache = None
 
 
-def fixed_batches(data: torch.Tensor, cfg: Config, seed: int) -> list:
-    """`eval_iters` batches drawn with their own seeded generator, reused at every evaluation."""
-    generator = torch.Generator().manual_seed(seed)
-    return [get_batch(data, cfg.block_size, cfg.batch_size, generator) for _ in range(cfg.eval_iters)]
+def cached_next_token_logits(model: GPT, window: list[int], cache: KVCache) -> torch.Tensor:
+    """Logits (1, V) for the token after `window`, running only the tokens the cache has not
+    seen (the whole window when the cache is empty: the prefill)."""
+    new = torch.tensor([window[cache.position:]], device=model.device)  # (1, T_new)
+    with cache.attached(model):
+        logits, _ = model(new)  # (1, T_new, V)
+    return logits[:, -1, :]
 
-
-def estimate_loss(model: nn.Module, batches: list, device: torch.device) -> float:
-    """Mean loss of the model over a fixed list of (inputs, targets) batches."""
-    with evaluating(model):
-        losses = [model(x.to(device), y.to(device))[1].item() for x, y in batches]
-    return sum(losses) / len(losses)
-
-
-# %% [markdown]
-# ### Checkpoints
-#
-# A run keeps two checkpoints in its `out_dir`:
-#
-# * `ckpt.pt`, the **best** model so far (lowest validation loss), which `sample` uses;
-# * `latest.pt`, the state at the **latest** evaluation (or at Ctrl-C), which `--resume` continues.
-#
-# Each holds what is needed to use the model and everything a continuation needs to be *exactly*
-# the run that was interrupted: the weights, the optimiser's running averages, the step (and so
-# the position in the learning-rate schedule), the configuration, the tokenizer, the loss
-# history, a checksum of the training text, and the states of the random generators — Python's,
-# PyTorch's on the CPU and on CUDA GPUs, and the batch sampler's. Nothing is saved before the
-# first training step: an untrained model is not worth replacing an older checkpoint with. It is
-# written atomically (the helper from the data section), so a crash during the save leaves the
-# previous checkpoint intact. The file holds only tensors and plain Python values, so it can be
-# loaded with `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious
-# file.
 
 # %%
-def rng_states(batch_generator: torch.Generator) -> dict:
-    states = {"python": random.getstate(), "torch": torch.get_rng_state(), "batches": batch_generator.get_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    ids = tokenizer.encode("ROMEO:\nWhat say")
+    n = len(ids)
+    with evaluating(model):
+        full, _ = model(torch.tensor([ids]))  # (1, n, V): every position at once
+        cache = KVCache(model)
+        by_cache = {t: cached_next_token_logits(model, ids[:t], cache) for t in range(n - 3, n + 1)}
+    # The logits after the first t tokens are the full pass's at position t - 1.
+    print(f"prefill of {n - 3} tokens equals the full pass:",
+          torch.allclose(by_cache[n - 3], full[:, n - 4], atol=1e-5))
+    print("each one-token step after it too:",
+          all(torch.allclose(by_cache[t], full[:, t - 1], atol=1e-5) for t in range(n - 2, n + 1)))
+    print("tokens in the cache:", cache.position)
 
+# %% [markdown]
+# The cache's gain, measured on this machine: 1000 tokens written with and without it.
 
-def restore_rng_states(states: dict, batch_generator: torch.Generator) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    batch_generator.set_state(states["batches"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+# %%
+if IN_NOTEBOOK:
+    for use_cache in (False, True):
+        started = time.perf_counter()
+        list(generate(model, [0], 1000, generator=seeded_generator(model, 0),
+                      use_cache=use_cache))
+        print(f"use_cache={use_cache}: {1000 / (time.perf_counter() - started):,.0f} tokens/s")
 
+# %% [markdown]
+# ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
+#
+# *Builds on sections 9 and 10 (the model and the training loop with its hooks). Adds the
+# choice of device, CPU threads, the GPU path and data parallelism under `torchrun`, as hooks
+# that the training loop calls; Appendix F puts them to work in real runs.*
+#
+# ### Devices
+#
+# Part I ran everything on the CPU. The device is chosen in order of speed: an NVIDIA GPU
+# (`cuda`), an Apple GPU (`mps`), then the CPU; `--device` overrides the choice. A model moves
+# to a device with `model.to(device)`, and every tensor it meets must be there too.
 
-def save_checkpoint(path: Path, model: GPT, optimizer, tokenizer: Tokenizer, step: int, val_loss: float,
-                    batch_generator: torch.Generator, history: list = (), data_sha256: str = "") -> None:
-    """Write everything needed to sample from the model or to resume the run, atomically."""
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "step": step, "val_loss": val_loss, "config": dataclasses.asdict(model.cfg),
-                  "tokenizer": tokenizer.state(), "rng": rng_states(batch_generator),
-                  "history": list(history), "data_sha256": data_sha256}
-    write_output(path, lambda f: torch.save(checkpoint, f))
-
-
-def write_output(path: Path, write: Callable) -> None:
-    """atomic_write for the run's outputs: a failure (a full disk, say) becomes one clear line."""
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous version is untouched: "
-                        "free some disk space or choose another --out-dir") from None
-
-
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """The raw checkpoint dictionary, or a UserError saying why there is none."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: run `python llm.py train` first "
-                        "(or pass the --out-dir you trained with)")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-        checkpoint["config"], checkpoint["tokenizer"], checkpoint["model"]  # the keys every checkpoint has
-        return checkpoint
-    except Exception as e:  # truncated file, not a checkpoint, or one from another version
-        raise UserError(f"{path} is not a readable llm.py checkpoint ({type(e).__name__}): "
-                        "train again with `python llm.py train`") from None
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """The model (in eval mode), its tokenizer, and the raw checkpoint dictionary."""
-    checkpoint = read_checkpoint(path, device)
-    try:
-        cfg = Config(**checkpoint["config"])
-        tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-        model_vocab = checkpoint["model"]["embed.token.weight"].shape[0]
-    except Exception as e:  # a checkpoint of another version, or an edited one
-        raise UserError(f"{path} is not a readable llm.py checkpoint ({type(e).__name__}): "
-                        "train again with `python llm.py train`") from None
-    if tokenizer.vocab_size != model_vocab:
-        raise UserError(f"{path} holds a tokenizer of {tokenizer.vocab_size} tokens but a model of "
-                        f"{model_vocab}: the file was altered or mixed up; train again")
-    model = GPT(cfg, tokenizer.vocab_size).to(device)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError:  # weights named or shaped for another version of the model
-        raise UserError(f"{path} holds weights that do not fit this version of llm.py's model: "
-                        "train again with `python llm.py train`") from None
-    return model.eval(), tokenizer, checkpoint
+# %%
+def pick_device(name: str = "auto") -> torch.device:
+    """The device to run on: 'auto' picks cuda, then mps, then cpu."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU: "
+                        "use --device cpu")
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps was asked for, but no Apple GPU is available: "
+                        "use --device cpu")
+    return torch.device(name)
 
 
 # %% [markdown]
-# ### Beyond one machine: data parallelism
+# ### Threads
 #
-# One process can only be so fast. **Data parallelism** runs N copies of the same model, one per
-# process (a GPU each, or CPU cores), launched by `torchrun --nproc_per_node=N llm.py train`.
-# Each copy computes gradients on *different* batches; then an **all-reduce** — every process
-# sends its gradients and receives the average of all of them — leaves identical averaged
-# gradients everywhere, so every copy takes the identical optimiser step and the copies never
-# drift apart. PyTorch's `DistributedDataParallel` (DDP) does the all-reduce during the backward
-# pass, overlapping communication with computation.
+# On a CPU, PyTorch splits each large enough operation into one share per thread, one thread
+# per core by default, and the operation is done only when its last share is. That is the
+# right choice on an idle machine. But if another program is using a thread's core, every
+# operation waits for that thread, and a step can take longer on two threads than on one.
+# Generating text is the extreme case: one token's operations are too small to gain much from
+# being split, yet each still waits for its slowest thread. So `sample` uses one thread, and
+# training one per core; `--threads` overrides both (the README has the measurements). It is a
+# property of the machine, not of the model, so it is not part of the configuration.
+
+# %%
+SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
+
+
+@contextmanager
+def using_threads(n: int):
+    """PyTorch's CPU operations run on n threads inside the block; 0 leaves the number as it is
+    (PyTorch's default of one per core, unless something changed it)."""
+    if n < 0:
+        raise UserError(f"--threads must be 0 (PyTorch's default, one per core) or positive, "
+                        f"got {n}")
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# %% [markdown]
+# ### On an NVIDIA GPU
 #
-# To keep results comparable with a single process, the **global batch** stays the same: a step
-# averages gradients over `grad_accum_steps` micro-batches of `batch_size` sequences. One process
-# runs them one after another (gradient accumulation: backpropagate each, sum the gradients, step
-# once); with N processes each runs its share of `grad_accum_steps / N`. Every process draws the
-# same micro-batches from the same seeded generator and keeps only its share, so the union of
-# what the processes train on is exactly what one process would have trained on. Only process 0
-# ("rank 0") evaluates, prints and writes files. The backend is `gloo` on CPUs and `nccl` on
-# NVIDIA GPUs.
+# Three things change, none of which alters the maths:
+#
+# * The forward pass runs under bfloat16 **autocast**: matrix multiplications use the GPU's
+#   tensor cores at many times the float32 rate, while the weights and the optimiser's
+#   averages stay in float32. bfloat16 keeps float32's range (only its precision is lower), so
+#   no loss scaling is needed. `Autocast` is a module that wraps the model for that.
+# * AdamW updates all parameters in one **fused** kernel instead of one small kernel per
+#   tensor (`configure_optimizer` in section 10 asks for it on a GPU).
+# * Batches are copied from **pinned** (page-locked) memory, which the GPU can read directly,
+#   without waiting for the copy to finish.
+#
+# `--compile true` also hands the model to `torch.compile`, which fuses operations into fewer,
+# larger kernels. It is opt-in, because compiling takes tens of seconds before the first step;
+# Appendix G gives the measured trade-off on a CPU.
+
+# %%
+class Autocast(nn.Module):
+    """The wrapped model, with its forward pass in bfloat16 where that is safe (CUDA GPUs)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return self.model(*args)
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a batch to the device; to a GPU through pinned memory, without waiting."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+# %% [markdown]
+# ### Beyond one process: data parallelism
+#
+# One process can only be so fast. **Data parallelism** runs N copies of the same model, one
+# per process (a GPU each, or CPU cores), launched by `torchrun --nproc_per_node=N llm.py
+# train`. Each copy computes gradients on *different* batches; then an **all-reduce** (every
+# process sends its gradients and receives the average of all of them) leaves identical
+# averaged gradients everywhere, so every copy takes the identical optimiser step and the
+# copies never drift apart. PyTorch's `DistributedDataParallel` (DDP) does the all-reduce
+# during the backward pass, overlapping communication with computation.
+#
+# To keep results comparable with a single process, the **global batch** stays the same: a
+# step averages gradients over `grad_accum_steps` batches of `batch_size` sequences. One
+# process runs them one after another (`train_step` adds up their gradients before stepping);
+# with N processes each runs its share of `grad_accum_steps / N`. Every process draws the same
+# batches from the same seeded generator and keeps only its share, so the union of what the
+# processes train on is exactly what one process would have trained on. Only process 0 ("rank
+# 0") prints and writes files. The backend is `gloo` on CPUs and `nccl` on NVIDIA GPUs.
+#
+# `DeviceHooks` puts all of this into the training loop through two of its hooks: `wrap`
+# (compile, DDP, autocast) and `prepare` (this process's share of the batches, on its device).
 
 # %%
 @dataclass
@@ -1806,14 +2639,15 @@ class Distributed:
 
 
 def start_distributed(cfg: Config) -> Distributed:
-    """Join the process group when launched by torchrun (which sets RANK); else a single process."""
+    """Join the process group when launched by torchrun (which sets RANK); else one process."""
     if "RANK" not in os.environ:
         return Distributed()
     import torch.distributed as dist
-    env = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    env = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                      int(os.environ["LOCAL_RANK"]))
     if cfg.grad_accum_steps % env.world_size != 0:
-        raise UserError(f"--grad-accum-steps ({cfg.grad_accum_steps}) must be a multiple of the number of "
-                        f"processes ({env.world_size}), so that each gets an equal share")
+        raise UserError(f"--grad-accum-steps ({cfg.grad_accum_steps}) must be a multiple of the "
+                        f"number of processes ({env.world_size}), so that each gets an equal share")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if pick_device(cfg.device).type == "cuda" else "gloo")
     return env
@@ -1827,46 +2661,260 @@ def process_device(cfg: Config, env: Distributed) -> torch.device:
     return device
 
 
+class DeviceHooks(Hooks):
+    """Training on `device`, compiled if asked, and among several processes under torchrun."""
+
+    def __init__(self, cfg: Config, env: Distributed, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.env.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.device.type == "cuda":
+            model = Autocast(model)
+        return model
+
+    def prepare(self, batches: list) -> list:
+        mine = batches[self.env.rank::self.env.world_size]  # every process drew them all
+        return [(to_device(x, self.device), to_device(y, self.device)) for x, y in mine]
+
+
 # %% [markdown]
-# ### The training loop
+# ## Appendix F. A run you can trust
 #
-# Each step: look up the learning rate, draw the micro-batches, compute the loss, backpropagate,
-# clip the gradient, update. **Gradient clipping** rescales the whole gradient whenever its norm
-# exceeds `grad_clip` (1.0, GPT-3's setting, kept by most models since), so one unlucky batch
-# cannot throw the weights far off course. A loss that is not a finite number stops the run at
-# once, before the broken weights can reach a checkpoint.
+# *Builds on section 10 (the training loop and its hooks), Appendix B (the corpus and bits per
+# byte) and Appendix E (devices and processes). Adds what an unattended run needs: settings
+# checked once, checkpoints, exact resume, a clean stop on Ctrl-C, a guard against a broken
+# loss, and a loss history on disk. `python llm.py train` is `run_training`.*
 #
-# Every `eval_interval` steps (and after the last) we measure both losses, print a progress line,
-# append a row to `history.csv`, save `latest.pt`, and save `ckpt.pt` if the validation loss is
-# the best so far. The `lr` column holds the learning rate of the step about to be taken (at the
-# end: of the last).
+# ### Settings checked once
 #
-# **On an NVIDIA GPU** three things change, none of which alters the maths. The forward and
-# backward passes run under bfloat16 **autocast**: matrix multiplications use the GPU's tensor
-# cores at many times the float32 rate, while the weights and the optimiser's averages stay in
-# float32 (bfloat16 keeps float32's range, so no loss scaling is needed). AdamW updates all
-# parameters in one **fused** kernel instead of one small kernel per tensor. And batches are
-# copied from **pinned** (page-locked) memory, which the GPU can read without a staging copy.
-# `--compile` additionally hands the model to `torch.compile`, which fuses operations into fewer,
-# larger kernels. It is opt-in: on the 2-core CPU it made a step about 20% faster (26 ms instead
-# of 33) but first spent about 20 s compiling, as much as the whole quick run's 3000 steps save.
+# Options enter the program on the command line, so that is where they are checked, once,
+# each with one line naming the problem and the fix. Inside the model and the loop, the same
+# conditions are only `assert`ed, as invariants: if one fails there, the bug is in the code,
+# not in the user's input.
+
+# %%
+import csv
+import io
+import signal
+import threading
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise UserError naming the first setting that cannot work."""
+    def option(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in ("block_size", "batch_size", "grad_accum_steps", "n_layer", "n_head", "n_embd",
+                 "max_iters", "eval_interval", "eval_iters"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{option(name)} must be positive, got {getattr(cfg, name)}")
+    if not (cfg.learning_rate > 0):  # also catches NaN
+        raise UserError(f"--learning-rate must be positive, got {cfg.learning_rate}")
+    if not (0 <= cfg.min_lr <= cfg.learning_rate):
+        raise UserError(f"--min-lr must be between 0 and --learning-rate, got {cfg.min_lr}")
+    if not (0 <= cfg.dropout < 1):
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("warmup_iters", "weight_decay", "grad_clip"):
+        if not (getattr(cfg, name) >= 0):  # also catches NaN
+            raise UserError(f"{option(name)} must not be negative, got {getattr(cfg, name)}")
+    for name in ("beta1", "beta2"):
+        if not (0 <= getattr(cfg, name) < 1):
+            raise UserError(f"{option(name)} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head != 0:
+        raise UserError(f"--n-embd ({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head}): "
+                        "each head gets an equal slice of the channels")
+    choices = {"pos_encoding": ("learned", "sinusoidal", "rope"),
+               "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+               "tokenizer": ("char", "bpe")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{option(name)} must be one of {', '.join(allowed)}, "
+                            f"got {getattr(cfg, name)!r}")
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 256:
+        raise UserError(f"--vocab-size must be at least 256 (the byte values), "
+                        f"got {cfg.vocab_size}")
+    if cfg.n_kv_head < 0:
+        raise UserError(f"--n-kv-head must be 0 (same as --n-head) or positive, "
+                        f"got {cfg.n_kv_head}")
+    if cfg.n_head % cfg.kv_heads != 0:
+        raise UserError(f"--n-head ({cfg.n_head}) must be a multiple of --n-kv-head "
+                        f"({cfg.n_kv_head}): each key/value head serves an equal group of "
+                        "query heads")
+    if cfg.pos_encoding == "rope" and (cfg.n_embd // cfg.n_head) % 2 != 0:
+        raise UserError(f"rope rotates pairs of channels, so the head width n_embd / n_head "
+                        f"({cfg.n_embd // cfg.n_head}) must be even: change --n-embd or --n-head")
+
+
+# %% [markdown]
+# ### Checkpoints
+#
+# A run keeps two checkpoints in its output folder (`--out-dir`):
+#
+# * `ckpt.pt`, the **best** model so far (lowest validation loss), which `sample` uses;
+# * `latest.pt`, the state at the **latest** evaluation (or at Ctrl-C), which `--resume`
+#   continues.
+#
+# Each holds what is needed to use the model and everything a continuation needs to be
+# *exactly* the run that was interrupted: the `Run` of section 10 (the weights, the
+# optimiser's running averages, the step, and so the position in the learning-rate schedule,
+# the loss history, the batch generator), the configuration, the tokenizer, a checksum of the
+# training text, and the states of the other random generators: Python's, and PyTorch's on
+# the CPU and on CUDA GPUs (dropout draws from them). Nothing is saved before the first
+# training step: an untrained model is not worth replacing an older checkpoint with.
+#
+# > **Engineering note.** A checkpoint is written atomically (section 3), so a crash or a full
+# > disk during a save leaves the previous one intact; a failed write becomes one line naming
+# > the file. The file holds only tensors and plain Python values, so it is loaded with
+# > `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file.
+# > Anything wrong with a checkpoint (a truncated file, one from another version of this
+# > program, an edited one) is caught in one place and becomes one line saying what to do.
+
+# %%
+TRAIN_AGAIN = "train again with `python llm.py train`"
+
+
+def rng_states(batch_generator: torch.Generator) -> dict:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "batches": batch_generator.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict, batch_generator: torch.Generator) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    batch_generator.set_state(states["batches"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def write_output(path: Path, write: Callable) -> None:
+    """atomic_write for the run's outputs: a failure (a full disk, say) becomes one clear line."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous version is "
+                        "untouched: free some disk space or choose another --out-dir") from None
+
+
+def save_checkpoint(path: Path, run: Run, tokenizer: Tokenizer, best_val: float,
+                    data_sha256: str = "") -> None:
+    """Write everything needed to sample from the model or to resume the run, atomically."""
+    checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                  "step": run.step, "val_loss": best_val,
+                  "config": dataclasses.asdict(run.model.cfg), "tokenizer": tokenizer.state(),
+                  "rng": rng_states(run.batch_generator), "history": list(run.history),
+                  "data_sha256": data_sha256}
+    write_output(path, lambda f: torch.save(checkpoint, f))
+
+
+@contextmanager
+def checkpoint_errors(path: Path, fix: str = TRAIN_AGAIN):
+    """Any error inside the block means a damaged checkpoint, or one from another version:
+    it becomes one line naming the file and the fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path} is not a readable llm.py checkpoint ({type(e).__name__}): "
+                        f"{fix}") from None
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu",
+                    fix: str = TRAIN_AGAIN) -> tuple[dict, Config, Tokenizer]:
+    """The raw checkpoint dictionary, its configuration and its tokenizer, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: run `python llm.py train` first "
+                        "(or pass the --out-dir you trained with)")
+    with checkpoint_errors(path, fix):
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        cfg = Config(**checkpoint["config"])
+        tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+        model_vocab = checkpoint["model"]["embed.token.weight"].shape[0]
+    if tokenizer.vocab_size != model_vocab:
+        raise UserError(f"{path} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
+                        f"of {model_vocab}: the file was altered or mixed up; train again")
+    return checkpoint, cfg, tokenizer
+
+
+def load_weights(model: GPT, checkpoint: dict, path: Path, fix: str = TRAIN_AGAIN) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:  # weights named or shaped for another version of the model
+        raise UserError(f"{path} holds weights that do not fit this version of llm.py's "
+                        f"model: {fix}") from None
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """The model (in eval mode), its tokenizer, and the raw checkpoint dictionary."""
+    checkpoint, cfg, tokenizer = read_checkpoint(path, device)
+    model = GPT(cfg, tokenizer.vocab_size).to(device)
+    load_weights(model, checkpoint, path)
+    return model.eval(), tokenizer, checkpoint
+
+
+# %% [markdown]
+# ### Resuming exactly
+#
+# `--resume` continues the run saved in `latest.pt`: the same configuration, the same
+# tokenizer, the weights and the optimiser's state, the step, and every random generator's
+# state, so the resumed run's losses are bit-for-bit those of an uninterrupted one (on the
+# CPU; GPU kernels are not always deterministic). The text's checksum must match: resuming on
+# another text would silently train a different run.
+
+# %%
+RESUME_FIX = "start a new run without --resume"
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_resume_checkpoint(out_dir: Path, data_sha256: str) -> tuple[dict, Config, Tokenizer]:
+    """The latest checkpoint of the run in out_dir, checked against the training text."""
+    checkpoint, cfg, tokenizer = read_checkpoint(Path(out_dir) / "latest.pt", fix=RESUME_FIX)
+    if checkpoint.get("data_sha256") != data_sha256:
+        raise UserError(f"the training text differs from the one the run in {out_dir} was "
+                        "trained on: pass the same --data, or start a new run without --resume")
+    return checkpoint, cfg, tokenizer
+
+
+def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
+    """Put a fresh run into the state the checkpoint saved."""
+    load_weights(run.model, checkpoint, path, RESUME_FIX)
+    with checkpoint_errors(path, RESUME_FIX):
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_states(checkpoint["rng"], run.batch_generator)
+        run.history, run.step = checkpoint["history"], checkpoint["step"]
+
+
+# %% [markdown]
+# ### Progress, history and a clean stop
+#
+# Every evaluation prints one progress line (the losses, also in bits per byte, the learning
+# rate, the speed and the time left) and rewrites `history.csv`, one row per evaluation.
 #
 # **Ctrl-C** does not kill the run in the middle of an update. It only raises a flag; the loop
 # finishes the current step, saves `latest.pt`, and stops with a message saying how to resume.
-# `--resume` then restores everything the checkpoint holds and continues: the resumed run's
-# losses are bit-for-bit those of an uninterrupted one (on the CPU; GPU kernels are not always
-# deterministic). A second Ctrl-C abandons the current step at once, and `latest.pt` keeps the
-# state of the last evaluation.
+# A second Ctrl-C abandons the current step at once, and `latest.pt` keeps the state of the
+# last evaluation. A loss that is not a finite number stops the run at once, before the broken
+# weights can reach a checkpoint.
+#
+# > **Engineering note: signals.** Ctrl-C reaches a program as the signal SIGINT, which Python
+# > normally turns into a `KeyboardInterrupt` exception wherever the program happens to be.
+# > `stop_flag_on_ctrl_c` installs a handler that sets a flag instead, for as long as training
+# > runs, and puts the previous handler back afterwards. Signals reach only the main thread,
+# > so elsewhere the flag simply never rises.
 
 # %%
-@dataclass
-class TrainResult:
-    model: GPT
-    tokenizer: Tokenizer
-    history: list  # one dict per evaluation: the columns of HISTORY_FIELDS
-    seconds: float
-
-
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
 
 
@@ -1874,30 +2922,12 @@ class TrainingInterrupted(Exception):
     """Raised when Ctrl-C stopped training after the latest checkpoint was saved."""
 
 
-def train_step(model: nn.Module, optimizer, batches: list, lr: float, cfg: Config) -> float:
-    """One optimizer step on a list of (inputs, targets) micro-batches; returns their mean loss."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for i, (x, y) in enumerate(batches):
-        last = i == len(batches) - 1  # DDP averages gradients across processes after the last one only
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):  # bf16 maths on GPUs only
-                _, loss = model(x, y)
-            (loss / len(batches)).backward()  # gradients add up: the mean over micro-batches
-        total += loss.item()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    return total / len(batches)
-
-
 @contextmanager
 def stop_flag_on_ctrl_c():
-    """Inside the block, the first Ctrl-C sets flag["stop"] instead of raising KeyboardInterrupt."""
+    """Inside the block, the first Ctrl-C sets flag["stop"] instead of raising
+    KeyboardInterrupt."""
     flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+    if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
@@ -1905,7 +2935,8 @@ def stop_flag_on_ctrl_c():
         if flag["stop"]:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         flag["stop"] = True
-        print("\nCtrl-C: finishing this step and saving (press again to abandon it)", file=sys.stderr)
+        print("\nCtrl-C: finishing this step and saving (press again to abandon it)",
+              file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, request_stop)
     try:
@@ -1925,8 +2956,8 @@ def progress_line(row: dict, cfg: Config, seconds_per_step: float) -> str:
               f"val {row['val_loss']:.4f} ({row['val_bpb']:.3f} bits/byte) | lr {row['lr']:.2e}")
     if not seconds_per_step:  # nothing timed yet
         return losses
-    tokens_per_s = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size / seconds_per_step
-    eta = (cfg.max_iters - row["step"]) * seconds_per_step  # training steps only, not evaluations
+    tokens_per_s = tokens_per_step(cfg) / seconds_per_step
+    eta = (cfg.max_iters - row["step"]) * seconds_per_step  # training steps only
     return (f"{losses} | {1000 * seconds_per_step:5.1f} ms/iter | {tokens_per_s:7,.0f} tok/s | "
             f"ETA {format_duration(eta)}")
 
@@ -1939,7 +2970,8 @@ def prepare_out_dir(out_dir: Path) -> Path:
         probe.write_text("ok", encoding="utf-8")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to --out-dir {out_dir} ({e.strerror}): choose another directory") from None
+        raise UserError(f"cannot write to --out-dir {out_dir} ({e.strerror}): "
+                        "choose another directory") from None
     return out_dir
 
 
@@ -1949,603 +2981,162 @@ def write_history(path: Path, history: list) -> None:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
         writer.writeheader()
-        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in history)
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+                         for row in history)
         text.detach()  # flush into f, and leave f open for atomic_write to close
     write_output(path, write)
 
 
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to the device; to a GPU through pinned memory, without waiting for the copy."""
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
+# %% [markdown]
+# ### The run
+#
+# `RunHooks` adds all of this to the hooks of Appendix E, and `run_training` sets up a run
+# (fresh or resumed) and hands it to section 10's `train`. The loop itself is unchanged.
+
+# %%
+class RunHooks(DeviceHooks):
+    """Progress, history.csv, checkpoints, a clean stop on Ctrl-C, and the broken-loss guard."""
+
+    def __init__(self, cfg: Config, env: Distributed, device: torch.device, out_dir: Path,
+                 corpus: Corpus, data_sha256: str, log: Callable, stop: dict):
+        super().__init__(cfg, env, device)
+        self.out_dir, self.corpus, self.data_sha256, self.stop = out_dir, corpus, data_sha256, stop
+        self.log = log if env.is_main else (lambda *_: None)  # only rank 0 prints
+        self.best_val = math.inf
+        self.step_seconds, self.steps_timed, self.step_started = 0.0, 0, 0.0
+
+    def save(self, run: Run, name: str) -> None:
+        save_checkpoint(self.out_dir / name, run, self.corpus.tokenizer, self.best_val,
+                        self.data_sha256)
+
+    def evaluated(self, run: Run) -> None:
+        row = with_bits(run.history[-1], self.corpus)
+        run.history[-1] = row
+        if not self.env.is_main:  # only rank 0 writes files
+            return
+        write_history(self.out_dir / "history.csv", run.history)
+        self.log(progress_line(row, self.cfg, self.step_seconds / max(1, self.steps_timed)))
+        if run.step > 0:
+            if row["val_loss"] < self.best_val:
+                self.best_val = row["val_loss"]
+                self.save(run, "ckpt.pt")
+            self.save(run, "latest.pt")
+
+    def before_step(self, run: Run) -> None:
+        if self.stop["stop"]:
+            if run.step == 0:
+                raise TrainingInterrupted("stopped before the first training step; nothing "
+                                          "was saved")
+            just_saved = run.history[-1]["step"] == run.step  # an evaluation just saved it
+            if self.env.is_main and not just_saved:
+                self.save(run, "latest.pt")
+            raise TrainingInterrupted(f"stopped at step {run.step}; saved "
+                                      f"{self.out_dir / 'latest.pt'}. Continue with: "
+                                      f"python llm.py train --resume --out-dir {self.out_dir}")
+        self.step_started = time.perf_counter()
+
+    def after_step(self, run: Run, loss: float) -> None:
+        if not math.isfinite(loss):
+            latest = self.out_dir / "latest.pt"
+            saved = (f"the last good checkpoint is {latest}" if latest.exists()
+                     else "nothing was saved yet")
+            raise UserError(f"the training loss became {loss} at step {run.step}; {saved}: "
+                            "lower --learning-rate or --grad-clip and train again")
+        self.step_seconds += time.perf_counter() - self.step_started
+        self.steps_timed += 1
 
 
-def resume_checkpoint(out_dir: Path, text: str) -> dict:
-    """The latest checkpoint of the run in out_dir, checked against the training text."""
-    checkpoint = read_checkpoint(Path(out_dir) / "latest.pt")
-    if checkpoint.get("data_sha256") != hashlib.sha256(text.encode("utf-8")).hexdigest():
-        raise UserError(f"the training text differs from the one the run in {out_dir} was trained on: "
-                        "pass the same --data, or start a new run without --resume")
-    return checkpoint
+@dataclass
+class TrainResult:
+    model: GPT
+    tokenizer: Tokenizer
+    history: list  # one dict per evaluation: the columns of HISTORY_FIELDS
+    seconds: float
 
 
-def train(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = print,
-          resume: bool = False) -> TrainResult:
-    """Train a GPT on `text` (or continue the run in out_dir); writes history.csv, ckpt.pt, latest.pt."""
+def run_training(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = print,
+                 resume: bool = False) -> TrainResult:
+    """Train a GPT on `text`, or continue the run in out_dir; writes history.csv, ckpt.pt and
+    latest.pt there. `cfg` has been checked (validate_config); a resumed run keeps its own."""
     out_dir = prepare_out_dir(out_dir)
-    checkpoint = resume_checkpoint(out_dir, text) if resume else None
-    if checkpoint is not None:
-        try:
-            cfg = Config(**checkpoint["config"])  # a resumed run keeps its configuration
-        except TypeError:
-            raise UserError(f"{out_dir / 'latest.pt'} comes from another version of llm.py: "
-                            "start a new run without --resume") from None
-    cfg.validate()
+    data_sha256 = text_sha256(text)
+    checkpoint = None
+    if resume:
+        checkpoint, cfg, tokenizer = read_resume_checkpoint(out_dir, data_sha256)
     env = start_distributed(cfg)
     device = process_device(cfg, env)
     set_seed(cfg.seed)
-    log = log if env.is_main else (lambda *_: None)
-
-    train_text, val_text = split_train_val(text)
-    if checkpoint is not None:
-        tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    else:
-        tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, train_text)
-    train_data, val_data = (torch.tensor(tokenizer.encode(t), dtype=torch.long) for t in (train_text, val_text))
-    val_bytes_per_token = len(val_text.encode("utf-8")) / len(val_data)
-    val_chars_per_token = len(val_text) / len(val_data)
-    eval_batches = {"train": fixed_batches(train_data, cfg, cfg.seed + 1),
-                    "val": fixed_batches(val_data, cfg, cfg.seed + 2)}
-    batch_generator = torch.Generator().manual_seed(cfg.seed)
-
-    model = GPT(cfg, tokenizer.vocab_size).to(device)
-    optimizer = configure_optimizer(model, cfg)
-    history, best_val, first_step = [], float("inf"), 0
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            restore_rng_states(checkpoint["rng"], batch_generator)
-            history, first_step = checkpoint["history"], checkpoint["step"]
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise UserError(f"{out_dir / 'latest.pt'} cannot be resumed ({type(e).__name__}): it comes from "
-                            "another version or was edited; start a new run without --resume") from None
-        best_val = min((row["val_loss"] for row in history if row["step"] > 0), default=float("inf"))
-        log(f"resuming {out_dir / 'latest.pt'} at step {first_step}")
-    trained = torch.compile(model) if cfg.compile else model
-    if env.world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"{model.num_parameters():,} parameters, vocabulary of {tokenizer.vocab_size}, "
-        f"{len(train_data):,} training tokens, device {device}"
-        + (f", {env.world_size} processes" if env.world_size > 1 else ""))
-
-    data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-    def save(path: Path, step: int) -> None:
-        save_checkpoint(path, model, optimizer, tokenizer, step, best_val, batch_generator, history, data_sha256)
-
-    seconds_before = history[-1]["elapsed_s"] if history else 0.0
-    start = time.perf_counter()
-    train_seconds, steps_timed = 0.0, 0
-    with stop_flag_on_ctrl_c() as ctrl_c:
-        for step in range(first_step, cfg.max_iters + 1):
-            due = step % cfg.eval_interval == 0 or step == cfg.max_iters
-            if due and env.is_main and not (history and history[-1]["step"] == step):  # (done before a resume)
-                val_loss = estimate_loss(model, eval_batches["val"], device)
-                history.append({"step": step, "train_loss": estimate_loss(model, eval_batches["train"], device),
-                                "val_loss": val_loss, "val_bpb": val_loss / math.log(2) / val_bytes_per_token,
-                                "val_bpc": val_loss / math.log(2) / val_chars_per_token,
-                                "lr": lr_at(min(step, cfg.max_iters - 1), cfg),
-                                "elapsed_s": seconds_before + time.perf_counter() - start})
-                write_history(out_dir / "history.csv", history)
-                log(progress_line(history[-1], cfg, train_seconds / max(1, steps_timed)))
-                if step > 0:
-                    if val_loss < best_val:
-                        best_val = val_loss
-                        save(out_dir / "ckpt.pt", step)
-                    save(out_dir / "latest.pt", step)
-            if step == cfg.max_iters:
-                break
-            if ctrl_c["stop"]:
-                if step == 0:
-                    raise TrainingInterrupted("stopped before the first training step; nothing was saved")
-                if env.is_main and not due:  # (if an evaluation was due, it has just saved)
-                    save(out_dir / "latest.pt", step)
-                raise TrainingInterrupted(f"stopped at step {step}; saved {out_dir / 'latest.pt'}. Continue with: "
-                                          f"python llm.py train --resume --out-dir {out_dir}")
-            t0 = time.perf_counter()
-            micro = [get_batch(train_data, cfg.block_size, cfg.batch_size, batch_generator)
-                     for _ in range(cfg.grad_accum_steps)]  # every process draws all of them...
-            mine = [(to_device(x, device), to_device(y, device)) for x, y in micro[env.rank::env.world_size]]  # ...and keeps its share
-            loss = train_step(trained, optimizer, mine, lr_at(step, cfg), cfg)
-            if not math.isfinite(loss):
-                saved = f"the last good checkpoint is {out_dir / 'latest.pt'}" if (out_dir / "latest.pt").exists() \
-                    else "nothing was saved yet"
-                raise UserError(f"the training loss became {loss} at step {step}; {saved}: "
-                                "lower --learning-rate or --grad-clip and train again")
-            train_seconds, steps_timed = train_seconds + time.perf_counter() - t0, steps_timed + 1
-    return TrainResult(model, tokenizer, history, seconds_before + time.perf_counter() - start)
+    if checkpoint is None:
+        tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
+    corpus = encode_corpus(text, tokenizer, cfg.block_size)
+    run = start_run(GPT(cfg, tokenizer.vocab_size).to(device), cfg)
+    with stop_flag_on_ctrl_c() as stop:
+        hooks = RunHooks(cfg, env, device, out_dir, corpus, data_sha256, log, stop)
+        if checkpoint is not None:
+            restore_run(run, checkpoint, out_dir / "latest.pt")
+            hooks.best_val = min((row["val_loss"] for row in run.history if row["step"] > 0),
+                                 default=math.inf)
+            hooks.log(f"resuming {out_dir / 'latest.pt'} at step {run.step}")
+        hooks.log(f"{run.model.num_parameters():,} parameters, vocabulary of "
+                  f"{tokenizer.vocab_size}, {len(corpus.train_data):,} training tokens, device "
+                  f"{device}" + (f", {env.world_size} processes" if env.world_size > 1 else ""))
+        started = time.perf_counter()
+        seconds_before = run.history[-1]["elapsed_s"] if run.history else 0.0
+        train(run, cfg, corpus.train_data, corpus.val_data, hooks)
+    return TrainResult(run.model, tokenizer, run.history,
+                       seconds_before + time.perf_counter() - started)
 
 
 # %% [markdown]
-# Now we train for real. The notebook trains the default model for 1000 steps, a third of the
-# command line's quick run (about 40 seconds on a laptop CPU), so that the whole notebook runs in a few
-# minutes; `python llm.py train` trains the full default configuration.
-
-# %%
-if IN_NOTEBOOK:
-    notebook_cfg = Config(max_iters=1000, eval_interval=100)
-    result = train(notebook_cfg, text, out_dir=Path("out") / "notebook")
-    print(f"trained in {result.seconds:.0f} s; final validation loss {result.history[-1]['val_loss']:.3f}")
-
-# %% [markdown]
-# ### What training did
+# ## Appendix G. Measuring speed
 #
-# **The loss curves.** Both losses start at ln(65) ≈ 4.17 and fall fast while the model learns
-# which characters are common, then which follow which, then whole words. The validation loss
-# stays above the training loss: the validation text is unseen, so it measures generalisation.
-# A widening gap between the two would mean memorisation (overfitting).
-
-# %%
-def plot_losses(history: list, title: str = "Training and validation loss"):
-    steps = [row["step"] for row in history]
-    fig, ax = new_figure(figsize=(9, 5))
-    ax.plot(steps, [row["train_loss"] for row in history], marker=".", label="train")
-    ax.plot(steps, [row["val_loss"] for row in history], marker=".", label="validation")
-    ax.set(title=title, xlabel="step", ylabel="cross-entropy loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_losses(result.history)
-    plt.show()
-
-# %% [markdown]
-# **Attention after training.** Below is every head of every layer reading the first line of the
-# validation text, which the model has never seen. Each row is a query position and shows where
-# that character looked. Look for heads with a bright stripe just left of the diagonal: they
-# attend to the *previous* character, the most useful single fact for guessing the next one.
-# Other heads light up columns at spaces (␣) and line breaks (↵): they track where the current
-# word or line began. Which head does which job changes from run to run; the kinds recur.
-
-# %%
-def plot_attention_maps(model: GPT, tokenizer: Tokenizer, line: str):
-    """Every head of every layer (rows: layers, columns: heads) attending over `line`."""
-    device = next(model.parameters()).device
-    token_ids = tokenizer.encode(line)[:model.cfg.block_size]
-    tokens = [tokenizer.decode([i]) for i in token_ids]
-    with evaluating(model):
-        _, _, weights = model(torch.tensor([token_ids], device=device), return_weights=True)  # n_layer x (1, H, T, T)
-    n_layer, n_head = len(weights), weights[0].shape[1]
-    fig, axes = new_figure(n_layer, n_head, figsize=(4 * n_head, 4 * n_layer), squeeze=False)
-    for layer in range(n_layer):
-        for head in range(n_head):
-            plot_attention_heatmap(axes[layer][head], weights[layer][0, head], tokens,
-                                   f"layer {layer + 1}, head {head + 1}", fontsize=7)
-    fig.suptitle("Attention weights after training (row: query, column: key)", fontsize=16)
-    fig.tight_layout()
-    return fig
-
-
-def attention_demo_line(val_text: str, block_size: int, max_chars: int = 40) -> str:
-    """The first whole line(s) of the validation text, short enough to label every character."""
-    start = val_text.find("\n") + 1  # skip the partial line the 90% cut may leave at the start
-    line = val_text[start:].lstrip("\n") or val_text  # (a text with no later line: use it all)
-    return line[:min(block_size, max_chars)]
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_attention_maps(result.model, result.tokenizer, attention_demo_line(val_text, notebook_cfg.block_size))
-    plt.show()
-
-# %% [markdown]
-# **The embeddings.** Each character's learned vector has 128 numbers; projecting them onto their
-# two directions of greatest variance (principal components) gives a map. Characters the model
-# treats alike end up near each other: typically upper-case letters separate from lower-case
-# ones (they occur in different places: names and line starts), the lower-case vowels sit
-# together, and rare symbols such as `$` and `&` drift off on their own.
-
-# %%
-def plot_embeddings_2d(model: GPT, tokenizer: Tokenizer):
-    table = model.embed.token.weight.detach().cpu()  # (V, C)
-    centered = table - table.mean(0)
-    _, _, v = torch.linalg.svd(centered, full_matrices=False)
-    xy = centered @ v[:2].T  # (V, 2): coordinates along the two main directions
-    kinds = {"vowel": "aeiouAEIOU", "upper": "BCDFGHJKLMNPQRSTVWXYZ", "lower": "bcdfghjklmnpqrstvwxyz"}
-    fig, ax = new_figure(figsize=(9, 8))
-    tokens = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
-    for i, ch in enumerate(tokens):
-        kind = next((k for k, members in kinds.items() if ch in members), "other")
-        color = {"vowel": "tab:red", "upper": "tab:blue", "lower": "tab:green", "other": "tab:gray"}[kind]
-        ax.text(xy[i, 0].item(), xy[i, 1].item(), visible(ch), color=color, fontsize=14, ha="center", va="center")
-    ax.set_xlim(xy[:, 0].min() - 0.05, xy[:, 0].max() + 0.05)
-    ax.set_ylim(xy[:, 1].min() - 0.05, xy[:, 1].max() + 0.05)
-    ax.set(title="Character embeddings, first two principal components\n"
-                 "(red: vowels, blue: upper-case consonants, green: lower-case consonants)",
-           xlabel="component 1", ylabel="component 2")
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_embeddings_2d(result.model, result.tokenizer)
-    plt.show()
-
-# %% [markdown]
-# ## 10. Classic versus modern, measured
+# *Builds on section 10 (`train_step`), Appendix C (`seconds_per_step`), Appendix D (the KV
+# cache) and Appendix E (devices, threads). Adds `python llm.py bench`, which measures this
+# machine running this model.*
 #
-# Section 8 claimed that the `llama` switches beat the `gpt2` ones in the quick run. Here the
-# notebook measures it again, on whatever machine runs it. A fair race gives both the same
-# **time**, not the same number of steps: a slower architecture should pay for its slowness. So
-# we first time a few training steps of each configuration, give it as many steps as fit in the
-# budget, and scale its learning-rate schedule to that length (warmup for the first 1/30 of the
-# steps, as in the quick run). The budget covers the training steps; evaluations come on top.
-
-# %%
-def synchronize(device: torch.device) -> None:
-    """Wait for the device to finish its queued work, so that timings measure the work itself."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20) -> tuple[float, GPT]:
-    """Median time of one training step of `cfg` on this machine (random tokens of the real
-    shapes: speed does not depend on the text), and the model it was measured with."""
-    set_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    model = GPT(cfg, vocab_size).to(device)
-    optimizer = configure_optimizer(model, cfg)
-    x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
-    batches = [(x, x)] * cfg.grad_accum_steps
-    for _ in range(3):  # untimed: the first steps allocate memory and pick kernels
-        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
-    times = []
-    for _ in range(probe_steps):
-        synchronize(device)
-        start = time.perf_counter()
-        train_step(model, optimizer, batches, cfg.learning_rate, cfg)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], model  # the median resists the odd slow step
-
-
-def train_for(cfg: Config, text: str, seconds: float, out_dir: Path, n_evals: int = 8) -> dict:
-    """Train `cfg` for about `seconds` of training steps; returns a summary row for a table."""
-    vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else len(set(text))
-    per_step, _ = seconds_per_step(cfg, vocab_size)
-    steps = max(10, int(seconds / per_step))
-    cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=max(1, steps // 30),
-                              eval_interval=max(1, steps // n_evals))
-    result = train(cfg, text, out_dir, log=lambda *_: None)  # quiet: the table says it all
-    return {"parameters": result.model.num_parameters(), "steps": steps,
-            "tokens_per_s": cfg.batch_size * cfg.grad_accum_steps * cfg.block_size / per_step,
-            "val_loss": result.history[-1]["val_loss"], "val_bpb": result.history[-1]["val_bpb"],
-            "history": result.history}
-
-
-def print_table(rows: dict) -> None:
-    print(f"{'':24} {'parameters':>10} {'steps':>6} {'tokens/s':>9} {'val loss':>9} {'bits/byte':>9}")
-    for name, row in rows.items():
-        print(f"{name:24} {row['parameters']:>10,} {row['steps']:>6} {row['tokens_per_s']:>9,.0f} "
-              f"{row['val_loss']:>9.3f} {row['val_bpb']:>9.3f}")
-
-
-def plot_val_curves(rows: dict, title: str, metric: str = "val_loss", ylabel: str = "validation loss (nats)"):
-    fig, ax = new_figure(figsize=(9, 5))
-    for name, row in rows.items():
-        history = row["history"]
-        ax.plot([r["elapsed_s"] for r in history], [r[metric] for r in history], marker=".", label=name)
-    ax.set(title=title, xlabel="seconds (training and evaluation)", ylabel=ylabel)
-    ax.set_ylim(top=min(ax.get_ylim()[1], 1.5 * min(r[metric] for row in rows.values() for r in row["history"])))
-    # (the cap keeps the first evaluations, far above the rest, from squashing the interesting part)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    race = {arch: train_for(preset(arch), text, 15, Path("out") / "notebook" / arch) for arch in ARCHITECTURES}
-    print_table(race)
-    plot_val_curves(race, "gpt2 and llama presets, 15 seconds of training each")
-    plt.show()
-
-# %% [markdown]
-# **One switch at a time.** Which of the five changes matters? Starting from the classic `gpt2`
-# set, we flip one switch at a time and train each variant for the same short budget. Eight
-# seconds is only a couple of hundred steps, so this measures how fast each variant learns early
-# on, and differences of a few hundredths are within run-to-run noise; the full quick run is the
-# final word. In our runs on a 2-core machine, rotary positions gave the one consistent gain
-# (0.15–0.2 lower loss in earlier runs with 10- and 12-second budgets). The other switches moved
-# the loss up or down by about as much as the noise between runs; what they buy shows elsewhere
-# — grouped keys/values and dropped biases in memory and speed, SwiGLU at larger scale (where
-# the Llama and PaLM papers measured it).
-
-# %%
-ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"}, "+ rmsnorm": {"norm": "rmsnorm"},
-            "+ swiglu": {"mlp": "swiglu"}, "+ 2 key/value heads": {"n_kv_head": 2}, "+ no biases": {"bias": False}}
-
-# %%
-if IN_NOTEBOOK:
-    ablation = {}
-    for i, (name, switch) in enumerate(ABLATION.items()):
-        ablation[name] = train_for(preset("gpt2", **switch), text, 8, Path("out") / "notebook" / f"ablation{i}", n_evals=1)
-    print_table(ablation)
-
-# %% [markdown]
-# **Characters or BPE?** A loss in nats *per token* cannot compare the two tokenizers: a BPE
-# token carries about two characters, so predicting it is harder, and its loss is higher even
-# when the model is better. The fair unit is **bits per byte**: the loss per token, converted to
-# bits (divide by ln 2), divided by the number of UTF-8 bytes per token of the validation text.
-# It is the number of bits the model would need to compress the text, per byte — whatever the
-# tokenizer. (Bits per character divides by characters instead; for plain English text the two
-# are equal.) Both models train for the same time with the default architecture. In our run BPE
-# reached the lower bits per byte: each of its steps covers about twice as much text, which
-# outweighs the harder prediction and the larger output layer; the curves below are this run's.
-
-# %%
-if IN_NOTEBOOK:
-    tokenizers = {"char": train_for(Config(tokenizer="char"), text, 15, Path("out") / "notebook" / "char"),
-                  "bpe, 512 tokens": train_for(Config(tokenizer="bpe"), text, 15, Path("out") / "notebook" / "bpe")}
-    print_table(tokenizers)
-    plot_val_curves(tokenizers, "Character vs BPE tokenizer, 15 seconds of training each",
-                    metric="val_bpb", ylabel="validation bits per byte")
-    plt.show()
-
-# %% [markdown]
-# ## 11. Sampling
-#
-# A trained model gives, for any context, a probability for every possible next token. To write,
-# we pick one token, append it to the context, and repeat. *How* we pick changes the text a lot,
-# so the choice is made by small functions over the logits that compose:
-#
-# * **Temperature** $\tau$ divides the logits before the softmax: $p_i \propto e^{z_i/\tau}$.
-#   $\tau < 1$ sharpens the distribution (safer, more repetitive), $\tau > 1$ flattens it (more
-#   surprising, more mistakes). As $\tau \to 0$ all the probability goes to the largest logit, so
-#   we define $\tau = 0$ as **greedy** decoding: always take the most likely token.
-# * **Top-k** keeps only the k most likely tokens, so the long tail of unlikely tokens — each
-#   improbable, but many of them — can never be drawn.
-# * **Top-p** (nucleus sampling, Holtzman et al. 2019) keeps the smallest set of most likely
-#   tokens whose probabilities add up to at least p. Unlike top-k it adapts: few candidates when
-#   the model is sure, many when it is not. The most likely token is always kept.
-#
-# Filtered-out tokens get logit $-\infty$, hence probability exactly 0.
-
-# %%
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
-                        vocab_size: int | None = None) -> None:
-    if not (temperature >= 0):  # also rejects NaN
-        raise UserError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
-    if top_k is not None and (top_k < 1 or (vocab_size is not None and top_k > vocab_size)):
-        limit = f" and at most the vocabulary size {vocab_size}" if vocab_size else ""
-        raise UserError(f"--top-k must be at least 1{limit}, got {top_k}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits in the last dimension (and any tied with the k-th); -inf the rest."""
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability sums to at least p."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    sorted_probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of all more likely tokens
-    drop_sorted = mass_before >= p  # already reached p without this token; never the first one
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token id from logits (..., V): greedy when temperature is 0."""
-    check_sampling_args(temperature, top_k, top_p, logits.shape[-1])
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    toy = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    for p in (0.6, 0.85, 1.0):
-        print(f"top-p {p}: keeps", F.softmax(top_p_filter(toy, p), -1).numpy().round(3))
-    print("top-k 2 :  keeps", F.softmax(top_k_filter(toy, 2), -1).numpy().round(3))
-    print("temperature 0 picks token", sample_next(toy, temperature=0).item())
-
-# %% [markdown]
-# Generation feeds the model its own output, one token at a time. With the **KV cache** from
-# section 6, the prompt is run through the model once (the *prefill*), filling the cache; after
-# that each step runs only the one new token, whose query attends to all the cached keys: the
-# projections and the MLP no longer grow with the context, only the (small) attention does.
-#
-# **Past `block_size`.** The model knows positions 0 to `block_size − 1` only. When the context is
-# full we keep its last half and **prefill again** from there, so the window starts at position 0
-# once more, then continue step by step until it is full again. Simply dropping the oldest cached
-# entry would not be the same thing: every cached key was computed while its token could still
-# see tokens that have now left the window (through the layers below), and with learned or
-# sinusoidal encodings every position would shift by one. Re-prefilling is exact for every
-# positional scheme, and costs one prefill per `block_size / 2` tokens. Without the cache
-# (`use_cache=False`) the model recomputes the same window at every step; a test checks that the
-# two give the same logits at every position.
-#
-# `generate` is a Python generator that *yields* each new token as soon as it exists, so the
-# command line can print text as it comes. Sampling uses its own seeded `torch.Generator`: the
-# same seed gives the same text.
-
-# %%
-def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[int]:
-    """An iterator over `max_new_tokens` token ids, each sampled after the prompt and the tokens
-    before it. The arguments are checked here, at the call, not at the first token."""
-    check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
-    if not prompt_ids:
-        raise UserError("the prompt is empty: give at least one character with --prompt")
-    if max_new_tokens < 0:
-        raise UserError(f"the number of tokens to generate must not be negative, got {max_new_tokens}")
-    return _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
-
-
-def next_token_logits(model: GPT, ids: list[int], window_start: int, cache: KVCache | None) -> torch.Tensor:
-    """Logits (1, V) for the token after ids[window_start:]; with a cache, only the newest token
-    is run (a prefill happens when the cache is empty)."""
-    device = next(model.parameters()).device
-    if cache is None:
-        context = ids[window_start:]
-    else:
-        context = ids[window_start + cache.position:]  # the tokens the cache has not seen yet
-    logits, _ = model(torch.tensor([context], device=device), cache=cache)  # (1, T, V)
-    return logits[:, -1, :]
-
-
-def _generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
-    ids = list(prompt_ids)
-    block_size = model.cfg.block_size
-    window_start = max(0, len(ids) - block_size)  # the context is ids[window_start:]
-    cache = KVCache(model.cfg.n_layer) if use_cache else None
-    for _ in range(max_new_tokens):
-        if len(ids) - window_start > block_size:  # the window is full: keep its last half
-            window_start = len(ids) - max(1, block_size // 2)
-            cache = KVCache(model.cfg.n_layer) if use_cache else None  # and prefill again
-        with evaluating(model):  # per token, so that nothing leaks to the caller between tokens
-            logits = next_token_logits(model, ids, window_start, cache)  # (1, V)
-            next_id = sample_next(logits, temperature, top_k, top_p, generator).item()
-        ids.append(next_id)
-        yield next_id
-
-
-def seeded_generator(model: nn.Module, seed: int) -> torch.Generator:
-    """A random generator on the model's device, seeded: the same seed gives the same text."""
-    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-
-
-def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
-                **sampling) -> Iterator[str]:
-    """Yield the continuation of `prompt`, piece by piece, until it has `num_chars` characters.
-
-    A BPE token may end in the middle of a multi-byte character, so bytes go through an
-    incremental UTF-8 decoder, which holds a partial character back until the rest arrives.
-    Each token adds at least one byte and a character has at most 4, so 4 * num_chars tokens
-    always suffice; we stop as soon as there are enough characters."""
-    if num_chars < 0:
-        raise UserError(f"--num-chars must not be negative, got {num_chars}")
-    new_ids = generate(model, tokenizer.encode(prompt), 4 * num_chars, generator=seeded_generator(model, seed),
-                       **sampling)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    remaining = num_chars
-    while remaining > 0:
-        piece = decoder.decode(tokenizer.token_bytes(next(new_ids)))[:remaining]
-        remaining -= len(piece)
-        yield piece
-
-
-def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
-                  seed: int = 1337, **sampling) -> str:
-    """The prompt followed by `num_chars` sampled characters (seeded)."""
-    return prompt + "".join(stream_text(model, tokenizer, prompt, num_chars, seed, **sampling))
-
-
-# %% [markdown]
-# Here is what the filters do to the trained model's real prediction. Given the context below,
-# the bars show the probability of the most likely next characters: low temperature piles the
-# mass onto the favourite, high temperature spreads it over more candidates, and top-k and top-p
-# cut the tail off completely.
-
-# %%
-def plot_next_token_distributions(model: GPT, tokenizer: Tokenizer, context: str,
-                                  top_k: int = 3, top_p: float = 0.9, n_bars: int = 12):
-    device = next(model.parameters()).device
-    with evaluating(model):
-        logits, _ = model(torch.tensor([tokenizer.encode(context)], device=device))
-    logits = logits[0, -1].cpu()  # (V,) scores for the character after the context
-    shown = torch.topk(logits, n_bars).indices  # the most likely characters, best first
-    panels = [("temperature 0.5", logits / 0.5), ("temperature 1", logits), ("temperature 2", logits / 2),
-              (f"top-k, k = {top_k}", top_k_filter(logits, top_k)),
-              (f"top-p, p = {top_p}", top_p_filter(logits, top_p)),
-              ("greedy (temperature 0)", top_k_filter(logits, 1))]
-    fig, axes = new_figure(2, 3, figsize=(16, 8), sharey=True)
-    for ax, (title, panel_logits) in zip(axes.flat, panels):
-        probs = F.softmax(panel_logits, dim=-1)[shown]
-        ax.bar(range(n_bars), probs, color="tab:blue")
-        ax.set_xticks(range(n_bars), [visible(tokenizer.decode([i])) for i in shown], fontsize=13)
-        ax.set_title(title)
-        ax.set_ylim(0, 1)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("probability")
-    fig.suptitle(f"Next-character probabilities after {context!r}", fontsize=16)
-    fig.tight_layout()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_next_token_distributions(result.model, result.tokenizer, "ROMEO:\nWhat say")
-    plt.show()
-
-# %% [markdown]
-# And finally, the trained model writes:
-
-# %%
-if IN_NOTEBOOK:
-    print(generate_text(result.model, result.tokenizer, "ROMEO:\n", 400, temperature=0.8))
-
-# %% [markdown]
-# **One thread for one token.** One token's operations are too small to gain much from being
-# split across threads, yet each split operation still waits for its slowest thread, and on a
-# busy core that wait is long (section 1). Measured on the 2-core machine (the quick-run model,
-# 2000 tokens with the KV cache): on an idle machine, two threads gave 1,165 tokens/s and one
-# thread 1,143; with another program keeping one core busy, two threads fell to 330 tokens/s
-# while one thread kept 1,106. A second thread buys a few percent at best and costs a factor of
-# three at worst, so `sample` uses one thread unless `--threads` says otherwise.
-
-# %%
-SAMPLING_THREADS = 1  # the thread count of `python llm.py sample` (and of bench's sampling figures)
-
-
-# %% [markdown]
-# ### Measuring speed
-#
-# `python llm.py bench` measures this machine running this model (any `--arch`, `--size`,
-# `--device`, `--threads` or configuration option applies, except `--compile`) and prints:
+# Any `--arch`, `--size`, `--device`, `--threads` or configuration option applies, except
+# `--compile`. It prints:
 #
 # * **training ms/iter and tokens/s**: the time of one optimiser step on random tokens of the
-#   configured shape (speed does not depend on the text), median of several timed runs;
-# * **FLOPs per token**: training costs about $6N$ floating-point operations per token for the
-#   $N$ parameters that take part in matrix multiplications (2 per multiply-add in the forward
-#   pass, twice that in the backward pass), plus $12 \cdot L \cdot C \cdot T$ for attention
-#   itself (queries times keys and weights times values, forward and backward; the formula of
-#   the PaLM paper). Lookup tables such as learned positions cost no multiplications;
+#   configured shape (speed does not depend on the text), the median of several timed steps;
+# * **FLOPs per token**: training costs about $6N$ floating-point operations per token for
+#   the $N$ parameters that take part in matrix multiplications (2 per multiply-add in the
+#   forward pass, twice that in the backward pass), plus $12 \cdot L \cdot C \cdot T$ for
+#   attention itself (queries times keys and weights times values, forward and backward; the
+#   formula of the PaLM paper). Lookup tables such as learned positions cost no
+#   multiplications;
 # * **achieved GFLOP/s** = FLOPs per token × tokens/s, and that as a fraction of the **matmul
-#   peak**, measured by the same command as the speed of one large (2048 × 2048) matrix product:
-#   the most this machine does with PyTorch on ideal work;
+#   peak**, measured by the same command as the speed of one large (2048 × 2048) matrix
+#   product: the most this machine does with PyTorch on ideal work;
 # * **sampling tokens/s** with and without the KV cache, generating 2000 tokens from a single
 #   token, on the threads `sample` uses;
-# * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and the
-#   device with its thread counts (`--threads` sets both).
+# * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and
+#   the device with its thread counts.
+#
+# The README quotes the figures of the machine this file was written on.
+#
+# **Where the time of a sampled token goes.** A token's arithmetic is tiny: a forward pass of
+# the quick-run model costs about $2N \approx 1.5$ million floating-point operations, a few
+# microseconds at the matmul peak. The rest is overhead. One token passes through about 165
+# separate tensor operations (counted by intercepting every call to a torch function during
+# one step): 17 matrix products, 4 attentions, and the small multiplications, additions,
+# reshapes and splits around them. PyTorch spends microseconds launching each one, plus
+# Python's cost for every module call. So generation gets faster by doing *fewer*
+# operations, not faster ones, and three details of Part I exist for that reason, each
+# measured with `bench` (the README has the table): attention skips the mask for a single new
+# query (section 7), RoPE rotates queries and keys together with precomputed tables (section
+# 7), and dropout with probability 0 is an `nn.Identity` (section 6). `torch.compile` of the
+# one-token step was measured too: about twice as fast, after a compile that takes longer than
+# writing 2000 characters without it, so the sampler does not use it.
 
 # %%
+SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
+
+
 def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of the best of a few n x n matrix products (float32; bfloat16 on a GPU)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = math.inf
     for _ in range(repeats):
         synchronize(device)
@@ -2567,82 +3158,65 @@ def peak_memory_mib(device: torch.device) -> float:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
 
 
-def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 2000, threads: int = 0) -> dict:
+def sampling_speed(model: GPT, n_tokens: int, use_cache: bool) -> float:
+    """Tokens per second generating `n_tokens` after a one-token prompt."""
+    tokens = generate(model, [0], n_tokens, generator=seeded_generator(model, 0),
+                      use_cache=use_cache)
+    synchronize(model.device)
+    start = time.perf_counter()
+    for _ in tokens:
+        pass
+    synchronize(model.device)
+    return n_tokens / (time.perf_counter() - start)
+
+
+def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 2000,
+              threads: int = 0) -> dict:
     """Training and sampling speed of `cfg` on this machine; see the list above. With threads 0,
     each part runs on the threads its command uses by default."""
     device = pick_device(cfg.device)
+    hooks = DeviceHooks(dataclasses.replace(cfg, compile=False), Distributed(), device)
     with using_threads(threads):
-        per_step, model = seconds_per_step(cfg, vocab_size, steps)
+        per_step, model = seconds_per_step(cfg, vocab_size, steps, device, hooks)
         training_threads = torch.get_num_threads()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
-    matmul_params = model.num_parameters() - (cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0)
-    flops_per_token = 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    positions = cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0
+    flops_per_token = (6 * (model.num_parameters() - positions)
+                       + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
     model.eval()  # as `sample` loads it
-    sampling = {}
     with using_threads(threads or SAMPLING_THREADS):
         sampling_threads = torch.get_num_threads()
-        for use_cache in (True, False):
-            tokens = generate(model, [0], sample_tokens, generator=seeded_generator(model, 0), use_cache=use_cache)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in tokens:
-                pass
-            synchronize(device)
-            sampling[use_cache] = sample_tokens / (time.perf_counter() - start)
+        cached, uncached = (sampling_speed(model, sample_tokens, c) for c in (True, False))
     with using_threads(threads):
         peak = matmul_peak_gflops(device)
-    achieved = flops_per_token * tokens_per_step / per_step / 1e9
+    achieved = flops_per_token * tokens_per_step(cfg) / per_step / 1e9
     threads_used = f" ({training_threads} threads training, {sampling_threads} sampling)"
     return {"device": f"{device}{threads_used if device.type == 'cpu' else ''}",
             "parameters": f"{model.num_parameters():,}",
             "training ms/iter": f"{1000 * per_step:.1f}",
-            "training tokens/s": f"{tokens_per_step / per_step:,.0f}",
+            "training tokens/s": f"{tokens_per_step(cfg) / per_step:,.0f}",
             "FLOPs per token (6N + 12LCT)": f"{flops_per_token / 1e6:.2f} M",
             "achieved GFLOP/s": f"{achieved:.1f}",
             "matmul peak GFLOP/s (2048^2)": f"{peak:.1f}",
             "fraction of matmul peak": f"{achieved / peak:.0%}",
-            "sampling tokens/s, KV cache": f"{sampling[True]:,.0f}",
-            "sampling tokens/s, no cache": f"{sampling[False]:,.0f}",
-            "KV cache speed-up": f"{sampling[True] / sampling[False]:.1f}x",
+            "sampling tokens/s, KV cache": f"{cached:,.0f}",
+            "sampling tokens/s, no cache": f"{uncached:,.0f}",
+            "KV cache speed-up": f"{cached / uncached:.1f}x",
             "peak memory": f"{peak_memory_mib(device):,.0f} MiB"}
 
 
 # %% [markdown]
-# **Where the time of a sampled token goes.** On one thread of the 2-core machine, a token of the
-# quick-run model takes about 0.9 ms with the KV cache. Its arithmetic is tiny: a forward pass
-# costs about $2N \approx 1.5$ million floating-point operations per token, under 10 µs even at
-# one core's share of the matmul peak that `bench` measures (about 330 GFLOP/s on both cores).
-# The rest is overhead. One token passes through about 165 separate tensor operations (counted
-# by intercepting every call to a torch function during one step): 17 matrix products, 4
-# attentions, and the small multiplications, additions, reshapes and splits around them.
-# PyTorch spends microseconds launching each one — about 8 µs for a linear layer applied to one
-# token, 1 to 2 µs for an element-wise product — plus Python's cost for every module call. So
-# generation gets faster by doing *fewer* operations, not faster ones. Measured one after
-# another (tokens/s on one thread, median of three runs of five), each change in the code above
-# that removes operations:
+# ## Appendix H. The command line
 #
-# | change | tokens/s |
-# |---|---|
-# | before: a mask even for one new query; RoPE pair by pair, queries and keys apart | 918 |
-# | no mask for a single new query (section 6) | 994 |
-# | RoPE with precomputed tables, queries and keys in one call (section 6) | 1,095 |
-# | SwiGLU's two widening matrices as one (section 7) | 1,071 (no measurable change) |
-# | an identity instead of `Dropout(0)` (section 5) | 1,161 |
-#
-# `torch.compile` of the one-token step (with fixed shapes) reached about 2,000 tokens/s, after
-# 8 s of compiling — longer than generating 2000 characters takes without it, so the sampler
-# does not use it. The cache itself saves recomputing the whole window at every step: about 2×
-# faster here, with 64 tokens of context, and more with longer contexts, since recomputing grows
-# with the context and a cached step barely does.
-
-# %% [markdown]
-# ## 12. The command line
-#
-# `python llm.py train` and `python llm.py sample` drive the same functions as the notebook.
-# Every `Config` field becomes an option of `train` (`n_layer` → `--n-layer`), typed like its
-# default and documented by its one-line explanation, so the help can never drift from the code.
+# *Builds on everything: `python llm.py train`, `sample`, `tokenize` and `bench` drive the same
+# functions as the notebook.* Every `Config` field becomes an option of `train` (`n_layer` →
+# `--n-layer`), typed like its default and documented by its one-line explanation, so the help
+# can never drift from the code. Options are checked once, here (`validate_config`), and any
+# `UserError` is printed as one line, with exit status 2.
 
 # %%
+import argparse
+
+
 def parse_bool(text: str) -> bool:
     if text.lower() in ("true", "yes", "1", "on"):
         return True
@@ -2655,34 +3229,44 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         kind = type(f.default)
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            type=parse_bool if kind is bool else kind, metavar=kind.__name__.upper(),
+                            type=parse_bool if kind is bool else kind,
+                            metavar=kind.__name__.upper(),
                             help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def add_preset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=list(SIZES), default="cpu",
+                        help="cpu: the quick run (default); gpu: a 10M-parameter model for a GPU")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
+                        help="a preset of architecture switches, applied before the options "
+                             f"below (default: {DEFAULT_ARCH})")
 
 
 def add_threads_option(parser: argparse.ArgumentParser, default: int, note: str = "") -> None:
     parser.add_argument("--threads", type=int, default=default,
-                        help=f"CPU threads for PyTorch; 0: one per core{note} (default: {default})")
+                        help=f"CPU threads for PyTorch; 0: one per core{note} "
+                             f"(default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm.py", description="Train a small GPT on text, then sample from it.",
-        epilog="Quick start: `python llm.py train` (about two minutes on a CPU), then `python llm.py sample`.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,tokenize,bench}")
+        epilog="Quick start: `python llm.py train` (about two minutes on a CPU), "
+               "then `python llm.py sample`.")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{train,sample,tokenize,bench}")
 
     train_p = commands.add_parser("train", help="train a model and save it to OUT_DIR/ckpt.pt",
                                   description="Train a GPT; every Config field is an option.")
     train_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                         help=f"UTF-8 text file to learn from (default: {DEFAULT_DATA}, downloaded if missing)")
+                         help=f"UTF-8 text file to learn from (default: {DEFAULT_DATA}, "
+                              "downloaded if missing)")
     train_p.add_argument("--out-dir", type=Path, default=Path("out"),
                          help="where ckpt.pt and history.csv are written (default: out)")
     train_p.add_argument("--resume", action="store_true",
-                         help="continue the run saved in OUT_DIR/latest.pt (its configuration is kept)")
-    train_p.add_argument("--size", choices=list(SIZES), default="cpu",
-                         help="cpu: the quick run (default); gpu: a 10M-parameter model for a GPU")
-    train_p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
-                         help="a preset of architecture switches, applied before the options below "
-                              f"(default: {DEFAULT_ARCH})")
+                         help="continue the run saved in OUT_DIR/latest.pt "
+                              "(its configuration is kept)")
+    add_preset_options(train_p)
     add_threads_option(train_p, 0)
     add_config_options(train_p)
 
@@ -2691,33 +3275,38 @@ def build_parser() -> argparse.ArgumentParser:
     sample_p.add_argument("--out-dir", type=Path, default=Path("out"),
                           help="directory holding ckpt.pt (default: out)")
     sample_p.add_argument("--prompt", default=None,
-                          help="text to continue (default: a newline, or the first vocabulary character)")
-    sample_p.add_argument("--num-chars", type=int, default=500, help="characters to generate (default: 500)")
+                          help="text to continue (default: a newline, or the first vocabulary "
+                               "character)")
+    sample_p.add_argument("--num-chars", type=int, default=500,
+                          help="characters to generate (default: 500)")
     sample_p.add_argument("--temperature", type=float, default=0.8,
                           help="below 1 is safer, above 1 wilder, 0 is greedy (default: 0.8)")
-    sample_p.add_argument("--top-k", type=int, default=None, help="sample only from the K most likely tokens")
+    sample_p.add_argument("--top-k", type=int, default=None,
+                          help="sample only from the K most likely tokens")
     sample_p.add_argument("--top-p", type=float, default=None,
                           help="sample only from the most likely tokens that cover probability P")
-    sample_p.add_argument("--seed", type=int, default=1337, help="seed of the sampler (default: 1337)")
+    sample_p.add_argument("--seed", type=int, default=1337,
+                          help="seed of the sampler (default: 1337)")
     sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     add_threads_option(sample_p, SAMPLING_THREADS)
 
-    tokenize_p = commands.add_parser("tokenize", help="show how a text splits into tokens",
-                                     description="Print the tokens of TEXT: with the tokenizer of a trained "
-                                                 "model (--out-dir), or with BPE trained on --data.")
+    tokenize_p = commands.add_parser(
+        "tokenize", help="show how a text splits into tokens",
+        description="Print the tokens of TEXT: with the tokenizer of a trained model "
+                    "(--out-dir), or with BPE trained on --data.")
     tokenize_p.add_argument("text", help="the text to split")
     tokenize_p.add_argument("--out-dir", type=Path, default=None,
                             help="use the tokenizer saved in OUT_DIR/ckpt.pt")
     tokenize_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                             help=f"text to train a BPE tokenizer on (default: {DEFAULT_DATA})")
-    tokenize_p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (default: 512)")
+    tokenize_p.add_argument("--vocab-size", type=int, default=512,
+                            help="BPE vocabulary size (default: 512)")
 
-    bench_p = commands.add_parser("bench", help="measure training and sampling speed on this machine",
-                                  description="Print training and sampling speed, FLOP/s against this "
-                                              "machine's matmul peak, and memory. Config options apply.")
-    bench_p.add_argument("--size", choices=list(SIZES), default="cpu", help="model size preset (default: cpu)")
-    bench_p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
-                         help=f"a preset of architecture switches (default: {DEFAULT_ARCH})")
+    bench_p = commands.add_parser(
+        "bench", help="measure training and sampling speed on this machine",
+        description="Print training and sampling speed, FLOP/s against this machine's matmul "
+                    "peak, and memory. Config options apply.")
+    add_preset_options(bench_p)
     bench_p.add_argument("--steps", type=int, default=20, help="timed training steps (default: 20)")
     add_threads_option(bench_p, 0, f"; with 0, sampling uses {SAMPLING_THREADS} as `sample` does")
     bench_p.add_argument("--sample-tokens", type=int, default=2000,
@@ -2728,7 +3317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The Config fields given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+            if getattr(args, f.name) is not None}
 
 
 def command_train(args: argparse.Namespace) -> None:
@@ -2737,10 +3327,10 @@ def command_train(args: argparse.Namespace) -> None:
         names = ", ".join(f"--{name.replace('_', '-')}" for name in overrides)
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
     cfg = preset(args.arch, args.size, **overrides)
-    cfg.validate()  # before reading data, so a bad option fails fast
+    validate_config(cfg)  # before reading data, so a bad option fails fast
     with using_threads(args.threads):
         text = load_text(args.data)
-        result = train(cfg, text, args.out_dir, resume=args.resume)
+        result = run_training(cfg, text, args.out_dir, resume=args.resume)
     if "RANK" in os.environ:  # under torchrun: leave the process group; only rank 0 reports
         import torch.distributed as dist
         dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
@@ -2749,14 +3339,14 @@ def command_train(args: argparse.Namespace) -> None:
             return
     final = result.history[-1]
     best = min(row["val_loss"] for row in result.history)
-    print(f"done: final val loss {final['val_loss']:.4f} ({final['val_bpb']:.3f} bits/byte; best {best:.4f}) "
-          f"after {final['step']} steps "
-          f"in {result.seconds:.0f} s; checkpoint {args.out_dir / 'ckpt.pt'}, "
-          f"history {args.out_dir / 'history.csv'}")
+    print(f"done: final val loss {final['val_loss']:.4f} ({final['val_bpb']:.3f} bits/byte; "
+          f"best {best:.4f}) after {final['step']} steps in {result.seconds:.0f} s; "
+          f"checkpoint {args.out_dir / 'ckpt.pt'}, history {args.out_dir / 'history.csv'}")
     write_training_plots(result, split_train_val(text)[1], args.out_dir)
     print("a sample from the final model (temperature 0.8):")
     with using_threads(args.threads or SAMPLING_THREADS):
-        print(generate_text(result.model, result.tokenizer, default_prompt(result.tokenizer), 200, temperature=0.8))
+        print(generate_text(result.model, result.tokenizer, default_prompt(result.tokenizer), 200,
+                            temperature=0.8, use_cache=True))
 
 
 def write_training_plots(result: TrainResult, val_text: str, out_dir: Path) -> None:
@@ -2769,8 +3359,17 @@ def write_training_plots(result: TrainResult, val_text: str, out_dir: Path) -> N
     matplotlib.use("Agg")  # render to files only, whatever display the machine has
     line = attention_demo_line(val_text, result.model.cfg.block_size)
     save_figure(plot_losses(result.history), out_dir / "loss.png")
-    save_figure(plot_attention_maps(result.model, result.tokenizer, line), out_dir / "attention.png")
+    save_figure(plot_attention_maps(result.model, result.tokenizer, line),
+                out_dir / "attention.png")
     print(f"plots: {out_dir / 'loss.png'}, {out_dir / 'attention.png'}")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure to a PNG file (atomically, like every output) and free its memory."""
+    import matplotlib.pyplot as plt
+    write_output(Path(path),
+                 lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
 
 
 def default_prompt(tokenizer: Tokenizer) -> str:
@@ -2787,7 +3386,8 @@ def command_sample(args: argparse.Namespace) -> None:
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     with using_threads(args.threads):
         pieces = stream_text(model, tokenizer, prompt, args.num_chars, args.seed,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             use_cache=True)
         print(prompt, end="", flush=True)
         for piece in pieces:  # stream: print each piece of text as soon as it is sampled
             print(piece, end="", flush=True)
@@ -2798,28 +3398,31 @@ def command_tokenize(args: argparse.Namespace) -> None:
     if args.out_dir is not None:
         _, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt")
     else:
+        validate_config(Config(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
         tokenizer = BPETokenizer.train(split_train_val(load_text(args.data))[0], args.vocab_size)
     ids = tokenizer.encode(args.text)
     print(" ".join(repr(tokenizer.decode([i])) for i in ids))
-    print(f"{len(ids)} tokens for {len(args.text)} characters ({len(args.text.encode('utf-8'))} bytes); ids: {ids}")
+    print(f"{len(ids)} tokens for {len(args.text)} characters "
+          f"({len(args.text.encode('utf-8'))} bytes); ids: {ids}")
 
 
 def command_bench(args: argparse.Namespace) -> None:
     cfg = preset(args.arch, args.size, **config_overrides(args))
-    cfg.validate()
+    validate_config(cfg)
     if args.steps < 1 or args.sample_tokens < 1:
         raise UserError("--steps and --sample-tokens must be at least 1")
-    vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else 65  # 65: tiny Shakespeare's characters
-    for name, value in benchmark(cfg, vocab_size, args.steps, args.sample_tokens, args.threads).items():
+    vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else SHAKESPEARE_VOCAB_SIZE
+    for name, value in benchmark(cfg, vocab_size, args.steps, args.sample_tokens,
+                                 args.threads).items():
         print(f"{name:30} {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    commands = {"train": command_train, "sample": command_sample,
+                "tokenize": command_tokenize, "bench": command_bench}
     try:
-        commands = {"train": command_train, "sample": command_sample, "tokenize": command_tokenize,
-                    "bench": command_bench}
         commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -2829,7 +3432,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one while sampling
         latest = Path(args.out_dir) / "latest.pt" if args.command == "train" else None
-        where = f"; the latest checkpoint is {latest}" if latest is not None and latest.exists() else ""
+        saved = latest is not None and latest.exists()
+        where = f"; the latest checkpoint is {latest}" if saved else ""
         print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
     return 0
