@@ -8,24 +8,22 @@
 # model on Shakespeare's plays (a megabyte of text) in about two minutes on a laptop CPU, and
 # `python llm.py sample` makes it write.
 #
-# **Part I, the story**, builds a working language model and nothing else: 1. the whole idea
-# on one page, 2. just enough PyTorch, 3. data, 4. tokens, 5. batches and what the model is
-# asked to predict, 6. embeddings, 7. attention, 8. the transformer block, 9. the model,
-# 10. training, 11. sampling. At its end you have trained a model and read its writing.
-#
-# **Part II, the appendices**, makes the same model fast and trustworthy: A. inside the
-# trained model, B. subword tokens and bits per byte, C. classic versus modern, measured,
-# D. fast generation, E. bigger hardware, F. a run you can trust, G. measuring speed, H. the
-# command line. Each says first what it adds and which pieces of Part I it builds on; Part I
-# never needs them. The rule of the split: Part I holds what a model *is* and how it *learns*;
-# an appendix holds what only analysis or a long, large or unattended run needs. That keeps
-# the path from an empty file to a talking model short, and gives each piece of machinery room
-# to be explained instead of interrupting the story.
+# **Part I, the story** (sections 1 to 11), builds a working language model and nothing else;
+# at its end you have trained a model and read its writing. **Part II, the appendices** (A to
+# H), makes the same model fast and trustworthy: analysis, subword tokens, measurements, fast
+# generation, GPUs, reliable runs, the command line. The rule of the split: Part I holds what a
+# model *is* and how it *learns*; an appendix holds what only analysis or a long, large or
+# unattended run needs. That keeps the path from an empty file to a talking model short, and
+# gives each piece of machinery room to be explained instead of interrupting the story. Part I
+# runs without Part II; where its code has a branch that only an appendix takes (the cache of
+# fast generation, a third kind of positions), the branch names the appendix, and the default
+# path never takes it.
 #
 # **Notation** in shape comments such as `# (B, T, C)`: **B** batch size (sequences at once),
-# **T** time (tokens in a sequence), **C** channels (the width of a token's vector), **H**
-# attention heads, **D** the width of one head (C / H), **V** vocabulary size (how many
-# different tokens exist). Each is explained again where it first matters.
+# **T** time (tokens in a sequence), **C** channels (the numbers in one token's vector), **V**
+# vocabulary size (how many different tokens exist), **H** attention heads, **Hkv** key/value
+# heads, **D** the width of one head (C / H), **N** a number of rows, **P** positions in a
+# table; each is explained again where it first matters.
 
 # %% [markdown]
 # ## 1. The whole idea on one page
@@ -36,7 +34,8 @@
 # 1. **Text becomes integers.** A *tokenizer* cuts text into pieces, at first single characters,
 #    and gives each piece a number, its **token**. Shakespeare's plays use 65 different
 #    characters, so the tokens are 0 to 64, and "To be" becomes `[32, 53, 1, 40, 43]`.
-# 2. **The model turns tokens into probabilities.** A *language model*, here, is nothing but a
+# 2. **The model turns tokens into probabilities.** A *language model* (a *neural network*: a
+#    large function built from many simple adjustable pieces) is, here, nothing but a
 #    function: in goes a sequence of tokens, out comes a table with one probability for each of
 #    the 65 possible next tokens. The function is full of adjustable numbers, its
 #    **parameters** (also called **weights**): change them and the table changes. They start out
@@ -91,7 +90,8 @@ import torch.nn.functional as F
 # > Python: a real kernel has a `kernel` attribute. A user's mistake (a missing file, a bad
 # > option) raises a `UserError`, a `ValueError` whose message names the problem and the fix;
 # > the command line (Appendix H) prints it as one line. matplotlib, for the pictures, is
-# > imported only when one is drawn.
+# > imported only when one is drawn. `# NBVAL_CHECK_OUTPUT` marks cells whose printed output the
+# > tests compare with the committed notebook's.
 
 # %%
 def running_in_notebook() -> bool:
@@ -168,32 +168,20 @@ if IN_NOTEBOOK:
 # A model is built from **modules**: subclasses of `nn.Module` that hold parameters and other
 # modules. A **parameter** (`nn.Parameter`) is a tensor marked *to be learned*: training will
 # adjust it. The method `forward` says what the module computes; calling the module, `m(x)`,
-# runs it, and `.parameters()` lists every parameter of the module and its sub-modules. The
-# workhorse is `nn.Linear(n_in, n_out)`, which computes `x @ W.T + b`: its weight W is stored
-# as (n_out, n_in), one row per output, and transposed (`.T`) for the product.
-
-# %%
-class LinearByHand(nn.Module):
-    """x @ W.T + b, spelled out: what nn.Linear computes, (..., n_in) -> (..., n_out)."""
-
-    def __init__(self, n_in: int, n_out: int):
-        super().__init__()  # nn.Module's own set-up, which lets it find the parameters below
-        self.weight = nn.Parameter(torch.randn(n_out, n_in))  # (n_out, n_in), like nn.Linear
-        self.bias = nn.Parameter(torch.zeros(n_out))  # (n_out,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.T + self.bias  # (..., n_in) @ (n_in, n_out) + (n_out,)
-
+# runs it, and `.parameters()` lists every parameter of the module and its sub-modules. A new
+# module subclasses `nn.Module`, calls `super().__init__()` first (which lets PyTorch find the
+# parameters assigned after it) and defines `forward`; section 7 writes the first one. The
+# workhorse is `nn.Linear(n_in, n_out)`, which computes `x @ W.T + b`: its weight W is stored as
+# (n_out, n_in), one row per output, and transposed (`.T`) for the product.
 
 # %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     torch.manual_seed(0)
-    ours, theirs = LinearByHand(3, 2), nn.Linear(3, 2)  # 3 numbers in, 2 out
-    theirs.load_state_dict(ours.state_dict())  # the same weight and bias in both
+    linear = nn.Linear(3, 2)  # a module: 3 numbers in, 2 out
     x = torch.randn(4, 3)  # (N, 3): four inputs at once
-    print([(name, tuple(p.shape)) for name, p in ours.named_parameters()],
-          "| equal to nn.Linear:", torch.allclose(ours(x), theirs(x)))
+    print([(name, tuple(p.shape)) for name, p in linear.named_parameters()],
+          "| equals x @ W.T + b:", torch.allclose(linear(x), x @ linear.weight.T + linear.bias))
 
 # %% [markdown]
 # ### Gradients, and steps downhill
@@ -204,7 +192,8 @@ if IN_NOTEBOOK:
 # of the step. A tensor with `requires_grad=True` (a parameter is one) makes PyTorch record
 # every operation done with it; `loss.backward()` then walks the record backwards, applying the
 # chain rule of calculus at each operation, and leaves the gradient of every parameter in its
-# `.grad`. This is **backpropagation**. (`.detach()` gives the numbers without the record.)
+# `.grad`. This is **backpropagation**, done by PyTorch's **autograd**. (`.detach()` gives the
+# numbers without the record.)
 #
 # An **optimiser** makes the steps. `torch.optim.SGD` moves each parameter by `-lr * grad`, and
 # one training step is three calls, the heart of every training loop in this book:
@@ -231,6 +220,24 @@ if IN_NOTEBOOK:
         optimizer.step()
         if step % 5 == 0 or step == 19:
             print(f"step {step:2d}  loss {loss.item():.4f}  w after the step {w.item():.4f}")
+
+# %% [markdown]
+# ### A few more operations, met later
+#
+# | operation | what it does |
+# |---|---|
+# | `x.transpose(1, 2)`; `W.T` | swap two dimensions; swap a matrix's rows and columns |
+# | `x.split([a, b], dim)`; `x.chunk(2, dim)` | cut a dimension into sizes a and b; in halves |
+# | `x[None]`; `x[rows, cols]` | add a dimension of length 1; pick one element per (row, col) pair |
+# | `x.masked_fill(mask, v)` | a copy with `v` wherever the True/False tensor `mask` is True |
+# | `m.triu(1)` | keep what is above the diagonal of a matrix, zero the rest |
+# | `torch.topk(x, k)`; `torch.sort(x)` | the k largest; all sorted, with their old positions |
+# | `x.cumsum(-1)` | running sums along the last dimension |
+# | `x.scatter(-1, order, y)` | put each value of y back where `order` says it came from |
+# | `x.repeat_interleave(n, dim)` | repeat each slice n times |
+# | `x.flip(-1)`; `x.unflatten(-1, (a, b))` | reverse the last dimension; split it into two |
+# | `torch.no_grad()`; `torch.inference_mode()` | blocks whose operations autograd does not record |
+# | `model.apply(f)`; `p.numel()` | call f on every sub-module; the count of numbers in a tensor |
 
 # %% [markdown]
 # ## 3. Data
@@ -448,24 +455,23 @@ if IN_NOTEBOOK:
 # them into a **probability distribution** (V positive numbers that sum to 1): raise $e$ to
 # each score and divide by the total, $p_i = e^{z_i} / \sum_j e^{z_j}$. A higher score always
 # gets a higher probability, and adding the same constant to every score changes nothing (the
-# factor $e^c$ cancels). For logits $[2.0, 1.0, 0.1]$: $e^{2.0} \approx 7.39$, $e^{1.0} \approx
-# 2.72$, $e^{0.1} \approx 1.11$, total 11.21, so the probabilities are about $[0.66, 0.24,
-# 0.10]$.
+# factor $e^c$ cancels). Logits $[2.0, 1.0, 0.1]$ give $e^z \approx [7.39, 2.72, 1.11]$, total
+# 11.21, so probabilities of about $[0.66, 0.24, 0.10]$.
 #
 # The **cross-entropy** loss of one position is $-\ln p(\text{target})$, the target being the
 # true next token from `get_batch`: 0 if the model gave it probability 1, larger the less it
-# gave. Above, a target of token 0 costs $-\ln 0.659 \approx 0.42$, of token 2
-# $-\ln 0.0986 \approx 2.32$. A batch's loss is the mean over its $B \cdot T$ positions. Why
-# the logarithm? The probability of a whole text is the product of its tokens' probabilities,
-# and the log of a product is a sum, so the losses of single predictions add up. The log also
-# punishes confident mistakes hard: giving the truth 0.01 costs 4.6, 0.0001 costs 9.2. With
-# the natural log the unit is the **nat** (with $\log_2$ it is the bit; 1 nat ≈ 1.44 bits). A
-# model that knows nothing and gives every token $1/V$ has loss $\ln V$: $\ln 65 \approx 4.17$
-# nats for Shakespeare's 65 characters, the loss an untrained model should show.
+# gave. Above, target 0 costs $-\ln 0.659 \approx 0.42$, target 2 $-\ln 0.0986 \approx 2.32$. A
+# batch's loss is the mean over its $B \cdot T$ positions. Why the logarithm? The probability of
+# a whole text is the product of its tokens' probabilities, and the log of a product is a sum,
+# so the losses of single predictions add up. The log also punishes confident mistakes hard:
+# giving the truth 0.01 costs 4.6, 0.0001 costs 9.2. With the natural log the unit is the
+# **nat** (with $\log_2$ it is the bit; 1 nat ≈ 1.44 bits). A model that knows nothing and gives
+# every token $1/V$ has loss $\ln V$: $\ln 65 \approx 4.17$ nats for Shakespeare's 65
+# characters, the loss an untrained model should show.
 #
 # In code, `exp` of a large score overflows ($e^{89}$ does in 32-bit floats), so we first
-# subtract each row's largest score, which changes nothing; and $\ln p_i = z_i - \ln \sum_j
-# e^{z_j}$ avoids the log of a probability that may have rounded to 0.
+# subtract each row's largest score, which changes nothing; and we take
+# $\ln p_i = z_i - \ln \sum_j e^{z_j}$, not the log of a probability that may have rounded to 0.
 
 # %%
 def softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -494,6 +500,7 @@ if IN_NOTEBOOK:
     for target in (0, 2):
         loss = cross_entropy(scores[None], torch.tensor([target]))  # one position: N = 1
         print(f"true token {target}: p = {probs[target]:.4f}, loss = {loss:.4f} nats")
+    uniform = cross_entropy(torch.zeros(1, 65), torch.tensor([7]))  # equal scores: p = 1/65
     print(f"knowing nothing of 65 tokens: {uniform:.4f} nats; ln 65 = {math.log(65):.4f}")
 
 # %% [markdown]
@@ -509,13 +516,16 @@ if IN_NOTEBOOK:
 #
 # From here on the model takes shape. Its sizes and switches live in one dataclass (a class
 # that just holds named values), each field with a default and a one-line explanation, which
-# the command line shows as its help (`python llm.py train --n-layer 6` changes one). Each
-# field is explained in the section that uses it. The default sizes (4 layers, 4 heads, 128
-# channels, a 64-token context) are those of nanoGPT's well-known CPU recipe: under a million
+# the command line shows as its help (`--n-layer 6` changes one). Each field is explained where
+# it is used: `block_size` in section 5, `n_embd`, `dropout` and `pos_encoding` here, `n_head`
+# and `n_kv_head` in section 7, `n_layer`, `norm`, `mlp` and `bias` in section 8. The default
+# sizes are those of the CPU recipe of nanoGPT (a well-known small GPT trainer): under a million
 # parameters, small enough to train in two minutes on a laptop CPU, big enough to write
-# recognisable Shakespeare. Each switch has a classic GPT-2 setting and a modern Llama setting,
-# and is one clearly marked branch in the code; the defaults are the modern ones, which
-# trained to the lower loss (Appendix C measures both).
+# recognisable Shakespeare. Each switch has a classic setting, that of OpenAI's GPT-2 (2019),
+# and a modern one, that of Meta's Llama (2023), and is one clearly marked branch in the code.
+# The defaults are the modern ones: as a bundle they trained to the lower loss in our two-minute
+# run (Appendix C), although some of them (grouped keys and values, no biases) are there mostly
+# to save memory in large models.
 
 # %%
 def param(default, help: str):
@@ -550,8 +560,8 @@ class ModelConfig:
 # it).
 #
 # **Where a token is.** Attention, which comes next, compares tokens by their content alone:
-# shuffle the input and its output is shuffled the same way, otherwise unchanged. Its causal
-# mask (section 7) lets a token see only the tokens before it, so a model could in principle
+# without its causal mask, shuffling the input would only shuffle the output the same way. The
+# mask (section 7) lets each token see only the tokens before it, so a model could in principle
 # count how many it sees, but that is a roundabout, weak way to learn where a token stands. Yet
 # order is everything in language ("dog bites man"). GPT-2 therefore adds to each token's vector
 # a second, **learned** vector that depends only on its **position**, from a second table of
@@ -566,7 +576,8 @@ class ModelConfig:
 # average), so that no part of the model can rely on another always being there. It fights
 # overfitting. The quick run reads each character of the text only about twice and does not
 # overfit, so its dropout is 0, and an `nn.Identity` (a layer that returns its input) stands in
-# its place; Appendix G says why. Outside training, dropout is off (section 10).
+# its place: even a `Dropout(0)` costs time on every call (Appendix G). Outside training,
+# dropout is off (section 10).
 
 # %%
 def make_dropout(p: float) -> nn.Module:
@@ -583,9 +594,9 @@ class Embeddings(nn.Module):
         self.pos_encoding = cfg.pos_encoding
         if cfg.pos_encoding == "learned":  # GPT-2
             self.position = nn.Embedding(cfg.block_size, cfg.n_embd)
-        elif cfg.pos_encoding == "sinusoidal":  # fixed waves (Appendix C): not trained...
+        elif cfg.pos_encoding == "sinusoidal":  # fixed waves (Appendix C), kept as a buffer
             self.register_buffer("sinusoids", sinusoidal_positions(cfg.block_size, cfg.n_embd),
-                                 persistent=False)  # ...nor saved: a buffer, recomputed
+                                 persistent=False)  # (a tensor not trained, nor saved: section 7)
         self.dropout = make_dropout(cfg.dropout)
 
     def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -619,24 +630,28 @@ if IN_NOTEBOOK:
 # $v$ (what do I pass on to whoever attends to me?). Position $t$ scores every position $s$ by
 # the dot product $q_t \cdot k_s$, turns the scores into weights with a softmax (positive,
 # summing to one), and outputs the weighted average of the values. For all positions at once,
-# with the queries, keys and values as the rows of matrices Q, K and V of width D:
+# with the queries, keys and values as the rows of matrices Q, K, V (this V: values) of width D:
 #
 # $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{D}} + M\right) V$$
 #
-# **Why divide by $\sqrt{D}$.** If the $D$ numbers of $q$ and $k$ are independent with
-# variance 1, their dot product, a sum of $D$ products, has variance $D$. Our default model
-# splits its C = 128 channels among 4 heads (below), so D = 32: the scores would spread over
-# roughly ±11 (two standard deviations of $\sqrt{32} \approx 5.7$), the softmax would put
-# almost all the weight on one position, and its gradient would all but vanish, so attention
-# would barely learn. Dividing by $\sqrt{D}$ brings the variance back to 1.
+# **Why divide by $\sqrt{D}$.** A dot product of $D$ numbers is a sum of $D$ products, so
+# whatever the scale of $q$ and $k$, its variance grows like $D$: with entries of variance 1
+# it is $D$. Our default model splits its C = 128 channels among 4 heads (below), so D = 32:
+# the scores would spread over roughly ±11 (two standard deviations of $\sqrt{32} \approx
+# 5.7$). The softmax would then give one position almost all the weight, and a saturated
+# softmax barely moves when its scores move, so the gradient flowing back through it would all
+# but vanish and attention would learn slowly. Dividing by $\sqrt{D}$ makes the scale of the
+# scores independent of the head width.
 #
 # **The causal mask $M$.** When predicting the token after position $t$, the model must not
 # see it, or any later token: it could copy the answer. $M$ is 0 where $s \le t$ and $-\infty$
-# where $s > t$. Why $-\infty$? The mask must act *before* the softmax, since zeroing weights
-# afterwards would leave rows that no longer sum to one, and adding 0 changes nothing. Since
-# $e^{-\infty} = 0$, future positions get weight exactly zero and the rest still sum to one; a
-# finite number such as −1000 would only make the leak small, not zero. One function does this
-# for any number of heads: the leading dimensions just come along.
+# where $s > t$. Why $-\infty$, added before the softmax? Zeroing weights afterwards would leave
+# rows that no longer sum to one, and adding 0 changes nothing. Since $e^{-\infty} = 0$, future
+# positions get weight exactly zero and the softmax shares all the weight among the rest. A
+# large finite number such as −1000 works only while every real score stays far above it;
+# −∞ is exact whatever the scores. (Dropout on the weights, section 8, later zeroes some of
+# them on purpose during training, scaling up the rest so that rows still sum to one on
+# average.) One function does this for any number of heads: leading dimensions come along.
 
 # %%
 def causal_mask(T: int, T_keys: int | None = None, device=None) -> torch.Tensor:
@@ -699,33 +714,33 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### Rotary position embeddings (RoPE)
 #
-# Adding a position vector to the input (section 6) mixes *what* and *where* into one vector
-# and leaves the model to untangle them. Yet attention mostly cares about *relative* position:
-# how far back is that key? **Rotary embeddings** (Su et al., 2021; Llama and most open models
-# since) build exactly that into the score. Each query and key is rotated, pair of channels by
-# pair of channels, by an angle proportional to its position: pair $i$ at position $p$ turns by
-# $p\,\theta_i$, with $\theta_i = 10000^{-2i/D}$ (`position_angles`). The first pairs turn fast,
-# telling neighbours apart; the last so slowly that they tell the start of a text from its end.
-# The base 10000, from the original Transformer paper, makes the slowest turn's period
-# ($2\pi \cdot 10000$ positions) far longer than any text here, so no two positions look alike:
+# Adding a position vector to the input (section 6) mixes *what* and *where* into one vector and
+# leaves the model to untangle them. Yet much of what attention looks for is *relative* (the
+# previous character, the start of this word): how far back is that key? **Rotary embeddings**
+# (Su et al., 2021; Llama and most open models since) build exactly that into the score. Each
+# query and key is rotated, pair of channels by pair of channels, by an angle proportional to
+# its position: pair $i$ at position $p$ turns by $p\,\theta_i$, with $\theta_i = 10000^{-2i/D}$
+# (`position_angles`). The first pairs turn fast, telling neighbours apart; the last so slowly
+# that they tell the start of a text from its end. The base 10000, from the original Transformer
+# paper, makes the slowest pair's period ($2\pi \cdot 10000^{(D-2)/D}$, about 35,000 positions
+# for D = 32) far longer than any text here, so no two positions look alike:
 #
 # $$(a, b) \mapsto (a\cos p\theta_i - b\sin p\theta_i,\; a\sin p\theta_i + b\cos p\theta_i)$$
 #
-# A rotation keeps a vector's length, and the dot product of two rotated vectors depends only
-# on the *difference* of their angles: with $R_p$ the rotation at position $p$,
+# A rotation keeps a vector's length, and the dot product of two rotated vectors depends only on
+# the *difference* of their angles: with $R_p$ the rotation at position $p$,
 # $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$. So the score of a query at $m$ and a key at $n$
-# depends on their contents and on the offset $m - n$, never on where the pair sits in the
-# text. Nothing is learned and nothing is added to the residual stream.
-#
-# **In code, three operations rotate every pair at once.** Regroup the formula as
+# depends on their contents and on the offset $m - n$ only. Nothing is learned, and nothing is
+# added to the token's vector. **In code, three operations rotate every pair at once** ($\odot$
+# multiplies number by number):
 #
 # $$(a, b) \mapsto (a, b)\cos p\theta_i + (b, a) \odot (-\sin p\theta_i,\; \sin p\theta_i)$$
 #
 # the vector times the cosines, plus the vector with each pair swapped times the signed sines.
-# Both tables are computed once for every position (each pair's angle written twice, to width
-# D); rotating is then two products and a sum for all pairs, heads and positions together,
-# instead of seven operations pair by pair. (With complex numbers the same rotation multiplies
-# $a + ib$ by $e^{ip\theta_i}$; the cell below checks that they agree.)
+# Both tables are computed once for every position (each angle written twice, to width D), so
+# rotating is two products and a sum for all pairs, heads and positions together, instead of
+# seven operations pair by pair. (With complex numbers the same rotation multiplies $a + ib$
+# by $e^{ip\theta_i}$; the cell below checks that they agree.)
 
 # %%
 def position_angles(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -748,7 +763,7 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     x's leading dimensions (typically one row per position)."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., D): pairs (a, b) -> (b, a)
     rotated = x * cos + swapped * sin  # (a cos - b sin, b cos + a sin)
-    return rotated.type_as(x)  # (on a GPU, x may be bfloat16 while the tables are float32)
+    return rotated.type_as(x)  # (on a GPU, Appendix E, x may be 16-bit, the tables 32-bit)
 
 
 # %%
@@ -777,7 +792,8 @@ if IN_NOTEBOOK:
 # One head computes one weighted average, so it can follow one kind of relation at a time
 # ("the previous character", "the start of this word"). **Multi-head attention** runs H heads
 # side by side, each of width D = C / H, and concatenates their outputs, so the total cost is
-# that of one C-wide head. A final linear layer mixes what the heads found. Instead of H small
+# that of one C-wide head. A final linear layer mixes what the heads found (without it, each
+# head would only ever write to its own D channels). Instead of H small
 # `Head` modules, one matrix makes all queries, keys and values in a single product; the
 # channels are then reshaped into heads of width D, which ride along as a batch dimension.
 #
@@ -790,8 +806,8 @@ if IN_NOTEBOOK:
 # attending, each key/value head is simply repeated for every query head in its group.
 #
 # **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes exactly what
-# `causal_attention` does, in one optimised piece of compiled code (on a GPU, a FlashAttention
-# kernel that never even stores the T × T weights), and the model uses it. The hand-written
+# `causal_attention` does, in one optimised *kernel* (a compiled routine; on a GPU, one that
+# never even stores the T × T weights), and the model uses it. The hand-written
 # `causal_attention` stays the definition: a layer whose `keep_weights` is set attends the
 # hand-written way and keeps its weights in `.weights`, which is how pictures get them; a test
 # checks that the two ways agree. One attribute prepares for later: `cache`
@@ -813,7 +829,8 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = make_dropout(cfg.dropout)
         self.resid_dropout = make_dropout(cfg.dropout)
         self.rope = cfg.pos_encoding == "rope"
-        if self.rope:  # every position's rotation (RoPE, above): fixed, so not saved
+        if self.rope:  # every position's rotation (RoPE, above), kept as buffers: tensors the
+            # module carries (to a GPU too) but does not train; not persistent: not saved
             cos, sin = rope_tables(cfg.block_size, self.head_dim)  # (block_size, D) each
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -825,6 +842,7 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         start = self.first_position()  # the position of x's first token
         heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D)
+        # the H query heads, then Hkv key heads, then Hkv value heads; queries and keys together
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         if self.rope:  # queries and keys turn by the same angles, so one rotation does both
             qk = rope_rotate(qk, self.rope_cos[start:start + T], self.rope_sin[start:start + T])
@@ -854,9 +872,10 @@ class MultiHeadAttention(nn.Module):
         # come after T_keys - T cached keys: a single newest query may see every key (no mask
         # at all, the usual case when generating); several need the shifted mask.
         allowed = None if T in (1, T_keys) else ~causal_mask(T, T_keys, q.device)
+        plain_causal = T > 1 and T == T_keys  # the usual case: let the kernel build the mask
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, is_causal=1 < T == T_keys,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            q, k, v, attn_mask=allowed, is_causal=plain_causal,
+            dropout_p=self.dropout_p if self.training else 0.0,  # (training mode: section 10)
             enable_gqa=self.n_kv_head != self.n_head)  # (the kernel repeats grouped heads)
 
 
@@ -963,40 +982,35 @@ if IN_NOTEBOOK:
           torch.allclose(out, F.rms_norm(x_demo, (8,), rms.weight, eps=1e-5), atol=1e-6))
 
 # %% [markdown]
-# **The MLP** (multi-layer perceptron; the Transformer paper calls the same thing a
-# "position-wise feed-forward network") works on each token's vector alone: one linear layer
-# widens it to 4C, a **non-linearity** bends it, a second layer projects it back to C. Without
-# the non-linearity the two layers would multiply out to a single matrix; with it, the MLP can
-# compute what no matrix can. The factor 4 is the original Transformer's (2048 = 4 × 512).
-# The classic non-linearity is **ReLU**, $\max(0, x)$. GPT-2's is its smooth cousin **GELU**,
-# $x \cdot \Phi(x)$, with $\Phi(x)$ the probability that a standard normal variable is below
-# $x$: like ReLU far from 0, smooth near it, and with a gradient that is not exactly zero for
-# negative inputs, so a unit that went negative can still learn. (GPT-2 used a tanh
-# approximation; `F.gelu` computes it exactly.)
+# **The MLP** (multi-layer perceptron; the Transformer paper calls it a "position-wise
+# feed-forward network") works on each token's vector alone: one linear layer widens it to 4C,
+# a **non-linearity** bends it, a second layer projects it back to C. Without the bend the two
+# layers would multiply out to one matrix; with it, the MLP computes what no matrix can. The
+# factor 4 is the original Transformer's (2048 = 4 × 512), a convention not tuned here. The
+# classic non-linearity is **ReLU**, $\max(0, x)$; GPT-2's is its smooth cousin **GELU**,
+# $x \cdot \Phi(x)$ with $\Phi(x)$ the probability that a standard normal variable is below
+# $x$: like ReLU far from 0, but with a gradient that is not exactly zero for negative inputs,
+# so a number that went negative can still learn. (GPT-2 used a tanh approximation of it.)
 #
-# **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed
-# through the SiLU non-linearity ($\text{SiLU}(x) = x \cdot \sigma(x)$, with $\sigma$ the
-# sigmoid $1/(1 + e^{-x})$), multiplied number by number with the other, so that one decides
-# how much of the other passes:
-#
-# $$\text{SwiGLU}(x) = W_{\text{proj}}
-#   \big(\text{SiLU}(W_{\text{gate}}\,x) \odot W_{\text{up}}\,x\big)$$
-#
-# Three matrices instead of two: to keep the 4C-wide MLP's $2 \cdot 4C \cdot C = 8C^2$
-# parameters, the hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$, since $3 \cdot C \cdot 8C/3
-# = 8C^2$, the SwiGLU paper's rule that Llama follows (rounded down: 341 for C = 128, 0.1%
-# fewer). $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys and
-# values are: one matrix product instead of two, split in half afterwards.
+# **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed through
+# SiLU ($x \cdot \sigma(x)$, with $\sigma(x) = 1/(1 + e^{-x})$), multiplied number by number
+# with the other, which so decides how much of it passes:
+# $\text{SwiGLU}(x) = W_{\text{proj}}\big(\text{SiLU}(W_{\text{gate}}x) \odot W_{\text{up}}x\big)$.
+# Its paper measured a lower loss than GELU at the same size (at our size the difference is
+# within noise, Appendix C). Three matrices instead of two: to keep the $2 \cdot 4C \cdot C =
+# 8C^2$ parameters, the hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$ (rounded down: 341 for
+# C = 128). $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys
+# and values are: one matrix product instead of two, split in half afterwards.
 #
 # **Pre-norm.** The original Transformer normalised *after* each residual addition
-# (`x = norm(x + f(x))`). GPT-2 moved the norm to the *input* of each sub-layer
+# (`x = norm(x + f(x))`); GPT-2 moved the norm to the *input* of each sub-layer
 # (`x = x + f(norm(x))`), which trains more stably in deep stacks because the residual stream
-# itself is never squeezed. The price: the stream is never normalised either, and its scale
-# grows as blocks add to it. So a pre-norm model needs one **final norm** after the last block.
-# Without it, the output layer would read vectors whose size depends on the depth and drifts in
-# training: the logits grow with that size, and with them the confidence of every prediction,
-# earned or not. **Dropout** (section 6) acts in two more places: on the attention weights, and
-# on each sub-layer's output before it joins the residual stream.
+# is never rescaled, so the straight path the additions give gradients stays intact. The price:
+# the stream is never normalised either, and its scale grows as blocks add to it. So a
+# pre-norm model needs one **final norm** after the last block. Without it, the output layer
+# would read vectors whose size depends on the depth and drifts in training: the logits grow
+# with it, and so does the confidence of every prediction, earned or not. **Dropout** (section
+# 6) acts in two more places: on the attention weights, and on each sub-layer's output.
 
 # %%
 class MLP(nn.Module):
@@ -1065,22 +1079,22 @@ if IN_NOTEBOOK:
 # **Weight tying.** The output layer is a (V, C) matrix, the shape of the token embedding
 # table, and the two do mirror-image jobs: one turns a token into a vector, the other scores
 # how well a vector matches each token. Press & Wolf (2017) showed that one matrix for both
-# works as well or better, and GPT-2 does it. It helps a *small* model most. The embedding
-# table alone learns only from the tokens in a batch, but the output layer learns about every
-# token at every position (each logit gets a gradient), so tying lets rare tokens learn from
-# every prediction. And with a large vocabulary the tables are a large share of a small model:
-# in GPT-2's smallest (124M parameters) one table holds 38.6M numbers, so a second would add
-# almost a third. The output layer's weight is *the same tensor* as the embedding's.
+# works as well or better, and GPT-2 does it. It matters most for a small model with a large
+# vocabulary: the table alone learns only from the tokens in a batch, but the output layer
+# learns about every token at every position (each logit gets a gradient), so rare tokens learn
+# from every prediction; and the tables are a large share of the model (in GPT-2's smallest,
+# one table holds 38.6M of 124M parameters). For our 65 characters, all common, it saves only
+# 8,320 numbers; it matters for Appendix B's subword vocabularies, and costs nothing.
 #
 # **Initialisation.** Weights start from a normal distribution with standard deviation 0.02,
-# GPT-2's value, small enough that the initial logits are all near zero; biases start at zero.
-# The two layers of each block that write into the residual stream (the `proj` of attention
-# and of the MLP) get their std scaled by $1/\sqrt{2 \cdot n_{layer}}$, as in GPT-2: the stream
-# is a sum of $2 \cdot n_{layer}$ such contributions, and the variance of a sum of N independent
-# terms grows like N, so dividing each term's std by $\sqrt{N}$ keeps the stream's scale
-# independent of depth. With logits near zero, every token gets $p \approx 1/V$ and the loss
-# starts at $\ln V$ (section 5), 4.17 for 65 characters: a loss far above that at step 0 means
-# a broken initialisation, the first thing to check.
+# GPT-2's value (a convention, not tuned here), small enough that the initial logits are all
+# near zero; biases start at zero. The two layers of each block that write into the residual
+# stream (the `proj` of attention and of the MLP) get their std scaled by
+# $1/\sqrt{2 \cdot n_{layer}}$, as in GPT-2: the stream is a sum of $2 \cdot n_{layer}$ such
+# terms, and the variance of a sum of N independent terms grows like N, so dividing each
+# term's std by $\sqrt{N}$ keeps the stream's scale independent of depth. With logits near
+# zero, every token gets $p \approx 1/V$, so the loss starts at $\ln V$ (section 5): 4.17 for
+# 65 characters. A loss far above that at step 0 means a broken initialisation.
 #
 # **Random numbers** (initial weights, batches, dropout): seeding PyTorch's generator, and
 # Python's for code you add, makes a CPU run repeatable to the last digit.
@@ -1143,7 +1157,7 @@ class GPT(nn.Module):
 if IN_NOTEBOOK:
     set_seed(1337)
     model = GPT(ModelConfig(), tokenizer.vocab_size)
-    x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
+    x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))  # 32: a steady mean
     logits, loss = model(x, y)
     print(f"{model.num_parameters():,} parameters; logits {tuple(logits.shape)}")
     print(f"loss at initialisation {loss.item():.3f}; "
@@ -1154,19 +1168,19 @@ if IN_NOTEBOOK:
 #
 # ### Gradient descent on the model
 #
-# Training is the loop of section 2 applied to the whole model: draw a batch, compute the
-# loss, backpropagate, step every parameter against its gradient, repeat. This is **gradient
-# descent** (*stochastic*, because each step sees a random batch, not the whole text). The cell
-# below is that loop, plainly, with `torch.optim.SGD`: 300 steps on a fresh model. Its learning
-# rate, 0.3, was the largest of the few we tried at which the loss fell; at 0.5 it became `nan`
-# ("not a number": the arithmetic overflowed) within fifty steps.
-#
-# Watch where it stalls: a little below 3.3 nats, the loss of a model that knows only how common
-# each character is and ignores the context (the average of −ln(frequency) over the text: 3.31
-# for Shakespeare). The rest of this section adds what takes the same loop much further: a
-# better optimiser, a learning-rate schedule, a guard against bad steps, an honest measurement.
-# (A model has two modes: `model.train()`, for training, and `model.eval()`, for measuring and
-# writing, which switches dropout off. A new model starts in training mode.)
+# Training is the loop of section 2 applied to the whole model: draw a batch, compute the loss,
+# backpropagate, step every parameter against its gradient, repeat. This is **gradient descent**
+# (*stochastic*: each step sees a random batch, not the whole text). Below is that loop, plainly,
+# with `torch.optim.SGD`: 300 steps on a fresh model, at 0.3, the largest learning rate of the
+# few we tried at which the loss fell (at 0.5 it became `nan`, "not a number": the arithmetic
+# overflowed). Watch where it stalls: a little below 3.3 nats, the loss of a model that knows
+# only how common each character is (the average of −ln(frequency) over the text is 3.31). The
+# rest of this section takes the same loop much further: a better optimiser, a learning-rate
+# schedule, a guard against bad steps, an honest measurement. `train_step` takes a *list* of
+# batches and averages their gradients before stepping (*gradient accumulation*): one batch
+# here, several when a large batch is split to save memory or shared among processes (Appendix
+# E). A model has two modes: `model.train()`, for training, and `model.eval()`, for measuring
+# and writing, which switches dropout off; a new model starts in training mode.
 
 # %%
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list,
@@ -1215,7 +1229,7 @@ class Config(ModelConfig):
     grad_accum_steps: int = param(1, "batches averaged into each step (shared by processes)")
     tokenizer: str = param("char", "'char' (a token per character) or 'bpe' (Appendix B)")
     vocab_size: int = param(512, "vocabulary size of the bpe tokenizer (Appendix B)")
-    # --- optimisation (this section) ---
+    # --- optimisation and measuring (this section) ---
     max_iters: int = param(3000, "number of training steps")
     learning_rate: float = param(3e-3, "peak learning rate, reached after the warmup")
     min_lr: float = param(3e-4, "learning rate at the end of the cosine decay")
@@ -1224,7 +1238,6 @@ class Config(ModelConfig):
     beta1: float = param(0.9, "AdamW: how long the average gradient remembers")
     beta2: float = param(0.99, "AdamW: how long the average squared gradient remembers")
     grad_clip: float = param(1.0, "clip the gradient's norm to this (0 turns clipping off)")
-    # --- measuring ---
     eval_interval: int = param(250, "evaluate (and save, Appendix F) every this many steps")
     eval_iters: int = param(20, "batches per split in each evaluation")
     seed: int = param(1337, "seed of every random number generator")
@@ -1242,15 +1255,19 @@ class Config(ModelConfig):
 # (Kingma & Ba, 2015) keeps, per parameter, a running average of the gradient (*momentum*;
 # `beta1` = 0.9 remembers about 10 steps) and of its square (`beta2`), and steps by the first
 # divided by the square root of the second: every parameter moves at a similar pace, in the
-# direction recent gradients agree on. `beta2` = 0.99 rather than the textbook 0.999 makes the
-# average forget within about 100 steps instead of 1000, which suits a run of a few thousand.
+# direction recent gradients agree on. The division cancels the gradient's scale, so Adam's
+# learning rate is roughly the step each weight takes, and 3e-3 is a sensible size; SGD's 0.3
+# above multiplied gradients a hundred times smaller. `beta2` = 0.99 rather than the textbook
+# 0.999 makes the average forget within about 100 steps instead of 1000, which suits a run of a
+# few thousand.
 #
 # **Weight decay** pulls weights gently towards zero, which fights overfitting; AdamW applies it
 # directly to the weights rather than through the gradient (Loshchilov & Hutter, 2019). We
 # decay only the *matrices* (everything with 2 dimensions). Biases and norm gains are vectors:
 # decaying a gain would just shrink a layer's output, and biases hold too few numbers to
 # overfit with. The strength, 0.1, is GPT-3's (Brown et al., 2020, appendix B), as are the
-# clipping and the final learning rate below.
+# clipping and the final learning rate below. The quick run barely overfits, so here decay
+# changes little; it is kept for longer runs, which do.
 
 # %%
 def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -1301,14 +1318,15 @@ if IN_NOTEBOOK:
 # ### Measuring progress
 #
 # A loss measured on one random batch is noisy, so we average over `eval_iters` batches per
-# split, drawn **once** from a generator with a fixed seed and reused at every evaluation:
-# differences between evaluations then come from the model alone, not from which text was
-# drawn. The two splits' batches and the training batches use three different seeds (`seed`,
-# `seed + 1`, `seed + 2`), so training never starts with the very windows evaluation measures.
-# 20 batches of 12 × 64 characters, about 15,000 characters, pin the loss to about ±0.01.
-# Evaluation runs in eval mode (dropout off, so the answer is repeatable) without recording
-# for gradients (nothing to backpropagate, and the record costs memory and time), then puts the
-# model back as it found it. Sampling needs the same: one context manager, `evaluating`.
+# split, drawn **once** from a seeded generator and reused at every evaluation: differences
+# between evaluations then come from the model alone. The two splits and the training batches
+# use three different seeds (`seed`, `seed + 1`, `seed + 2`), so training never starts with the
+# very windows evaluation measures. 20 batches of 12 × 64 characters make about 15,000 per
+# split; one character's loss varies by about 1.5 nats, so their mean varies by roughly
+# 1.5 / √15,000 ≈ 0.01 (a little more, as neighbouring characters are not independent).
+# Evaluation runs in eval mode (dropout off, so the answer is repeatable) without recording for
+# gradients (nothing to backpropagate), then puts the model back as it was. Sampling needs the
+# same, so it is one context manager, `evaluating`.
 
 # %%
 @contextmanager
@@ -1345,14 +1363,13 @@ def estimate_loss(model: GPT, batches: list) -> float:
 #
 # Everything comes together in one loop. A `Run` holds what changes while a model trains: the
 # model, the optimiser, the generator that draws the batches, the steps taken, and the history
-# of evaluations (a row every `eval_interval` steps and after the last; its `lr` is the rate of
-# the step about to be taken). A real run also needs things that have nothing to do with
-# learning: progress lines, checkpoints, a clean stop on Ctrl-C, several processes. Rather than
-# weave them in, the loop calls **hooks**, methods of a `Hooks` object, at fixed moments. Here
-# they do nothing; Appendices E and F subclass `Hooks` to add run management without changing
-# a line of the loop. The one subclass Part I needs prints the losses. Below, the notebook
-# trains the default model for 1000 steps, a third of the command line's quick run (about 40
-# seconds on a laptop CPU), so that the whole notebook runs in minutes.
+# of evaluations (a row every `eval_interval` steps and after the last; its `lr` is that of the
+# step about to be taken). A real run also needs things that have nothing to do with learning:
+# progress lines, checkpoints, a clean stop on Ctrl-C, several processes. Rather than weave them
+# in, the loop calls **hooks**, methods of a `Hooks` object, at fixed moments. Here they do
+# nothing; Appendices E and F subclass `Hooks` to add run management without changing a line of
+# the loop. Part I's one subclass prints the losses. The notebook trains for 1000 steps, a third
+# of the command line's quick run, so that it runs in a few minutes.
 
 # %%
 @dataclass
@@ -1442,24 +1459,8 @@ if IN_NOTEBOOK:
 # training text. That is not guaranteed: each estimate is good to about ±0.01, and the
 # validation text is a different stretch of plays that may simply be easier or harder to
 # predict. What signals overfitting is a gap that *widens*: the training loss still falling
-# while the validation loss stalls or rises. (Appendix A looks inside the trained model.)
-
-# %%
-def plot_losses(history: list, title: str = "Training and validation loss"):
-    steps = [row["step"] for row in history]
-    fig, ax = new_figure(figsize=(9, 5))
-    ax.plot(steps, [row["train_loss"] for row in history], marker=".", label="train")
-    ax.plot(steps, [row["val_loss"] for row in history], marker=".", label="validation")
-    ax.set(title=title, xlabel="step", ylabel="cross-entropy loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_losses(run.history)
-    plt.show()
+# while the validation loss stalls or rises. (Appendix A draws these curves, and looks inside the
+# trained model.)
 
 # %% [markdown]
 # ## 11. Sampling
@@ -1536,21 +1537,24 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### Writing
 #
-# Generation feeds the model its own output, one token at a time, yielding each new token as
-# soon as it exists (`generate` is a Python generator), so text can be printed as it comes.
-# The model reads at most `block_size` tokens: a **window** of the latest ones. When the window
-# is full we keep its last half and go on. Why half, rather than sliding by one token? Appendix
-# D makes generation fast by keeping work from one token to the next (`use_cache=True`), and a
-# window that moves only every `block_size / 2` tokens lets it keep that work. The fast path
-# and this plain one read the same windows and write the same text.
+# Generation feeds the model its own output, one token at a time, yielding each token as soon as
+# it exists (`generate` is a Python generator), so text can be printed as it comes. The model
+# reads at most `block_size` tokens, a **window** of the latest ones. When the window is full we
+# keep its last half and go on, so right after each jump the model sees only the last 32 tokens
+# instead of 64. Why not slide by one token? Appendix D makes generation fast by keeping work
+# from one token to the next (`use_cache=True`), which only pays if the window stays put for a
+# while; the fast path and this plain one read the same windows and write the same text. The
+# final sample uses temperature 0.8, a common choice (not tuned here): a little sharper than the
+# model's own distribution, for fewer misspellings but still varied text. In it, the model of
+# section 10 writes: text became integers, integers vectors, attention and MLPs turned them into
+# probabilities, gradient descent made those good, and sampling turns them back into text.
 
 # %%
 def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None,
              use_cache: bool = False) -> Iterator[int]:
-    """`max_new_tokens` token ids, each sampled after the prompt and the tokens before it.
-    The arguments are checked here, at the call, not at the first token."""
+    """`max_new_tokens` token ids, each sampled after the ones before; arguments checked here."""
     check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
     if not prompt_ids:
         raise UserError("the prompt is empty: give at least one character with --prompt")
@@ -1586,14 +1590,9 @@ def next_token_logits(model: GPT, ids: list[int], window_start: int,
     return logits[:, -1, :]
 
 
-# %% [markdown]
-# Finally, the model of section 10 writes. Text became integers, integers vectors, attention
-# and MLPs turned them into probabilities, gradient descent made the probabilities good, and
-# sampling turns them back into text. That is the whole story.
-
 # %%
 if IN_NOTEBOOK:
-    prompt = tokenizer.encode("ROMEO:\n")
+    prompt = tokenizer.encode("ROMEO:\n")  # the end of the story: the trained model writes
     new_ids = generate(model, prompt, 400, temperature=0.8,
                        generator=torch.Generator().manual_seed(1337))
     print(tokenizer.decode(prompt + list(new_ids)))
@@ -1609,8 +1608,29 @@ if IN_NOTEBOOK:
 # ## Appendix A. Inside the trained model
 #
 # *Builds on sections 7 (attention, and its `keep_weights` switch), 9 to 11 (the model
-# trained there, and the sampling filters). Adds three pictures of what training produced;
-# `python llm.py train` saves the first as `attention.png`.*
+# trained there, and the sampling filters). Adds pictures of what training produced;
+# `python llm.py train` saves the loss curves and the attention maps as `loss.png` and
+# `attention.png`.*
+
+# %% [markdown]
+# **The loss curves** of section 10's run, as printed there.
+
+# %%
+def plot_losses(history: list, title: str = "Training and validation loss"):
+    steps = [row["step"] for row in history]
+    fig, ax = new_figure(figsize=(9, 5))
+    ax.plot(steps, [row["train_loss"] for row in history], marker=".", label="train")
+    ax.plot(steps, [row["val_loss"] for row in history], marker=".", label="validation")
+    ax.set(title=title, xlabel="step", ylabel="cross-entropy loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    plot_losses(run.history)
+    plt.show()
 
 # %% [markdown]
 # **Before training.** Seen as pictures: the mask lets each row (a query position) look only at
@@ -2704,11 +2724,18 @@ import signal
 import threading
 
 
+def option(name: str) -> str:
+    """The command-line option of a Config field: n_layer -> --n-layer."""
+    return "--" + name.replace("_", "-")
+
+
 def validate_config(cfg: Config) -> None:
     """Raise UserError naming the first setting that cannot work."""
-    def option(name: str) -> str:
-        return "--" + name.replace("_", "-")
+    check_numbers(cfg)
+    check_switches(cfg)
 
+
+def check_numbers(cfg: Config) -> None:
     for name in ("block_size", "batch_size", "grad_accum_steps", "n_layer", "n_head", "n_embd",
                  "max_iters", "eval_interval", "eval_iters"):
         if getattr(cfg, name) <= 0:
@@ -2725,6 +2752,9 @@ def validate_config(cfg: Config) -> None:
     for name in ("beta1", "beta2"):
         if not (0 <= getattr(cfg, name) < 1):
             raise UserError(f"{option(name)} must be in [0, 1), got {getattr(cfg, name)}")
+
+
+def check_switches(cfg: Config) -> None:
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"--n-embd ({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head}): "
                         "each head gets an equal slice of the channels")
@@ -3121,13 +3151,21 @@ def run_training(cfg: Config, text: str, out_dir: Path = Path("out"), log: Calla
 # separate tensor operations (counted by intercepting every call to a torch function during
 # one step): 17 matrix products, 4 attentions, and the small multiplications, additions,
 # reshapes and splits around them. PyTorch spends microseconds launching each one, plus
-# Python's cost for every module call. So generation gets faster by doing *fewer*
-# operations, not faster ones, and three details of Part I exist for that reason, each
-# measured with `bench` (the README has the table): attention skips the mask for a single new
-# query (section 7), RoPE rotates queries and keys together with precomputed tables (section
-# 7), and dropout with probability 0 is an `nn.Identity` (section 6). `torch.compile` of the
-# one-token step was measured too: about twice as fast, after a compile that takes longer than
-# writing 2000 characters without it, so the sampler does not use it.
+# Python's cost for every module call. So generation gets faster by doing *fewer* operations,
+# not faster ones. Four details of Part I come from this; each was measured with `bench`, one
+# at a time (the README has the figures):
+#
+# * attention skips the mask for a single new query (section 7): about 8% more tokens/s;
+# * RoPE rotates queries and keys together, with precomputed tables (section 7): about 10%;
+# * dropout with probability 0 is an `nn.Identity` (section 6): about 8%, since even a
+#   `Dropout(0)` call costs microseconds, thirteen times per token;
+# * SwiGLU's two widening matrices are one layer (section 8): no measurable change on the
+#   CPU. It stays because it reads like attention's stacked `qkv`, and costs no clarity.
+#
+# **Compiling.** `torch.compile` of the one-token step made sampling about twice as fast, but
+# its compile took longer than writing 2000 characters without it, so the sampler does not use
+# it. For training (`--compile true`), a step on the 2-core CPU became about 20% faster after
+# about 20 s of compiling, as much time as the quick run's 3000 steps then save: opt-in.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
@@ -3228,7 +3266,7 @@ def parse_bool(text: str) -> bool:
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         kind = type(f.default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+        parser.add_argument(option(f.name), dest=f.name, default=None,
                             type=parse_bool if kind is bool else kind,
                             metavar=kind.__name__.upper(),
                             help=f"{f.metadata['help']} (default: {f.default})")
@@ -3255,7 +3293,13 @@ def build_parser() -> argparse.ArgumentParser:
                "then `python llm.py sample`.")
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="{train,sample,tokenize,bench}")
+    for add_command in (add_train_command, add_sample_command, add_tokenize_command,
+                        add_bench_command):
+        add_command(commands)
+    return parser
 
+
+def add_train_command(commands) -> None:
     train_p = commands.add_parser("train", help="train a model and save it to OUT_DIR/ckpt.pt",
                                   description="Train a GPT; every Config field is an option.")
     train_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
@@ -3270,6 +3314,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_option(train_p, 0)
     add_config_options(train_p)
 
+
+def add_sample_command(commands) -> None:
     sample_p = commands.add_parser("sample", help="generate text from OUT_DIR/ckpt.pt",
                                    description="Generate text with a model trained by `train`.")
     sample_p.add_argument("--out-dir", type=Path, default=Path("out"),
@@ -3290,6 +3336,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     add_threads_option(sample_p, SAMPLING_THREADS)
 
+
+def add_tokenize_command(commands) -> None:
     tokenize_p = commands.add_parser(
         "tokenize", help="show how a text splits into tokens",
         description="Print the tokens of TEXT: with the tokenizer of a trained model "
@@ -3302,6 +3350,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize_p.add_argument("--vocab-size", type=int, default=512,
                             help="BPE vocabulary size (default: 512)")
 
+
+def add_bench_command(commands) -> None:
     bench_p = commands.add_parser(
         "bench", help="measure training and sampling speed on this machine",
         description="Print training and sampling speed, FLOP/s against this machine's matmul "
@@ -3312,7 +3362,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--sample-tokens", type=int, default=2000,
                          help="tokens generated for each sampling figure (default: 2000)")
     add_config_options(bench_p)
-    return parser
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -3324,7 +3373,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
 def command_train(args: argparse.Namespace) -> None:
     overrides = config_overrides(args)
     if args.resume and overrides:
-        names = ", ".join(f"--{name.replace('_', '-')}" for name in overrides)
+        names = ", ".join(option(name) for name in overrides)
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
     cfg = preset(args.arch, args.size, **overrides)
     validate_config(cfg)  # before reading data, so a bad option fails fast

@@ -67,8 +67,19 @@ def test_batches_reach_both_ends_of_the_split():
     assert firsts == set(range(20 - 4))  # every window start, including the last possible one
 
 
-def test_split_shorter_than_block_size_is_a_clear_error():
-    with pytest.raises(llm.UserError, match="block-size"):
+@pytest.mark.parametrize("short_split", ["train", "val"])
+def test_split_shorter_than_block_size_is_a_clear_error(short_split):
+    # 100 characters: the training split has 90 tokens, the validation split 10.
+    text = "abcdefghij" * 10
+    tok = llm.CharTokenizer.from_text(text)
+    block_size = 90 if short_split == "train" else 10  # a split of exactly block_size tokens
+    with pytest.raises(llm.UserError, match="fewer than block_size \\+ 1") as info:
+        llm.encode_corpus(text, tok, block_size)
+    assert "--block-size" in str(info.value)
+    corpus = llm.encode_corpus(text, tok, 9)  # block_size + 1 tokens in each split: just enough
+    assert (len(corpus.train_data), len(corpus.val_data)) == (90, 10)
+    llm.get_batch(corpus.val_data, block_size=9, batch_size=1)
+    with pytest.raises(AssertionError):  # below the user-facing check, too short is a bug
         llm.get_batch(torch.arange(8), block_size=8, batch_size=1)
 
 

@@ -6,6 +6,51 @@ import torch
 import torch.nn.functional as F
 
 import llm
+from conftest import TINY_TEXT
+
+
+def test_softmax_equals_pytorch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 30) * 3
+    torch.testing.assert_close(llm.softmax(logits), F.softmax(logits, -1))
+    torch.testing.assert_close(llm.softmax(logits).sum(-1), torch.ones(4, 6))
+
+
+@pytest.mark.parametrize("offset", [1000.0, -1000.0])
+def test_softmax_of_large_logits_does_not_overflow(offset):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 30) + offset  # exp(1000) is inf in float32: a naive softmax gives nan
+    assert not torch.isfinite(logits.exp() / logits.exp().sum(-1, keepdim=True)).all()
+    probs = llm.softmax(logits)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, F.softmax(logits, -1))
+    wide = torch.randn(5, 30) * 1000  # scores far apart: most probabilities round to 0
+    torch.testing.assert_close(llm.softmax(wide), F.softmax(wide, -1))
+
+
+def test_cross_entropy_equals_pytorch():
+    torch.manual_seed(0)
+    logits = (torch.randn(50, 20) * 3).requires_grad_()
+    targets = torch.randint(20, (50,))
+    ours = llm.cross_entropy(logits, targets)
+    theirs = F.cross_entropy(logits, targets)
+    assert ours.shape == theirs.shape == ()
+    torch.testing.assert_close(ours, theirs)
+    grad_ours, = torch.autograd.grad(ours, logits)
+    grad_theirs, = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(grad_ours, grad_theirs)
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, 1000.0), (1.0, -1000.0), (1000.0, 0.0)])
+def test_cross_entropy_of_large_logits_stays_finite_and_equals_pytorch(scale, offset):
+    torch.manual_seed(0)
+    logits = torch.randn(40, 20) * scale + offset
+    targets = torch.randint(20, (40,))
+    loss = llm.cross_entropy(logits, targets)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
+    if scale > 1:  # targets of (rounded) probability 0: -ln 0 would be inf, the loss stays finite
+        assert (F.softmax(logits, -1)[torch.arange(40), targets] == 0).any()
 
 
 def test_layer_norm_equals_pytorch():
@@ -60,7 +105,11 @@ def test_multi_head_attention_equals_pytorch_with_the_same_projections():
 def test_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
     torch.manual_seed(0)
     mha = llm.MultiHeadAttention(llm.Config(n_embd=16, n_head=2))
-    _, weights = mha(torch.randn(2, 7, 16), return_weights=True)  # (B, H, T, T)
+    with llm.keeping_attention_weights(mha) as layers:
+        assert layers == [mha]
+        mha(torch.randn(2, 7, 16))
+        weights = mha.weights  # (B, H, T, T)
+    assert weights.shape == (2, 2, 7, 7)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 7))
     future = llm.causal_mask(7)
     assert (weights[..., future] == 0).all()
@@ -116,7 +165,7 @@ def test_weight_tying_shares_one_tensor_also_after_save_and_load(tmp_path, tiny_
     assert model.lm_head.weight is model.embed.token.weight
     optimizer = llm.configure_optimizer(model, tiny_cfg)
     path = tmp_path / "ckpt.pt"
-    llm.save_checkpoint(path, model, optimizer, tok, 0, 1.0, torch.Generator())
+    llm.save_checkpoint(path, llm.Run(model, optimizer, torch.Generator()), tok, 1.0)
     loaded, _, _ = llm.load_checkpoint(path)
     assert loaded.lm_head.weight is loaded.embed.token.weight
     torch.testing.assert_close(loaded.embed.token.weight, model.embed.token.weight)
@@ -170,22 +219,71 @@ def test_a_tiny_model_overfits_one_batch(tiny_cfg):
     model = llm.GPT(tiny_cfg, 20)
     optimizer = llm.configure_optimizer(model, tiny_cfg)
     x, y = llm.get_batch(torch.randint(20, (200,)), 16, 4, torch.Generator().manual_seed(0))
-    losses = [llm.train_step(model, optimizer, [(x, y)], 1e-2, tiny_cfg) for _ in range(200)]
+    losses = [llm.train_step(model, optimizer, [(x, y)], 1e-2, tiny_cfg.grad_clip) for _ in range(200)]
     assert losses[0] > 2.5
     assert losses[-1] < 0.1
 
 
+class RecordingHooks(llm.Hooks):
+    """Hooks that write down every call, with the step the run was at."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wrap(self, model):
+        self.calls.append(("wrap", None))
+        return model
+
+    def prepare(self, batches):
+        self.calls.append(("prepare", len(batches)))
+        return batches
+
+    def evaluated(self, run):
+        self.calls.append(("evaluated", run.step))
+        assert run.history[-1]["step"] == run.step  # the row of this evaluation is already there
+
+    def before_step(self, run):
+        self.calls.append(("before_step", run.step))
+
+    def after_step(self, run, loss):
+        assert isinstance(loss, float) and math.isfinite(loss)
+        self.calls.append(("after_step", run.step))
+
+
+def test_the_training_loop_calls_its_hooks(tiny_cfg):
+    tiny_cfg.max_iters, tiny_cfg.eval_interval, tiny_cfg.eval_iters, tiny_cfg.warmup_iters = 7, 3, 2, 2
+    corpus = llm.encode_corpus(TINY_TEXT, llm.CharTokenizer.from_text(TINY_TEXT), tiny_cfg.block_size)
+    llm.set_seed(0)
+    run = llm.start_run(llm.GPT(tiny_cfg, corpus.tokenizer.vocab_size), tiny_cfg)
+    hooks = RecordingHooks()
+    assert llm.train(run, tiny_cfg, corpus.train_data, corpus.val_data, hooks) is run
+    names = [name for name, _ in hooks.calls]
+    assert names.count("before_step") == names.count("after_step") == tiny_cfg.max_iters  # once a step
+    assert names.count("evaluated") == 4  # steps 0, 3, 6, and the last, 7
+    assert names.count("prepare") == tiny_cfg.max_iters and names.count("wrap") == 1
+    expected = [("wrap", None), ("evaluated", 0)]
+    for step in range(tiny_cfg.max_iters):
+        expected += [("before_step", step), ("prepare", tiny_cfg.grad_accum_steps), ("after_step", step)]
+        if (step + 1) % tiny_cfg.eval_interval == 0 or step + 1 == tiny_cfg.max_iters:
+            expected.append(("evaluated", step + 1))
+    assert hooks.calls == expected  # in this order, each with the step the run was at
+    assert run.step == tiny_cfg.max_iters
+    assert [row["step"] for row in run.history] == [0, 3, 6, 7]
+    assert all(math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) for row in run.history)
+
+
 def test_model_rejects_sequences_longer_than_block_size(tiny_cfg):
     model = llm.GPT(tiny_cfg, 20)
-    with pytest.raises(ValueError, match="block_size"):
+    model(torch.zeros(1, 16, dtype=torch.long))  # exactly block_size positions are fine
+    with pytest.raises(AssertionError, match="block_size"):  # a bug in the caller: an invariant
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
 def test_config_validation():
     with pytest.raises(llm.UserError, match="divisible"):
-        llm.Config(n_embd=30, n_head=4).validate()
+        llm.validate_config(llm.Config(n_embd=30, n_head=4))
     with pytest.raises(llm.UserError, match="block-size"):
-        llm.Config(block_size=0).validate()
+        llm.validate_config(llm.Config(block_size=0))
     with pytest.raises(llm.UserError, match="learning-rate"):
-        llm.Config(learning_rate=float("nan")).validate()
-    llm.Config().validate()  # the defaults are valid
+        llm.validate_config(llm.Config(learning_rate=float("nan")))
+    llm.validate_config(llm.Config())  # the defaults are valid

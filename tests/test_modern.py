@@ -222,7 +222,7 @@ def test_unknown_preset_is_a_clear_error():
 ])
 def test_invalid_switches(overrides, fragment):
     with pytest.raises(llm.UserError, match=fragment):
-        llm.Config(**overrides).validate()
+        llm.validate_config(llm.Config(**overrides))
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -232,12 +232,14 @@ def test_checkpoint_round_trip_records_the_architecture(tmp_path, arch):
     llm.set_seed(0)
     model = llm.GPT(cfg, tok.vocab_size)
     path = tmp_path / "ckpt.pt"
-    llm.save_checkpoint(path, model, llm.configure_optimizer(model, cfg), tok, 0, 1.0, torch.Generator())
+    llm.save_checkpoint(path, llm.Run(model, llm.configure_optimizer(model, cfg), torch.Generator()), tok, 1.0)
     loaded, _, checkpoint = llm.load_checkpoint(path)
     assert loaded.cfg == cfg and checkpoint["config"]["norm"] == cfg.norm
+    assert checkpoint["step"] == 0 and checkpoint["val_loss"] == 1.0
     idx = torch.randint(tok.vocab_size, (1, 8))
     torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
-    assert len(llm.generate_text(loaded, tok, "abc", 12)) == 15  # sampling works, past block_size too
+    for use_cache in (False, True):  # sampling works, past block_size too, on both paths
+        assert len(llm.generate_text(loaded, tok, "abc", 12, use_cache=use_cache)) == 15
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

@@ -37,11 +37,12 @@ def interrupt_when(condition):
 
 
 def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
-    straight = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
+    straight = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
     with pytest.raises(llm.TrainingInterrupted, match="--resume"):
-        llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=interrupt_when(lambda l: l.startswith("step    10/")))
+        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed",
+                         log=interrupt_when(lambda l: l.startswith("step    10/")))
     assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 10
-    resumed = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
+    resumed = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
     assert losses(resumed.history) == losses(straight.history)  # exact: not approximately
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -50,35 +51,35 @@ def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
 
 
 def test_resume_after_ctrl_c_between_evaluations_is_bit_identical(tmp_path, monkeypatch):
-    straight = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
+    straight = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
     calls = {"n": 0}
     real_step = llm.train_step
 
-    def step_then_ctrl_c(*args):
+    def step_then_ctrl_c(model, optimizer, batches, lr, grad_clip=0.0):  # train_step's signature
         calls["n"] += 1
         if calls["n"] == 7:
             signal.raise_signal(signal.SIGINT)  # arrives in the middle of step 6
-        return real_step(*args)
+        return real_step(model, optimizer, batches, lr, grad_clip)
 
     monkeypatch.setattr(llm, "train_step", step_then_ctrl_c)
     with pytest.raises(llm.TrainingInterrupted):
-        llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet)
+        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet)
     monkeypatch.setattr(llm, "train_step", real_step)
     assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 7  # step 6 finished
-    resumed = llm.train(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
+    resumed = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
     assert losses(resumed.history) == losses(straight.history)
 
 
 def test_resume_refuses_other_data_and_a_missing_checkpoint(tmp_path):
     with pytest.raises(llm.UserError, match="latest.pt"):
-        llm.train(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet, resume=True)
-    llm.train(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet, resume=True)
+    llm.run_training(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
     with pytest.raises(llm.UserError, match="--data"):
-        llm.train(tiny_cfg(), TINY_TEXT.upper(), tmp_path, log=quiet, resume=True)
+        llm.run_training(tiny_cfg(), TINY_TEXT.upper(), tmp_path, log=quiet, resume=True)
 
 
 def test_sample_uses_the_best_checkpoint_and_resume_the_latest(tmp_path):
-    llm.train(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+    llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
     best = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     latest = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert latest["step"] == 20
@@ -86,7 +87,7 @@ def test_sample_uses_the_best_checkpoint_and_resume_the_latest(tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    llm.train(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+    llm.run_training(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
     before = (tmp_path / "ckpt.pt").read_bytes()
 
     def half_written(obj, f):
@@ -95,7 +96,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
 
     monkeypatch.setattr(llm.torch, "save", half_written)
     with pytest.raises(llm.UserError, match="previous version is untouched"):
-        llm.train(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+        llm.run_training(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     llm.load_checkpoint(tmp_path / "ckpt.pt")  # still loads
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
@@ -122,13 +123,13 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
     calls = {"n": 0}
     real_step = llm.train_step
 
-    def diverging(*args):
+    def diverging(model, optimizer, batches, lr, grad_clip=0.0):  # train_step's signature
         calls["n"] += 1
-        return float("nan") if calls["n"] == 13 else real_step(*args)
+        return float("nan") if calls["n"] == 13 else real_step(model, optimizer, batches, lr, grad_clip)
 
     monkeypatch.setattr(llm, "train_step", diverging)
     with pytest.raises(llm.UserError, match="became nan at step 12"):
-        llm.train(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 10
 
 

@@ -53,8 +53,14 @@ def test_top_p_always_keeps_at_least_one_token():
     {"top_k": 0}, {"top_k": 5},  # 5 > the vocabulary of 4
 ])
 def test_bad_sampling_arguments_raise_value_error(kwargs):
-    with pytest.raises(ValueError):
-        llm.sample_next(PROBS.log(), **kwargs)
+    args = {"temperature": 1.0, "top_k": None, "top_p": None, **kwargs}
+    with pytest.raises(ValueError):  # a UserError, which is a ValueError
+        llm.check_sampling_args(args["temperature"], args["top_k"], args["top_p"], vocab_size=4)
+    llm.set_seed(0)
+    model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=8, device="cpu"), len(PROBS))
+    with pytest.raises(llm.UserError):  # at the call, before the first token is asked for
+        llm.generate(model, [1, 2], 3, **kwargs)
+    llm.check_sampling_args(1.0, 4, 1.0, vocab_size=4)  # the limits themselves are allowed
 
 
 def test_sampling_follows_the_distribution():
@@ -71,19 +77,22 @@ def tiny_model(tiny_cfg):
     return llm.GPT(tiny_cfg, tok.vocab_size), tok
 
 
-def test_generate_is_seeded_and_runs_past_block_size(tiny_model):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generate_is_seeded_and_runs_past_block_size(tiny_model, use_cache):
     model, tok = tiny_model
-    a = llm.generate_text(model, tok, "abc", 40, seed=3)  # 43 > block_size of 16: context is cropped
-    b = llm.generate_text(model, tok, "abc", 40, seed=3)
-    c = llm.generate_text(model, tok, "abc", 40, seed=4)
+    a = llm.generate_text(model, tok, "abc", 40, seed=3, use_cache=use_cache)  # 43 > block_size of 16: cropped
+    b = llm.generate_text(model, tok, "abc", 40, seed=3, use_cache=use_cache)
+    c = llm.generate_text(model, tok, "abc", 40, seed=4, use_cache=use_cache)
     assert a == b and a != c
     assert a.startswith("abc") and len(a) == 43
 
 
-def test_greedy_generation_matches_argmax_of_the_full_forward(tiny_model):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_greedy_generation_matches_argmax_of_the_full_forward(tiny_model, use_cache):
     model, tok = tiny_model
     ids = tok.encode("abc")
-    new = list(llm.generate(model, ids, 5, temperature=0))
+    new = list(llm.generate(model, ids, 5, temperature=0, use_cache=use_cache))
+    assert len(new) == 5
     model.eval()
     for token in new:
         logits, _ = model(torch.tensor([ids]))
@@ -91,27 +100,30 @@ def test_greedy_generation_matches_argmax_of_the_full_forward(tiny_model):
         ids.append(token)
 
 
-def test_generate_restores_the_previous_mode(tiny_model):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generate_restores_the_previous_mode(tiny_model, use_cache):
     model, tok = tiny_model
     model.train()
-    list(llm.generate(model, tok.encode("a"), 3))
+    list(llm.generate(model, tok.encode("a"), 3, use_cache=use_cache))
     assert model.training
     model.eval()
-    list(llm.generate(model, tok.encode("a"), 3))
+    list(llm.generate(model, tok.encode("a"), 3, use_cache=use_cache))
     assert not model.training
 
 
-def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model, use_cache):
     model, tok = tiny_model
     model.train()
-    tokens = llm.generate(model, tok.encode("ab"), 5)
+    tokens = llm.generate(model, tok.encode("ab"), 5, use_cache=use_cache)
     next(tokens)  # paused between tokens
     assert model.training and not torch.is_inference_mode_enabled()
     _, loss = model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
     loss.backward()  # training still works while the generator waits
 
 
-def test_generation_with_a_context_of_one_token():
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generation_with_a_context_of_one_token(use_cache):
     llm.set_seed(0)
     model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=1, device="cpu"), 5)
-    assert len(list(llm.generate(model, [1, 2, 3], 6))) == 6
+    assert len(list(llm.generate(model, [1, 2, 3], 6, use_cache=use_cache))) == 6
