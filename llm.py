@@ -15,9 +15,9 @@
 # model *is* and how it *learns*; an appendix holds what only analysis or a long, large or
 # unattended run needs. That keeps the path from an empty file to a talking model short, and
 # gives each piece of machinery room to be explained instead of interrupting the story. Part I
-# runs without Part II; where its code has a branch that only an appendix takes (the cache of
-# fast generation, a third kind of positions), the branch names the appendix, and the default
-# path never takes it.
+# runs without Part II. Where its code has a branch that only an appendix takes (the cache of
+# fast generation, a third kind of positions), the branch names the appendix; one rule of
+# Part I, the generation window of section 11, is shaped by Appendix D, and says so.
 #
 # **Notation** in shape comments such as `# (B, T, C)`: **B** batch size (sequences at once),
 # **T** time (tokens in a sequence), **C** channels (the numbers in one token's vector), **V**
@@ -57,10 +57,11 @@
 # ## 2. Just enough PyTorch
 #
 # The code uses **PyTorch**, a library for computing with large arrays of numbers, which also
-# works out derivatives for us and runs on GPUs. It is imported under three names: `torch`,
-# `nn` (`torch.nn`, the building blocks of models) and `F` (`torch.nn.functional`, the same
-# operations as plain functions with nothing to learn). The other imports are Python's
-# standard library; each appendix imports what only it needs. A few ideas are then enough.
+# works out derivatives for us and runs on GPUs (graphics processors, fast at this arithmetic).
+# It is imported under three names: `torch`, `nn` (`torch.nn`, the building blocks of models)
+# and `F` (`torch.nn.functional`, the same operations as plain functions with nothing to learn).
+# The other imports are Python's standard library; each appendix imports what only it needs. A
+# few ideas are then enough.
 
 # %%
 from __future__ import annotations
@@ -232,10 +233,12 @@ if IN_NOTEBOOK:
 # | `x.masked_fill(mask, v)` | a copy with `v` wherever the True/False tensor `mask` is True |
 # | `m.triu(1)` | keep what is above the diagonal of a matrix, zero the rest |
 # | `torch.topk(x, k)`; `torch.sort(x)` | the k largest; all sorted, with their old positions |
-# | `x.cumsum(-1)` | running sums along the last dimension |
-# | `x.scatter(-1, order, y)` | put each value of y back where `order` says it came from |
-# | `x.repeat_interleave(n, dim)` | repeat each slice n times |
-# | `x.flip(-1)`; `x.unflatten(-1, (a, b))` | reverse the last dimension; split it into two |
+# | `x.cumsum(-1)`; `x.scatter(-1, order, y)` | running sums; put y back where `order` came from |
+# | `x.repeat_interleave(n, dim)`; `x.flip(-1)` | repeat each slice n times; reverse a dimension |
+# | `x.flatten(0, 1)`; `x.unflatten(-1, (a, b))` | merge two dimensions into one; split one in two |
+# | `torch.stack([a, b], -1)`; `x.type_as(y)` | join along a new dimension; convert to y's dtype |
+# | `x.to(device)`; `opt.param_groups` | move to a device (CPU or GPU); an optimiser's settings |
+# | `nn.init.normal_(w)` | a trailing `_` marks an operation that changes w in place |
 # | `torch.no_grad()`; `torch.inference_mode()` | blocks whose operations autograd does not record |
 # | `model.apply(f)`; `p.numel()` | call f on every sub-module; the count of numbers in a tensor |
 
@@ -386,14 +389,6 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The UTF-8 bytes of one token (used when text is printed as it is generated)."""
-        return self.chars[token_id].encode("utf-8")
-
-    def state(self) -> dict:
-        """Everything needed to rebuild this tokenizer, as plain values (saved with a model)."""
-        return {"kind": "char", "chars": self.chars}
 
 
 # %%
@@ -559,11 +554,9 @@ class ModelConfig:
 # moves these vectors so that tokens that behave alike end up close together (Appendix A shows
 # it).
 #
-# **Where a token is.** Attention, which comes next, compares tokens by their content alone:
-# without its causal mask, shuffling the input would only shuffle the output the same way. The
-# mask (section 7) lets each token see only the tokens before it, so a model could in principle
-# count how many it sees, but that is a roundabout, weak way to learn where a token stands. Yet
-# order is everything in language ("dog bites man"). GPT-2 therefore adds to each token's vector
+# **Where a token is.** Attention, which comes next, compares tokens by their content, not by
+# where they stand (its mask, section 7, only hides later tokens), yet order is everything in
+# language: "dog bites man" is not "man bites dog". GPT-2 therefore adds to each token's vector
 # a second, **learned** vector that depends only on its **position**, from a second table of
 # shape (block_size, C). It is free to find whatever works, but knows nothing about positions
 # beyond `block_size`. The modern choice, **rotary** embeddings (`rope`, Llama's and our
@@ -645,13 +638,13 @@ if IN_NOTEBOOK:
 #
 # **The causal mask $M$.** When predicting the token after position $t$, the model must not
 # see it, or any later token: it could copy the answer. $M$ is 0 where $s \le t$ and $-\infty$
-# where $s > t$. Why $-\infty$, added before the softmax? Zeroing weights afterwards would leave
-# rows that no longer sum to one, and adding 0 changes nothing. Since $e^{-\infty} = 0$, future
-# positions get weight exactly zero and the softmax shares all the weight among the rest. A
-# large finite number such as −1000 works only while every real score stays far above it;
-# −∞ is exact whatever the scores. (Dropout on the weights, section 8, later zeroes some of
-# them on purpose during training, scaling up the rest so that rows still sum to one on
-# average.) One function does this for any number of heads: leading dimensions come along.
+# where $s > t$. Why add $-\infty$ to the scores, rather than zero the future's weights after the
+# softmax (and renormalise)? Because $e^{-\infty} = 0$, the softmax itself then gives the future
+# weight exactly zero and shares all the weight among the allowed positions, in one step. A
+# large finite number such as −1000 works only while every real score stays far above it; −∞
+# is exact whatever the scores. (Dropout, section 6, also zeroes some weights during training,
+# on purpose, scaling up the rest so rows still sum to one on average.) One function does this
+# for any number of heads: leading dimensions come along.
 
 # %%
 def causal_mask(T: int, T_keys: int | None = None, device=None) -> torch.Tensor:
@@ -704,9 +697,8 @@ if IN_NOTEBOOK:
     torch.manual_seed(0)
     head = Head(n_embd=16, head_dim=4)
     out, weights = head(torch.randn(1, 5, 16))
-    print("output", tuple(out.shape), " weights (row: query, column: key)", tuple(weights.shape))
-    print(weights[0].detach().numpy().round(2))
-    print("rows sum to", weights[0].sum(-1).detach().numpy().round(6))
+    print("output", tuple(out.shape), "| weights (row: query, column: key), rows summing to",
+          weights[0].sum(-1).detach().numpy().round(6), "\n", weights[0].detach().numpy().round(2))
     q, k = torch.randn(2, 10_000, 32)
     print(f"variance of q·k with D=32: {(q * k).sum(-1).var():.1f} raw, "
           f"{((q * k).sum(-1) / math.sqrt(32)).var():.2f} after dividing by sqrt(32)")
@@ -739,8 +731,8 @@ if IN_NOTEBOOK:
 # the vector times the cosines, plus the vector with each pair swapped times the signed sines.
 # Both tables are computed once for every position (each angle written twice, to width D), so
 # rotating is two products and a sum for all pairs, heads and positions together, instead of
-# seven operations pair by pair. (With complex numbers the same rotation multiplies $a + ib$
-# by $e^{ip\theta_i}$; the cell below checks that they agree.)
+# a separate computation for each pair. Values are not rotated: position should shape *where*
+# attention looks, not *what* it carries.
 
 # %%
 def position_angles(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -782,9 +774,6 @@ if IN_NOTEBOOK:
     a, b, angle = q[0, 0::2], q[0, 1::2], position_angles(100, 32)[37]  # pair by pair, p = 37
     formula = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()])
     print("equal to the formula:", torch.allclose(rotated_q[37], formula.T.flatten(), atol=1e-6))
-    complex_q = torch.view_as_complex(q.reshape(16, 2))  # pairs (a, b) as a + ib
-    turned = torch.view_as_real(complex_q * torch.polar(torch.ones(16), angle)).flatten()
-    print("equal to multiplying by e^(i*angle):", torch.allclose(rotated_q[37], turned, atol=1e-6))
 
 # %% [markdown]
 # ### Many heads at once
@@ -797,11 +786,12 @@ if IN_NOTEBOOK:
 # `Head` modules, one matrix makes all queries, keys and values in a single product; the
 # channels are then reshaped into heads of width D, which ride along as a batch dimension.
 #
-# **Grouped-query attention** (GQA; Ainslie et al., 2023; used by Llama 2 70B and Llama 3)
+# **Grouped-query attention** (GQA; Ainslie et al., 2023; used by Llama 2's largest and Llama 3)
 # gives the H query heads only `n_kv_head` key/value heads, each shared by a group of
 # H / `n_kv_head` query heads. The projection shrinks from (C, 3C) to (C, C + 2·n_kv_head·D),
 # and so does the memory that fast generation spends on keeping every past key and value
-# (Appendix D), which is what matters most in big models. `n_kv_head = n_head` is ordinary
+# (Appendix D): that matters in big models; ours keeps it as part of the modern recipe, at
+# no measurable cost (Appendix C). `n_kv_head = n_head` is ordinary
 # multi-head attention; `n_kv_head = 1` is *multi-query* attention (Shazeer, 2019). Before
 # attending, each key/value head is simply repeated for every query head in its group.
 #
@@ -810,9 +800,9 @@ if IN_NOTEBOOK:
 # never even stores the T × T weights), and the model uses it. The hand-written
 # `causal_attention` stays the definition: a layer whose `keep_weights` is set attends the
 # hand-written way and keeps its weights in `.weights`, which is how pictures get them; a test
-# checks that the two ways agree. One attribute prepares for later: `cache`
-# stays `None` in Part I, and the first token's position, `start`, is then 0. Appendix D uses
-# them to write text fast, by keeping the keys and values of earlier tokens.
+# checks that the two ways agree. One attribute prepares for later: `cache` stays `None` in Part
+# I, and the first token's position (the local `start`) is then 0. Appendix D uses them to write
+# text fast, by keeping the keys and values of earlier tokens.
 
 # %%
 class MultiHeadAttention(nn.Module):
@@ -840,7 +830,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        start = self.first_position()  # the position of x's first token
+        start = 0 if self.cache is None else self.cache.length  # position of x's first token
         heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D)
         # the H query heads, then Hkv key heads, then Hkv value heads; queries and keys together
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
@@ -855,10 +845,6 @@ class MultiHeadAttention(nn.Module):
             out = self.fused_attention(q, k, v)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D): heads side by side
         return self.resid_dropout(self.proj(out))  # (B, T, C)
-
-    def first_position(self) -> int:
-        """0, or after the tokens whose keys and values are cached (Appendix D)."""
-        return 0 if self.cache is None else self.cache.length
 
     def attend_by_hand(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n_kv_head != self.n_head:  # grouped: repeat each key/value head for its group
@@ -888,16 +874,18 @@ if IN_NOTEBOOK:
     mha.keep_weights = True  # attend by hand, and keep the weights
     out, weights = mha(x_demo), mha.weights
     mha.keep_weights = False
-    print("output", tuple(out.shape), " weights (B, H, T, T)", tuple(weights.shape))
-    print("weights above the diagonal are exactly zero:", bool((weights.triu(1) == 0).all()))
+    print("output", tuple(out.shape), "| weights (B, H, T, T)", tuple(weights.shape),
+          "| above the diagonal exactly zero:", bool((weights.triu(1) == 0).all()))
     print("the fused kernel gives the same output:", torch.allclose(mha(x_demo), out, atol=1e-6))
 
 # %% [markdown]
 # ## 8. The transformer block
 #
-# A block does two things in turn: **attention** (tokens talk to each other) and an **MLP**
-# (each token thinks on its own, defined below). The model stacks `n_layer` blocks, each
-# refining what the one before it wrote. Two devices make a deep stack of blocks trainable.
+# A block does two things in turn: **attention** (tokens talk to each other; *self*-attention,
+# as the tokens attend within their own sequence) and an **MLP** (each token thinks on its own,
+# defined below). A **transformer**, the design of the 2017 paper "Attention Is All You Need"
+# that GPT and Llama follow, is a stack of `n_layer` such blocks, each refining what the one
+# before it wrote. Two devices make a deep stack trainable.
 #
 # **Residual connections.** Each sub-layer *adds* its output to its input: `x = x + f(x)`.
 # The sum gives gradients a straight path from the loss to every layer (through the `x +`,
@@ -913,8 +901,10 @@ if IN_NOTEBOOK:
 #
 # ($\mu$ and $\sigma^2$ are the mean and variance of the vector's C numbers, and $\odot$
 # multiplies number by number.) This keeps the inputs of every layer on the same scale however
-# the weights drift in training. $\epsilon = 10^{-5}$ (PyTorch's default) only guards against
-# dividing by zero; the variance is the biased one (divide by C), as in the LayerNorm paper.
+# the weights drift in training; without it, a layer tuned for one scale would keep being fed
+# another, and deep stacks train unstably or not at all. $\epsilon = 10^{-5}$ (PyTorch's
+# default) only guards against dividing by zero; the variance is the biased one (divide by C),
+# as in the LayerNorm paper.
 #
 # **RMSNorm** (Zhang & Sennrich, 2019; used by Llama) drops the centring and the bias and only
 # rescales each vector by its root mean square:
@@ -922,7 +912,8 @@ if IN_NOTEBOOK:
 # $$\text{RMSNorm}(x) = \gamma \odot \frac{x}{\sqrt{\tfrac{1}{C}\sum_j x_j^2 + \epsilon}}$$
 #
 # The paper argued, and showed in experiments, that the re-scaling, not the re-centring, is what
-# stabilises training; RMSNorm is one reduction instead of two and has fewer parameters.
+# stabilises training; RMSNorm makes one pass over the numbers instead of two, and has fewer
+# parameters.
 # `--norm` chooses between the two.
 
 # %%
@@ -968,18 +959,14 @@ if IN_NOTEBOOK:
     torch.manual_seed(0)
     x_demo = torch.randn(2, 3, 8) * 5 + 3  # (B, T, C): vectors far from mean 0, variance 1
     ln, rms = LayerNorm(8), RMSNorm(8)
-    out = ln(x_demo).detach()  # (.detach: the numbers without autograd's record, for numpy)
-    print("input:  mean", x_demo.mean(-1)[0].numpy().round(2),
-          " std", x_demo.std(-1, unbiased=False)[0].numpy().round(2))
-    print("output: mean", out.mean(-1)[0].abs().numpy().round(4),
-          " std", out.std(-1, unbiased=False)[0].numpy().round(4))
-    print("equal to F.layer_norm:",
+    out, rms_out = ln(x_demo).detach(), rms(x_demo).detach()  # (.detach: for numpy)
+    print("before: mean", x_demo.mean(-1)[0].numpy().round(2),
+          "std", x_demo.std(-1, unbiased=False)[0].numpy().round(2))
+    print("LayerNorm: mean", out.mean(-1)[0].abs().numpy().round(4),
+          "std", out.std(-1, unbiased=False)[0].numpy().round(4), "| equal to F.layer_norm:",
           torch.allclose(out, F.layer_norm(x_demo, (8,), ln.weight, ln.bias), atol=1e-6))
-    out = rms(x_demo)
-    print("root mean square after RMSNorm:",
-          (out * out).mean(-1).sqrt()[0].detach().numpy().round(4))
-    print("equal to F.rms_norm:",
-          torch.allclose(out, F.rms_norm(x_demo, (8,), rms.weight, eps=1e-5), atol=1e-6))
+    print("RMSNorm: root mean square", rms_out.pow(2).mean(-1).sqrt()[0].numpy().round(4),
+          "| equal to F.rms_norm:", torch.allclose(rms_out, F.rms_norm(x_demo, (8,), rms.weight)))
 
 # %% [markdown]
 # **The MLP** (multi-layer perceptron; the Transformer paper calls it a "position-wise
@@ -994,13 +981,16 @@ if IN_NOTEBOOK:
 #
 # **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed through
 # SiLU ($x \cdot \sigma(x)$, with $\sigma(x) = 1/(1 + e^{-x})$), multiplied number by number
-# with the other, which so decides how much of it passes:
-# $\text{SwiGLU}(x) = W_{\text{proj}}\big(\text{SiLU}(W_{\text{gate}}x) \odot W_{\text{up}}x\big)$.
-# Its paper measured a lower loss than GELU at the same size (at our size the difference is
-# within noise, Appendix C). Three matrices instead of two: to keep the $2 \cdot 4C \cdot C =
-# 8C^2$ parameters, the hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$ (rounded down: 341 for
-# C = 128). $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys
-# and values are: one matrix product instead of two, split in half afterwards.
+# with the other: the SiLU branch is the *gate*, deciding how much of the other passes:
+# $\text{SwiGLU}(x) = W_{\text{proj}}\big(\text{SiLU}(W_{\text{gate}}x) \odot
+# W_{\text{up}}x\big)$. Its paper measured a lower loss than GELU at the same size (at our size
+# the difference is within noise, Appendix C; it is here as part of the Llama recipe). Three
+# matrices instead of two: to keep the $2 \cdot 4C \cdot C = 8C^2$ parameters, the hidden width
+# is $\tfrac{2}{3} \cdot 4C = 8C/3$ (rounded down: 341 for C = 128). $W_{\text{gate}}$ and
+# $W_{\text{up}}$ are stacked into one layer, as queries, keys and values are: one matrix
+# product instead of two, split in half afterwards. **Biases** (the
+# `b` of `x @ W.T + b`, and LayerNorm's β) let a layer shift its output; GPT-2 has them, Llama
+# drops them (`bias`): at scale they bring nothing measurable, and cost memory.
 #
 # **Pre-norm.** The original Transformer normalised *after* each residual addition
 # (`x = norm(x + f(x))`); GPT-2 moved the norm to the *input* of each sub-layer
@@ -1026,6 +1016,11 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU: x * sigmoid(x), a smooth ReLU that dips slightly below zero (equals F.silu)."""
+    return x * torch.sigmoid(x)
+
+
 class SwiGLU(nn.Module):
     """Llama's gated MLP: (B, T, C) -> 2 x (B, T, 8C/3) -> (B, T, C)."""
 
@@ -1038,7 +1033,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, 8C/3) each
-        return self.dropout(self.proj(F.silu(gate) * up))  # SiLU(x) = x * sigmoid(x)
+        return self.dropout(self.proj(silu(gate) * up))
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:
@@ -1094,10 +1089,9 @@ if IN_NOTEBOOK:
 # terms, and the variance of a sum of N independent terms grows like N, so dividing each
 # term's std by $\sqrt{N}$ keeps the stream's scale independent of depth. With logits near
 # zero, every token gets $p \approx 1/V$, so the loss starts at $\ln V$ (section 5): 4.17 for
-# 65 characters. A loss far above that at step 0 means a broken initialisation.
-#
-# **Random numbers** (initial weights, batches, dropout): seeding PyTorch's generator, and
-# Python's for code you add, makes a CPU run repeatable to the last digit.
+# 65 characters. A loss far above that at step 0 means a broken initialisation. **Random
+# numbers** (initial weights, batches, dropout): seeding PyTorch's generator, and Python's for
+# code you add, makes a CPU run repeatable to the last digit.
 
 # %%
 def set_seed(seed: int) -> None:
@@ -1141,7 +1135,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Returns (logits (B, T, V), the mean loss over B*T positions, or None)."""
         T = idx.shape[1]
-        start = self.blocks[0].attn.first_position()  # 0, except in Appendix D
+        cache = self.blocks[0].attn.cache  # None, except in Appendix D
+        start = 0 if cache is None else cache.length  # the position of idx's first token
         assert start + T <= self.cfg.block_size, f"{start + T} positions > block_size"
         x = self.embed(idx, start)  # (B, T, C)
         for block in self.blocks:
@@ -1173,8 +1168,9 @@ if IN_NOTEBOOK:
 # (*stochastic*: each step sees a random batch, not the whole text). Below is that loop, plainly,
 # with `torch.optim.SGD`: 300 steps on a fresh model, at 0.3, the largest learning rate of the
 # few we tried at which the loss fell (at 0.5 it became `nan`, "not a number": the arithmetic
-# overflowed). Watch where it stalls: a little below 3.3 nats, the loss of a model that knows
-# only how common each character is (the average of −ln(frequency) over the text is 3.31). The
+# overflowed). Watch where it stalls: near 3.3 nats, the loss of a model that knows only how
+# common each character is (the average of −ln(frequency) over the text is 3.31); below it, the
+# model has begun to use the context. The
 # rest of this section takes the same loop much further: a better optimiser, a learning-rate
 # schedule, a guard against bad steps, an honest measurement. `train_step` takes a *list* of
 # batches and averages their gradients before stepping (*gradient accumulation*): one batch
@@ -1188,7 +1184,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     """One optimizer step on a list of (inputs, targets) batches; returns their mean loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr  # this step's learning rate (the schedule below changes it every step)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # (drop old gradients rather than fill them with 0)
     total = 0.0
     for x, y in batches:
         _, loss = model(x, y)
@@ -1261,11 +1257,12 @@ class Config(ModelConfig):
 # 0.999 makes the average forget within about 100 steps instead of 1000, which suits a run of a
 # few thousand.
 #
-# **Weight decay** pulls weights gently towards zero, which fights overfitting; AdamW applies it
-# directly to the weights rather than through the gradient (Loshchilov & Hutter, 2019). We
-# decay only the *matrices* (everything with 2 dimensions). Biases and norm gains are vectors:
-# decaying a gain would just shrink a layer's output, and biases hold too few numbers to
-# overfit with. The strength, 0.1, is GPT-3's (Brown et al., 2020, appendix B), as are the
+# **Weight decay** pulls weights gently towards zero: large weights let a model fit the quirks
+# of its training text, small ones favour smoother functions, which fights overfitting. AdamW
+# applies it directly to the weights rather than through the gradient (Loshchilov & Hutter,
+# 2019). We decay only the *matrices* (everything with 2 dimensions). Biases and norm gains are
+# vectors: decaying a gain would just shrink a layer's output, and biases hold too few numbers
+# to overfit with. The strength, 0.1, is GPT-3's (Brown et al., 2020, appendix B), as are the
 # clipping and the final learning rate below. The quick run barely overfits, so here decay
 # changes little; it is kept for longer runs, which do.
 
@@ -1289,7 +1286,8 @@ def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
 # **warm up**: grow the learning rate linearly from nearly zero to its peak over `warmup_iters`
 # = 100 steps, about the memory of the `beta2` = 0.99 average (1 / (1 − 0.99) = 100). Then a
 # **cosine decay** lowers it smoothly to `min_lr`, a tenth of the peak as in GPT-3, at the last
-# step: big steps while the loss falls fast, small ones at the end to settle into a minimum.
+# step: big steps while the loss falls fast, small ones at the end to settle into a minimum (the
+# cosine is a smooth curve flat at both ends; other smooth decays do about as well).
 # It is a plain function of the step number, easy to test, and a stopped run resumes it exactly.
 #
 # **Gradient clipping.** Now and then an unlucky batch gives a gradient far larger than the
@@ -1322,8 +1320,9 @@ if IN_NOTEBOOK:
 # between evaluations then come from the model alone. The two splits and the training batches
 # use three different seeds (`seed`, `seed + 1`, `seed + 2`), so training never starts with the
 # very windows evaluation measures. 20 batches of 12 × 64 characters make about 15,000 per
-# split; one character's loss varies by about 1.5 nats, so their mean varies by roughly
-# 1.5 / √15,000 ≈ 0.01 (a little more, as neighbouring characters are not independent).
+# split; one character's loss varies by about 1.6 nats (measured on the trained quick-run
+# model), so their mean varies by roughly 1.6 / √15,000 ≈ 0.013, a little more in truth, as
+# neighbouring characters are not independent.
 # Evaluation runs in eval mode (dropout off, so the answer is repeatable) without recording for
 # gradients (nothing to backpropagate), then puts the model back as it was. Sampling needs the
 # same, so it is one context manager, `evaluating`.
@@ -1369,7 +1368,8 @@ def estimate_loss(model: GPT, batches: list) -> float:
 # in, the loop calls **hooks**, methods of a `Hooks` object, at fixed moments. Here they do
 # nothing; Appendices E and F subclass `Hooks` to add run management without changing a line of
 # the loop. Part I's one subclass prints the losses. The notebook trains for 1000 steps, a third
-# of the command line's quick run, so that it runs in a few minutes.
+# of the command line's quick run, so that it runs in a few minutes; the full 3000 steps reach a
+# validation loss of about 1.61 nats (Appendix C).
 
 # %%
 @dataclass
@@ -1574,7 +1574,7 @@ def _generate(model: GPT, ids: list[int], max_new_tokens: int, sampling: dict,
         if len(ids) - window_start > block_size:  # the window is full: keep its last half
             window_start = len(ids) - max(1, block_size // 2)
             cache = KVCache(model) if use_cache else None  # (and start the cache afresh)
-        with evaluating(model):  # per token, so nothing leaks to the caller between tokens
+        with evaluating(model):  # per token: between tokens the caller gets its mode back
             logits = next_token_logits(model, ids, window_start, cache)  # (1, V)
             next_id = sample_next(logits, **sampling).item()
         ids.append(next_id)
@@ -1600,9 +1600,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # # Part II: the appendices
 #
-# Part I built a model that learns and writes. The appendices make the same model fast and
-# trustworthy, one concern each. None of them changes what the model computes; each says what
-# it adds and which pieces of Part I it builds on.
+# Part I built a model that learns and writes. The appendices look inside it, and make the
+# same model fast and trustworthy, one concern each. None of them changes what the model
+# computes; each says what it adds and which pieces of Part I it builds on.
 
 # %% [markdown]
 # ## Appendix A. Inside the trained model
@@ -1931,12 +1931,6 @@ class BPETokenizer:
         # One token can end inside a multi-byte character; "replace" shows that as "�".
         return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
 
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.vocab[token_id]
-
-    def state(self) -> dict:
-        return {"kind": "bpe", "merges": [list(pair) for pair in self.merges]}
-
 
 # %%
 if IN_NOTEBOOK:
@@ -2018,14 +2012,28 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# Both tokenizers can be rebuilt from a few plain values (`state`), which checkpoints store, so
-# a model is always decoded with exactly the tokenizer it was trained with. The character
+# Both tokenizers can be rebuilt from a few plain values (`tokenizer_state`), which checkpoints
+# store, so a model is always decoded with exactly the tokenizer it was trained with. The character
 # vocabulary is taken from the whole text — a character that occurs only in the validation part
 # would otherwise have no id — while BPE is trained on the training part alone: it can encode any
 # text anyway, and its merges should not be tuned on the text that measures the model.
 
 # %%
-Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, token_bytes, vocab_size, state
+Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
+
+
+def tokenizer_state(tokenizer: Tokenizer) -> dict:
+    """Everything needed to rebuild a tokenizer, as plain values (saved with a model)."""
+    if isinstance(tokenizer, BPETokenizer):
+        return {"kind": "bpe", "merges": [list(pair) for pair in tokenizer.merges]}
+    return {"kind": "char", "chars": tokenizer.chars}
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for: a byte sequence for BPE, a character's UTF-8 bytes."""
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer.vocab[token_id]
+    return tokenizer.chars[token_id].encode("utf-8")
 
 
 def tokenizer_from_state(state: dict) -> Tokenizer:
@@ -2114,7 +2122,7 @@ def stream_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int = 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     remaining = num_chars
     while remaining > 0:
-        piece = decoder.decode(tokenizer.token_bytes(next(new_ids)))[:remaining]
+        piece = decoder.decode(token_bytes(tokenizer, next(new_ids)))[:remaining]
         remaining -= len(piece)
         yield piece
 
@@ -2838,7 +2846,8 @@ def save_checkpoint(path: Path, run: Run, tokenizer: Tokenizer, best_val: float,
     """Write everything needed to sample from the model or to resume the run, atomically."""
     checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                   "step": run.step, "val_loss": best_val,
-                  "config": dataclasses.asdict(run.model.cfg), "tokenizer": tokenizer.state(),
+                  "config": dataclasses.asdict(run.model.cfg),
+                  "tokenizer": tokenizer_state(tokenizer),
                   "rng": rng_states(run.batch_generator), "history": list(run.history),
                   "data_sha256": data_sha256}
     write_output(path, lambda f: torch.save(checkpoint, f))
