@@ -2647,8 +2647,11 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 # process runs them one after another (`train_step` adds up their gradients before stepping);
 # with N processes each runs its share of `grad_accum_steps / N`. Every process draws the same
 # batches from the same seeded generator and keeps only its share, so the union of what the
-# processes train on is exactly what one process would have trained on. Only process 0 ("rank
-# 0") prints and writes files. The backend is `gloo` on CPUs and `nccl` on NVIDIA GPUs.
+# processes train on is exactly what one process would have trained on. Every process also
+# evaluates (the same batches give the same answer everywhere), but only process 0 ("rank 0")
+# prints and writes files. The backend is `gloo` on CPUs and `nccl` on NVIDIA GPUs. (A process
+# that runs several batches per step all-reduces after each; DDP's `no_sync` could skip all but
+# the last, at the price of a branch in `train_step`: not done here.)
 #
 # `DeviceHooks` puts all of this into the training loop through two of its hooks: `wrap`
 # (compile, DDP, autocast) and `prepare` (this process's share of the batches, on its device).
