@@ -1088,8 +1088,8 @@ if IN_NOTEBOOK:
 # $1/\sqrt{2 \cdot n_{layer}}$, as in GPT-2: the stream is a sum of $2 \cdot n_{layer}$ such
 # terms, and the variance of a sum of N independent terms grows like N, so dividing each
 # term's std by $\sqrt{N}$ keeps the stream's scale independent of depth. With logits near
-# zero, every token gets $p \approx 1/V$, so the loss starts at $\ln V$ (section 5): 4.17 for
-# 65 characters. A loss far above that at step 0 means a broken initialisation. **Random
+# zero, every token gets $p \approx 1/V$, and the loss starts near $\ln V$ (section 5), 4.17
+# here (a little above: the logits are small, not zero); far above means a broken start. **Random
 # numbers** (initial weights, batches, dropout): seeding PyTorch's generator, and Python's for
 # code you add, makes a CPU run repeatable to the last digit.
 
@@ -1519,7 +1519,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
-    if top_p is not None:
+    if top_p is not None and top_p < 1:  # (1 keeps everything; rounding could drop the tail)
         logits = top_p_filter(logits, top_p)
     probs = F.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])  # (N, V)
     return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
@@ -1543,8 +1543,8 @@ if IN_NOTEBOOK:
 # keep its last half and go on, so right after each jump the model sees only the last 32 tokens
 # instead of 64. Why not slide by one token? Appendix D makes generation fast by keeping work
 # from one token to the next (`use_cache=True`), which only pays if the window stays put for a
-# while; the fast path and this plain one read the same windows and write the same text. The
-# final sample uses temperature 0.8, a common choice (not tuned here): a little sharper than the
+# while; the two paths read the same windows and give the same logits, to rounding. The final
+# sample uses temperature 0.8, a common choice (not tuned here): a little sharper than the
 # model's own distribution, for fewer misspellings but still varied text. In it, the model of
 # section 10 writes: text became integers, integers vectors, attention and MLPs turned them into
 # probabilities, gradient descent made those good, and sampling turns them back into text.
@@ -1849,7 +1849,8 @@ CHUNK_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every occurrence of `pair` in `ids` (left to right) by `new_id`."""
+    """Replace every occurrence of `pair` in `ids` (left to right) by `new_id`:
+    merge_pair([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]."""
     out, i = [], 0
     while i < len(ids):
         if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
@@ -1862,7 +1863,8 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 
 def count_pairs(words: list[list[int]], counts: list[int]):
-    """How often each adjacent pair occurs (weighted by chunk count), and in which chunks."""
+    """How often each adjacent pair occurs (weighted by chunk count), and in which chunks:
+    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): {0}, (2, 1): {0}})."""
     pair_counts, where = collections.Counter(), collections.defaultdict(set)
     for w, ids in enumerate(words):
         for pair in zip(ids, ids[1:]):
@@ -2114,11 +2116,16 @@ def stream_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int = 
     A byte-level token may end in the middle of a multi-byte character, so bytes go through
     an incremental UTF-8 decoder, which holds a partial character back until the rest
     arrives. Each token adds at least one byte and a character has at most 4, so 4 * num_chars
-    tokens always suffice; we stop as soon as there are enough characters."""
+    tokens always suffice; we stop as soon as there are enough characters. The arguments are
+    checked here, at the call, before any text comes out."""
     if num_chars < 0:
         raise UserError(f"--num-chars must not be negative, got {num_chars}")
     new_ids = generate(model, tokenizer.encode(prompt), 4 * num_chars,
                        generator=seeded_generator(model, seed), **sampling)
+    return decode_stream(tokenizer, new_ids, num_chars)
+
+
+def decode_stream(tokenizer: Tokenizer, new_ids: Iterator[int], num_chars: int) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     remaining = num_chars
     while remaining > 0:
@@ -2645,7 +2652,10 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 # To keep results comparable with a single process, the **global batch** stays the same: a
 # step averages gradients over `grad_accum_steps` batches of `batch_size` sequences. One
 # process runs them one after another (`train_step` adds up their gradients before stepping);
-# with N processes each runs its share of `grad_accum_steps / N`. Every process draws the same
+# with N processes each runs its share of `grad_accum_steps / N`. So the plain command,
+# `torchrun --nproc_per_node=N llm.py train`, sets `grad_accum_steps` to N when it is not given:
+# one batch per process, and the same run as one process with `--grad-accum-steps N` (the first
+# line says so). Every process draws the same
 # batches from the same seeded generator and keeps only its share, so the union of what the
 # processes train on is exactly what one process would have trained on. Every process also
 # evaluates (the same batches give the same answer everywhere), but only process 0 ("rank 0")
@@ -2655,6 +2665,8 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 #
 # `DeviceHooks` puts all of this into the training loop through two of its hooks: `wrap`
 # (compile, DDP, autocast) and `prepare` (this process's share of the batches, on its device).
+# Each process also gets its own dropout randomness (seeded from the seed, its rank and the
+# step it starts at); the weights start equal everywhere anyway, since DDP copies rank 0's.
 
 # %%
 @dataclass
@@ -2908,8 +2920,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[GPT
 #
 # `--resume` continues the run saved in `latest.pt`: the same configuration, the same
 # tokenizer, the weights and the optimiser's state, the step, and every random generator's
-# state, so the resumed run's losses are bit-for-bit those of an uninterrupted one (on the
-# CPU; GPU kernels are not always deterministic). The text's checksum must match: resuming on
+# state, so the resumed run's losses are bit-for-bit those of an uninterrupted one (in one
+# process on the CPU: GPU kernels are not always deterministic, and under torchrun only rank
+# 0's random state is saved). The text's checksum must match: resuming on
 # another text would silently train a different run.
 
 # %%
@@ -2944,47 +2957,106 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # Every evaluation prints one progress line (the losses, also in bits per byte, the learning
 # rate, the speed and the time left) and rewrites `history.csv`, one row per evaluation.
 #
-# **Ctrl-C** does not kill the run in the middle of an update. It only raises a flag; the loop
-# finishes the current step, saves `latest.pt`, and stops with a message saying how to resume.
-# A second Ctrl-C abandons the current step at once, and `latest.pt` keeps the state of the
-# last evaluation. A loss that is not a finite number stops the run at once, before the broken
-# weights can reach a checkpoint.
+# **Ctrl-C, and SIGTERM**, do not kill the run in the middle of an update. SIGTERM is what
+# `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send, so
+# it is treated exactly as Ctrl-C: it only raises a flag; the loop finishes the current step,
+# saves `latest.pt`, and stops with a message saying how to resume, with the usual exit status
+# (130 after Ctrl-C, 143 after SIGTERM). A second signal abandons the current step at once, and
+# `latest.pt` keeps the state of the last evaluation. A loss that is not a finite number stops
+# the run at once, before the broken weights can reach a checkpoint.
 #
-# > **Engineering note: signals.** Ctrl-C reaches a program as the signal SIGINT, which Python
-# > normally turns into a `KeyboardInterrupt` exception wherever the program happens to be.
-# > `stop_flag_on_ctrl_c` installs a handler that sets a flag instead, for as long as training
-# > runs, and puts the previous handler back afterwards. Signals reach only the main thread,
-# > so elsewhere the flag simply never rises.
+# **Under torchrun** a stop must be agreed: if one process stopped (or hit a broken loss) while
+# the others waited for its gradients, they would wait forever. So after every step the
+# processes exchange two numbers in one all-reduce, "did anyone see a broken loss?" and "did
+# anyone get a signal?", and all stop after the same step; rank 0 saves and speaks. (The
+# exchange took about 0.2 ms with two CPU processes here, next to a step of tens of ms; a
+# single process skips it.)
+#
+# **One run per folder.** Two runs writing `ckpt.pt`, `latest.pt` and `history.csv` into the
+# same `--out-dir` would leave a mix of both, so `train` holds an exclusive lock on the folder
+# (a lock file, `.lock`) for the whole run, and a second `train` into it stops at once. The
+# operating system releases the lock when the process ends, however it ends.
+#
+# > **Engineering note: signals and locks.** Ctrl-C reaches a program as the signal SIGINT,
+# > which Python normally turns into a `KeyboardInterrupt` wherever the program happens to be;
+# > SIGTERM normally ends it on the spot. `stop_flag_on_signals` installs a handler for both
+# > that sets a flag instead, for as long as training runs, and puts the previous handlers back
+# > afterwards. Signals reach only the main thread, so elsewhere the flag never rises. The lock
+# > is `fcntl.flock`, which does not exist on Windows: there a run says so, and goes on.
 
 # %%
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
 
 
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+def is_rank_0() -> bool:
+    """True in a single process, and in the first of torchrun's processes."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class TrainingInterrupted(Exception):
-    """Raised when Ctrl-C stopped training after the latest checkpoint was saved."""
+    """Raised when a signal stopped training after the latest checkpoint was saved."""
+
+    def __init__(self, message: str, status: int = 130):
+        super().__init__(message)
+        self.status = status  # the exit status the command line returns
+
+
+class StepAbandoned(KeyboardInterrupt):
+    """A second signal: the current step is abandoned at once."""
+
+    def __init__(self, status: int):
+        super().__init__()
+        self.status = status
 
 
 @contextmanager
-def stop_flag_on_ctrl_c():
-    """Inside the block, the first Ctrl-C sets flag["stop"] instead of raising
-    KeyboardInterrupt."""
-    flag = {"stop": False}
+def stop_flag_on_signals():
+    """Inside the block, a first Ctrl-C or SIGTERM sets flag["stop"] (and flag["signal"])
+    instead of ending the program; a second raises StepAbandoned."""
+    flag = {"stop": False, "signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def request_stop(signum, frame):
         if flag["stop"]:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        flag["stop"] = True
-        print("\nCtrl-C: finishing this step and saving (press again to abandon it)",
-              file=sys.stderr)
+            raise StepAbandoned(EXIT_STATUS[signum])  # a second signal: stop now
+        flag["stop"], flag["signal"] = True, signum
+        if is_rank_0():  # (torchrun sends the signal to every process)
+            print(f"\n{SIGNAL_NAMES[signum]}: finishing this step and saving "
+                  "(send it again to abandon the step)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    previous = {s: signal.signal(s, request_stop) for s in EXIT_STATUS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def exclusive_out_dir(out_dir: Path):
+    """Hold an exclusive lock on out_dir inside the block; UserError if another run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        print(f"note: file locks are not available here, so nothing stops a second run from "
+              f"writing into {out_dir} at the same time", file=sys.stderr)
+        yield
+        return
+    with open(Path(out_dir) / ".lock", "a", encoding="utf-8") as lock:  # "a": never truncates
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another `train` is writing into --out-dir {out_dir}: wait for it to "
+                            "finish, or choose another --out-dir") from None
+        yield  # closing the file (or the process ending) releases the lock
 
 
 def format_duration(seconds: float) -> str:
@@ -3046,6 +3118,7 @@ class RunHooks(DeviceHooks):
         self.log = log if env.is_main else (lambda *_: None)  # only rank 0 prints
         self.best_val = math.inf
         self.step_seconds, self.steps_timed, self.step_started = 0.0, 0, 0.0
+        self.agreed_signal = None  # under torchrun: the signal every process agreed to stop for
 
     def save(self, run: Run, name: str) -> None:
         save_checkpoint(self.out_dir / name, run, self.corpus.tokenizer, self.best_val,
@@ -3054,6 +3127,8 @@ class RunHooks(DeviceHooks):
     def evaluated(self, run: Run) -> None:
         row = with_bits(run.history[-1], self.corpus)
         run.history[-1] = row
+        if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
+            self.broken_loss(row["val_loss"], run.step)  # broken weights must not be saved
         if not self.env.is_main:  # only rank 0 writes files
             return
         write_history(self.out_dir / "history.csv", run.history)
@@ -3065,27 +3140,53 @@ class RunHooks(DeviceHooks):
             self.save(run, "latest.pt")
 
     def before_step(self, run: Run) -> None:
-        if self.stop["stop"]:
+        signum = self.stop["signal"] if self.env.world_size == 1 else self.agreed_signal
+        if signum is not None:
             if run.step == 0:
                 raise TrainingInterrupted("stopped before the first training step; nothing "
-                                          "was saved")
+                                          "was saved", EXIT_STATUS[signum])
             just_saved = run.history[-1]["step"] == run.step  # an evaluation just saved it
             if self.env.is_main and not just_saved:
                 self.save(run, "latest.pt")
             raise TrainingInterrupted(f"stopped at step {run.step}; saved "
                                       f"{self.out_dir / 'latest.pt'}. Continue with: "
-                                      f"python llm.py train --resume --out-dir {self.out_dir}")
+                                      f"python llm.py train --resume --out-dir {self.out_dir}",
+                                      EXIT_STATUS[signum])
         self.step_started = time.perf_counter()
 
     def after_step(self, run: Run, loss: float) -> None:
-        if not math.isfinite(loss):
-            latest = self.out_dir / "latest.pt"
-            saved = (f"the last good checkpoint is {latest}" if latest.exists()
-                     else "nothing was saved yet")
-            raise UserError(f"the training loss became {loss} at step {run.step}; {saved}: "
-                            "lower --learning-rate or --grad-clip and train again")
+        broken = not math.isfinite(loss)
+        if self.env.world_size > 1:  # every process must stop after the same step, or none
+            broken, self.agreed_signal = self.agree(broken)
+        if broken:
+            self.broken_loss(loss if not math.isfinite(loss) else "not finite in another process",
+                             run.step)
         self.step_seconds += time.perf_counter() - self.step_started
         self.steps_timed += 1
+
+    def broken_loss(self, value, step: int) -> None:
+        latest = self.out_dir / "latest.pt"
+        saved = (f"the last good checkpoint is {latest}" if latest.exists()
+                 else "nothing was saved yet")
+        raise UserError(f"the training loss became {value} at step {step}; {saved}: "
+                        "lower --learning-rate or --grad-clip and train again")
+
+    def agree(self, broken: bool) -> tuple[bool, int | None]:
+        """One small all-reduce: did any process see a broken loss, or a signal (which)?"""
+        import torch.distributed as dist
+        flags = torch.tensor([float(broken), float(self.stop["signal"] or 0)],
+                             device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # SIGTERM (15) wins over Ctrl-C (2)
+        return bool(flags[0]), (signal.Signals(int(flags[1])) if flags[1] else None)
+
+
+def processes_note(cfg: Config, env: Distributed) -> str:
+    """How a step's batches are shared under torchrun (nothing for one process)."""
+    if env.world_size == 1:
+        return ""
+    return (f", {env.world_size} processes, each running {cfg.grad_accum_steps // env.world_size}"
+            f" of the {cfg.grad_accum_steps} batches of a step: the global batch of one process "
+            f"with --grad-accum-steps {cfg.grad_accum_steps}")
 
 
 @dataclass
@@ -3112,16 +3213,18 @@ def run_training(cfg: Config, text: str, out_dir: Path = Path("out"), log: Calla
         tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
     corpus = encode_corpus(text, tokenizer, cfg.block_size)
     run = start_run(GPT(cfg, tokenizer.vocab_size).to(device), cfg)
-    with stop_flag_on_ctrl_c() as stop:
+    with stop_flag_on_signals() as stop:
         hooks = RunHooks(cfg, env, device, out_dir, corpus, data_sha256, log, stop)
         if checkpoint is not None:
             restore_run(run, checkpoint, out_dir / "latest.pt")
             hooks.best_val = min((row["val_loss"] for row in run.history if row["step"] > 0),
                                  default=math.inf)
             hooks.log(f"resuming {out_dir / 'latest.pt'} at step {run.step}")
+        if env.world_size > 1:  # each process its own dropout randomness (the weights are
+            torch.manual_seed(cfg.seed + 1000 * env.rank + run.step)  # rank 0's, through DDP)
         hooks.log(f"{run.model.num_parameters():,} parameters, vocabulary of "
                   f"{tokenizer.vocab_size}, {len(corpus.train_data):,} training tokens, device "
-                  f"{device}" + (f", {env.world_size} processes" if env.world_size > 1 else ""))
+                  f"{device}" + processes_note(cfg, env))
         started = time.perf_counter()
         seconds_before = run.history[-1]["elapsed_s"] if run.history else 0.0
         train(run, cfg, corpus.train_data, corpus.val_data, hooks)
@@ -3170,7 +3273,7 @@ def run_training(cfg: Config, text: str, out_dir: Path = Path("out"), log: Calla
 # * attention skips the mask for a single new query (section 7): about 8% more tokens/s;
 # * RoPE rotates queries and keys together, with precomputed tables (section 7): about 10%;
 # * dropout with probability 0 is an `nn.Identity` (section 6): about 8%, since even a
-#   `Dropout(0)` call costs microseconds, thirteen times per token;
+#   `Dropout(0)` call costs microseconds, nine times per token;
 # * SwiGLU's two widening matrices are one layer (section 8): no measurable change on the
 #   CPU. It stays because it reads like attention's stacked `qkv`, and costs no clarity.
 #
@@ -3265,6 +3368,7 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
 
 # %%
 import argparse
+from contextlib import nullcontext
 
 
 def parse_bool(text: str) -> bool:
@@ -3387,17 +3491,25 @@ def command_train(args: argparse.Namespace) -> None:
     if args.resume and overrides:
         names = ", ".join(option(name) for name in overrides)
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
+    if "WORLD_SIZE" in os.environ and "grad_accum_steps" not in overrides and not args.resume:
+        overrides["grad_accum_steps"] = int(os.environ["WORLD_SIZE"])  # one batch per process
     cfg = preset(args.arch, args.size, **overrides)
     validate_config(cfg)  # before reading data, so a bad option fails fast
-    with using_threads(args.threads):
+    rank_0 = is_rank_0()  # under torchrun, one process holds the lock and reports
+    out_dir = prepare_out_dir(args.out_dir)
+    with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
         text = load_text(args.data)
-        result = run_training(cfg, text, args.out_dir, resume=args.resume)
-    if "RANK" in os.environ:  # under torchrun: leave the process group; only rank 0 reports
-        import torch.distributed as dist
-        dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
-        dist.destroy_process_group()
-        if os.environ["RANK"] != "0":
-            return
+        result = run_training(cfg, text, out_dir, resume=args.resume)
+        if "RANK" in os.environ:  # under torchrun: leave the process group; rank 0 reports
+            import torch.distributed as dist
+            dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
+            dist.destroy_process_group()
+        if rank_0:
+            report_training(result, text, args)
+
+
+def report_training(result: TrainResult, text: str, args: argparse.Namespace) -> None:
+    """The summary line, the plots and a short sample at the end of `train`."""
     final = result.history[-1]
     best = min(row["val_loss"] for row in result.history)
     print(f"done: final val loss {final['val_loss']:.4f} ({final['val_bpb']:.3f} bits/byte; "
@@ -3486,17 +3598,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_rank_0():  # under torchrun every process stops with the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # a second Ctrl-C during training, or one while sampling
+        if is_rank_0():
+            print(f"interrupted: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C while sampling
         latest = Path(args.out_dir) / "latest.pt" if args.command == "train" else None
         saved = latest is not None and latest.exists()
         where = f"; the latest checkpoint is {latest}" if saved else ""
         print(f"\ninterrupted{where}", file=sys.stderr)
-        return 130
+        return getattr(e, "status", 130)
     return 0
 
 

@@ -196,3 +196,17 @@ def test_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path, 
     for a, b in zip(one, two):  # same batches, same maths; only the summation order differs
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-4)
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-4)
+
+
+def test_weights_that_evaluate_to_nan_are_never_saved(tmp_path, monkeypatch):
+    real_estimate, calls = llm.estimate_loss, [0]
+
+    def nan_from_the_third_evaluation(model, batches):  # two calls (train, val) per evaluation
+        calls[0] += 1
+        return float("nan") if calls[0] > 4 else real_estimate(model, batches)
+
+    monkeypatch.setattr(llm, "estimate_loss", nan_from_the_third_evaluation)
+    with pytest.raises(llm.UserError, match="became nan at step 10"):
+        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 5  # the good one
+    assert "nan" not in (tmp_path / "history.csv").read_text(encoding="utf-8")
