@@ -425,7 +425,7 @@ def get_batch(data: torch.Tensor, block_size: int, batch_size: int,
     assert len(data) > block_size, "a split must hold at least one window of block_size + 1"
     windows = data.unfold(0, block_size + 1, 1)  # (N - T, T + 1) for N tokens: a view, no copy
     rows = torch.randint(len(windows), (batch_size,), generator=generator)
-    batch = windows[rows]  # (B, T + 1)
+    batch = windows[rows].long()  # (B, T + 1), as 64-bit ids whatever the data's storage
     return batch[:, :-1], batch[:, 1:]  # inputs (B, T), targets (B, T)
 
 
@@ -2074,6 +2074,7 @@ class Corpus:
     val_data: torch.Tensor  # (N_val,) token ids
     bytes_per_token: float  # of the validation text
     chars_per_token: float
+    val_sample: str = ""  # the validation text's first characters (for pictures)
 
 
 def encode_corpus(text: str, tokenizer: Tokenizer, block_size: int) -> Corpus:
@@ -2086,7 +2087,7 @@ def encode_corpus(text: str, tokenizer: Tokenizer, block_size: int) -> Corpus:
             raise UserError(f"a split has {len(data)} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}: use a longer text or a smaller --block-size")
     return Corpus(tokenizer, train_data, val_data, len(val_text.encode("utf-8")) / len(val_data),
-                  len(val_text) / len(val_data))
+                  len(val_text) / len(val_data), val_text[:1000])
 
 
 def with_bits(row: dict, corpus: Corpus) -> dict:
@@ -2730,8 +2731,9 @@ class DeviceHooks(Hooks):
 #
 # *Builds on section 10 (the training loop and its hooks), Appendix B (the corpus and bits per
 # byte) and Appendix E (devices and processes). Adds what an unattended run needs: settings
-# checked once, checkpoints, exact resume, a clean stop on Ctrl-C, a guard against a broken
-# loss, and a loss history on disk. `python llm.py train` is `run_training`.*
+# checked once, checkpoints, exact resume, a clean stop on Ctrl-C or SIGTERM (agreed across
+# processes), one run per folder, a guard against a broken loss, a loss history on disk, and
+# texts bigger than memory. `python llm.py train` is `run_training`.*
 #
 # ### Settings checked once
 #
@@ -2741,8 +2743,10 @@ class DeviceHooks(Hooks):
 # not in the user's input.
 
 # %%
+import array
 import csv
 import io
+import json
 import signal
 import threading
 
@@ -3102,6 +3106,191 @@ def write_history(path: Path, history: list) -> None:
 
 
 # %% [markdown]
+# ### Texts bigger than memory
+#
+# Tiny Shakespeare fits in memory many times over, but a text of a gigabyte or more, held as a
+# Python string and then as 64-bit token ids, would need about twenty times its size. So a text
+# larger than `IN_MEMORY_BYTES` is never held whole. It is read in chunks of
+# `TOKEN_CHUNK_BYTES`: once for its checksum; once to learn its length in characters (for the
+# 90/10 split) and, for the character tokenizer, its vocabulary; once to tokenise it into a file
+# of 16-bit token ids (32-bit when the vocabulary has more than 65,536 tokens). Training then
+# **memory-maps** that file: the operating system reads from disk only the pages that batches
+# touch. Both results are kept in `--out-dir` under names made from the text's checksum (and the
+# tokenizer), so the next run on the same text only recomputes the checksum and starts in
+# seconds, while a text changed by even one byte gets new files. A small description written
+# last (`.json`) marks a token file complete. BPE learns its merges from the first
+# `BPE_SAMPLE_CHARS` characters of the training text only: its merge counting holds every
+# distinct chunk in memory, and 50 million characters (50 times tiny Shakespeare) give it far
+# more text than its 512 tokens need. Chunks are cut only before a line break that ends a word,
+# a place where BPE's pre-splitting cuts anyway, so the tokens are the same as for the whole
+# text at once.
+
+# %%
+IN_MEMORY_BYTES = 16 * 2 ** 20  # texts up to 16 MiB are read whole (tiny Shakespeare: 1.1 MB)
+TOKEN_CHUNK_BYTES = 16 * 2 ** 20  # bigger ones, 16 MiB at a time: memory stays bounded
+BPE_SAMPLE_CHARS = 50_000_000
+
+
+def text_source(path: Path) -> str | Path:
+    """The text itself when it is small (or missing, or not a file: load_text says why), else
+    the path of a text to be streamed."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > IN_MEMORY_BYTES:
+        return path
+    return load_text(path)
+
+
+def text_chunks(path: Path, progress: Callable = lambda done: None) -> Iterator[str]:
+    """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    with open(path, "rb") as f:
+        while raw := f.read(TOKEN_CHUNK_BYTES):
+            try:
+                text = decoder.decode(raw, final=len(raw) < TOKEN_CHUNK_BYTES)
+            except UnicodeDecodeError as e:
+                raise UserError(f"--data {path} is not UTF-8 text (byte {done + e.start}): "
+                                "convert it to UTF-8 or choose another file") from None
+            done += len(raw)
+            progress(done)
+            yield text
+
+
+@dataclass
+class TextScan:
+    path: Path
+    sha256: str
+    n_chars: int
+    chars: list[str]  # its distinct characters, sorted
+
+
+def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextScan:
+    """A big text's checksum, length in characters and distinct characters. The checksum is
+    taken from the raw bytes (quick); the rest needs decoding, and is remembered in cache_dir
+    under the checksum, so that a second run on the same text skips it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while raw := f.read(TOKEN_CHUNK_BYTES):
+            digest.update(raw)
+    sha256 = digest.hexdigest()
+    remembered = cache_dir / f"scan-{sha256[:16]}.json" if cache_dir else None
+    if remembered and remembered.exists():
+        known = json.loads(remembered.read_text(encoding="utf-8"))
+        return TextScan(path, sha256, known["n_chars"], known["chars"])
+    n_chars, chars = 0, set()
+    for chunk in text_chunks(path, Progress(path, "reading", log)):
+        n_chars += len(chunk)
+        chars.update(chunk)
+    if n_chars == 0:
+        raise UserError(f"--data {path} is empty: give a file with some text in it")
+    scan = TextScan(path, sha256, n_chars, sorted(chars))
+    if remembered:
+        write_output(remembered, lambda f: f.write(json.dumps(
+            {"n_chars": n_chars, "chars": scan.chars}).encode("utf-8")))
+    return scan
+
+
+class Progress:
+    """Reports, every few seconds, how far a pass over a big file has come."""
+
+    def __init__(self, path: Path, doing: str, log: Callable, every: float = 5.0):
+        self.path, self.doing, self.log, self.every = path, doing, log, every
+        self.total, self.started = path.stat().st_size, time.perf_counter()
+        self.last = self.started
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last, rate = now, done / (now - self.started)
+        self.log(f"{self.doing} {self.path}: {done / 2 ** 20:,.0f} of {self.total / 2 ** 20:,.0f}"
+                 f" MiB, {rate / 2 ** 20:.0f} MiB/s, {format_duration((self.total - done) / rate)}"
+                 " left")
+
+
+def split_pieces(scan: TextScan, log: Callable) -> Iterator[tuple[str, str]]:
+    """("train" or "val", piece) over the whole text, split at 90% of its characters as
+    split_train_val splits, each piece cut where BPE's pre-splitting cuts anyway."""
+    n_train, seen, carry, split = int(scan.n_chars * 0.9), 0, "", "train"
+    for chunk in text_chunks(scan.path, Progress(scan.path, "tokenising", log)):
+        while chunk:
+            room = n_train - seen if split == "train" else len(chunk)
+            part, chunk = chunk[:room], chunk[room:]
+            seen += len(part)
+            text = carry + part
+            if split == "train" and seen == n_train:  # the end of the training text
+                yield "train", text
+                carry, split = "", "val"
+                continue
+            cut = safe_cut(text)
+            yield split, text[:cut]
+            carry = text[cut:]
+    yield split, carry
+
+
+def safe_cut(text: str) -> int:
+    """The last index where text can be cut without changing BPE's chunks: just before a line
+    break that follows a non-space character (0 if there is none)."""
+    i = text.rfind("\n")
+    while i > 0 and text[i - 1].isspace():
+        i = text.rfind("\n", 0, i)
+    return max(i, 0)
+
+
+def streamed_tokenizer(scan: TextScan, cfg: Config) -> Tokenizer:
+    """The character tokenizer of the whole text, or BPE trained on a bounded sample of it."""
+    if cfg.tokenizer != "bpe":
+        return CharTokenizer(scan.chars)
+    sample, need = [], min(int(scan.n_chars * 0.9), BPE_SAMPLE_CHARS)
+    for split, piece in split_pieces(scan, lambda *_: None):
+        if split != "train" or need <= 0:
+            break
+        sample.append(piece[:need])
+        need -= len(piece)
+    return BPETokenizer.train("".join(sample), cfg.vocab_size)
+
+
+def token_file_corpus(scan: TextScan, tokenizer: Tokenizer, out_dir: Path, env: Distributed,
+                      log: Callable) -> Corpus:
+    """The corpus of a big text, from its token file in out_dir (written first if needed)."""
+    state = json.dumps(tokenizer_state(tokenizer), sort_keys=True)
+    key = hashlib.sha256(f"{scan.sha256} {state} 0.9".encode("utf-8")).hexdigest()[:16]
+    tokens_path, meta_path = out_dir / f"tokens-{key}.bin", out_dir / f"tokens-{key}.json"
+    if env.is_main and not meta_path.exists():
+        write_output(meta_path, lambda f: f.write(json.dumps(
+            write_tokens(scan, tokenizer, tokens_path, log)).encode("utf-8")))
+    elif env.is_main:
+        log(f"reusing the tokens of {scan.path} in {tokens_path}")
+    if env.world_size > 1:  # the others wait until rank 0 has written the file
+        import torch.distributed as dist
+        dist.barrier()
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    dtype = torch.uint16 if meta["dtype"] == "uint16" else torch.int32
+    n_train, n_val = meta["train_tokens"], meta["val_tokens"]
+    tokens = torch.from_file(str(tokens_path), shared=False, size=n_train + n_val, dtype=dtype)
+    return Corpus(tokenizer, tokens[:n_train], tokens[n_train:], meta["val_bytes"] / n_val,
+                  meta["val_chars"] / n_val, meta["val_sample"])
+
+
+def write_tokens(scan: TextScan, tokenizer: Tokenizer, path: Path, log: Callable) -> dict:
+    """Tokenise the text piece by piece into `path`; what was written, as plain values."""
+    small = tokenizer.vocab_size <= 2 ** 16
+    counts, val_bytes, val_chars, val_sample = {"train": 0, "val": 0}, 0, 0, ""
+    with open(path, "wb") as f:
+        for split, piece in split_pieces(scan, log):
+            ids = array.array("H" if small else "i", tokenizer.encode(piece))
+            ids.tofile(f)
+            counts[split] += len(ids)
+            if split == "val":
+                val_bytes += len(piece.encode("utf-8"))
+                val_chars += len(piece)
+                val_sample = val_sample or piece[:1000]
+    return {"dtype": "uint16" if small else "int32", "train_tokens": counts["train"],
+            "val_tokens": counts["val"], "val_bytes": val_bytes, "val_chars": val_chars,
+            "val_sample": val_sample}
+
+
+# %% [markdown]
 # ### The run
 #
 # `RunHooks` adds all of this to the hooks of Appendix E, and `run_training` sets up a run
@@ -3195,23 +3384,26 @@ class TrainResult:
     tokenizer: Tokenizer
     history: list  # one dict per evaluation: the columns of HISTORY_FIELDS
     seconds: float
+    val_sample: str = ""  # the validation text's first characters (for the attention picture)
 
 
-def run_training(cfg: Config, text: str, out_dir: Path = Path("out"), log: Callable = print,
-                 resume: bool = False) -> TrainResult:
-    """Train a GPT on `text`, or continue the run in out_dir; writes history.csv, ckpt.pt and
-    latest.pt there. `cfg` has been checked (validate_config); a resumed run keeps its own."""
+def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
+                 log: Callable = print, resume: bool = False) -> TrainResult:
+    """Train a GPT on `text` (or on the big text file at that path, streamed), or continue the
+    run in out_dir; writes history.csv, ckpt.pt and latest.pt there. `cfg` has been checked
+    (validate_config); a resumed run keeps its own."""
     out_dir = prepare_out_dir(out_dir)
-    data_sha256 = text_sha256(text)
-    checkpoint = None
+    scan = scan_text(text, log if is_rank_0() else quiet, out_dir if is_rank_0() else None) \
+        if isinstance(text, Path) else None
+    data_sha256 = scan.sha256 if scan else text_sha256(text)
+    checkpoint = tokenizer = None
     if resume:
         checkpoint, cfg, tokenizer = read_resume_checkpoint(out_dir, data_sha256)
     env = start_distributed(cfg)
     device = process_device(cfg, env)
     set_seed(cfg.seed)
-    if checkpoint is None:
-        tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
-    corpus = encode_corpus(text, tokenizer, cfg.block_size)
+    corpus = load_corpus(text, scan, cfg, tokenizer, out_dir, env, log)
+    tokenizer = corpus.tokenizer
     run = start_run(GPT(cfg, tokenizer.vocab_size).to(device), cfg)
     with stop_flag_on_signals() as stop:
         hooks = RunHooks(cfg, env, device, out_dir, corpus, data_sha256, log, stop)
@@ -3229,7 +3421,23 @@ def run_training(cfg: Config, text: str, out_dir: Path = Path("out"), log: Calla
         seconds_before = run.history[-1]["elapsed_s"] if run.history else 0.0
         train(run, cfg, corpus.train_data, corpus.val_data, hooks)
     return TrainResult(run.model, tokenizer, run.history,
-                       seconds_before + time.perf_counter() - started)
+                       seconds_before + time.perf_counter() - started, corpus.val_sample)
+
+
+def quiet(*_) -> None:
+    pass
+
+
+def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer: Tokenizer | None,
+                out_dir: Path, env: Distributed, log: Callable) -> Corpus:
+    """The corpus of a text in memory, or of a big text through its token file; the tokenizer
+    is made here unless a resumed run brings its own."""
+    if scan is None:
+        tokenizer = tokenizer or make_tokenizer(cfg.tokenizer, cfg.vocab_size, text,
+                                                split_train_val(text)[0])
+        return encode_corpus(text, tokenizer, cfg.block_size)
+    tokenizer = tokenizer or streamed_tokenizer(scan, cfg)
+    return token_file_corpus(scan, tokenizer, out_dir, env, log if env.is_main else quiet)
 
 
 # %% [markdown]
@@ -3498,24 +3706,24 @@ def command_train(args: argparse.Namespace) -> None:
     rank_0 = is_rank_0()  # under torchrun, one process holds the lock and reports
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
-        text = load_text(args.data)
-        result = run_training(cfg, text, out_dir, resume=args.resume)
+        source = text_source(args.data)  # the text itself, or the path of a big one
+        result = run_training(cfg, source, out_dir, resume=args.resume)
         if "RANK" in os.environ:  # under torchrun: leave the process group; rank 0 reports
             import torch.distributed as dist
             dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
             dist.destroy_process_group()
         if rank_0:
-            report_training(result, text, args)
+            report_training(result, args)
 
 
-def report_training(result: TrainResult, text: str, args: argparse.Namespace) -> None:
+def report_training(result: TrainResult, args: argparse.Namespace) -> None:
     """The summary line, the plots and a short sample at the end of `train`."""
     final = result.history[-1]
     best = min(row["val_loss"] for row in result.history)
     print(f"done: final val loss {final['val_loss']:.4f} ({final['val_bpb']:.3f} bits/byte; "
           f"best {best:.4f}) after {final['step']} steps in {result.seconds:.0f} s; "
           f"checkpoint {args.out_dir / 'ckpt.pt'}, history {args.out_dir / 'history.csv'}")
-    write_training_plots(result, split_train_val(text)[1], args.out_dir)
+    write_training_plots(result, result.val_sample, args.out_dir)
     print("a sample from the final model (temperature 0.8):")
     with using_threads(args.threads or SAMPLING_THREADS):
         print(generate_text(result.model, result.tokenizer, default_prompt(result.tokenizer), 200,
