@@ -88,3 +88,18 @@ def test_a_big_text_trains_in_bounded_memory(tmp_path):
     assert list((tmp_path / "out").glob("tokens-*.bin"))
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing the tokens" in again.stdout
+
+
+def test_a_streamed_text_trains_and_resumes_exactly_as_in_memory(tmp_path, small_chunks):
+    from conftest import TINY_TEXT
+    from test_reliability import interrupt_when, losses, quiet, tiny_cfg
+    path = tmp_path / "tiny.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    in_memory = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "memory", log=quiet)
+    streamed = llm.run_training(tiny_cfg(), path, tmp_path / "streamed", log=quiet)
+    assert losses(streamed.history) == losses(in_memory.history)  # the same tokens, batches
+    with pytest.raises(llm.TrainingInterrupted):
+        llm.run_training(tiny_cfg(), path, tmp_path / "resumed",
+                         log=interrupt_when(lambda line: line.startswith("step    10/")))
+    resumed = llm.run_training(tiny_cfg(), path, tmp_path / "resumed", log=quiet, resume=True)
+    assert losses(resumed.history) == losses(streamed.history)
