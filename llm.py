@@ -3126,6 +3126,10 @@ def write_history(path: Path, history: list) -> None:
 # text at once.
 
 # %%
+def quiet(*_) -> None:
+    """A log function that says nothing (for processes other than rank 0, and for scans)."""
+
+
 IN_MEMORY_BYTES = 16 * 2 ** 20  # texts up to 16 MiB are read whole (tiny Shakespeare: 1.1 MB)
 TOKEN_CHUNK_BYTES = 16 * 2 ** 20  # bigger ones, 16 MiB at a time: memory stays bounded
 BPE_SAMPLE_CHARS = 50_000_000
@@ -3242,7 +3246,7 @@ def streamed_tokenizer(scan: TextScan, cfg: Config) -> Tokenizer:
     if cfg.tokenizer != "bpe":
         return CharTokenizer(scan.chars)
     sample, need = [], min(int(scan.n_chars * 0.9), BPE_SAMPLE_CHARS)
-    for split, piece in split_pieces(scan, lambda *_: None):
+    for split, piece in split_pieces(scan, quiet):
         if split != "train" or need <= 0:
             break
         sample.append(piece[:need])
@@ -3304,7 +3308,7 @@ class RunHooks(DeviceHooks):
                  corpus: Corpus, data_sha256: str, log: Callable, stop: dict):
         super().__init__(cfg, env, device)
         self.out_dir, self.corpus, self.data_sha256, self.stop = out_dir, corpus, data_sha256, stop
-        self.log = log if env.is_main else (lambda *_: None)  # only rank 0 prints
+        self.log = log if env.is_main else quiet  # only rank 0 prints
         self.best_val = math.inf
         self.step_seconds, self.steps_timed, self.step_started = 0.0, 0, 0.0
         self.agreed_signal = None  # under torchrun: the signal every process agreed to stop for
@@ -3422,10 +3426,6 @@ def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
         train(run, cfg, corpus.train_data, corpus.val_data, hooks)
     return TrainResult(run.model, tokenizer, run.history,
                        seconds_before + time.perf_counter() - started, corpus.val_sample)
-
-
-def quiet(*_) -> None:
-    pass
 
 
 def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer: Tokenizer | None,
