@@ -628,13 +628,12 @@ if IN_NOTEBOOK:
 # $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{D}} + M\right) V$$
 #
 # **Why divide by $\sqrt{D}$.** A dot product of $D$ numbers is a sum of $D$ products, so
-# whatever the scale of $q$ and $k$, its variance grows like $D$: with entries of variance 1
-# it is $D$. Our default model splits its C = 128 channels among 4 heads (below), so D = 32:
-# the scores would spread over roughly ±11 (two standard deviations of $\sqrt{32} \approx
-# 5.7$). The softmax would then give one position almost all the weight, and a saturated
-# softmax barely moves when its scores move, so the gradient flowing back through it would all
-# but vanish and attention would learn slowly. Dividing by $\sqrt{D}$ makes the scale of the
-# scores independent of the head width.
+# whatever the scale of $q$ and $k$, its variance grows like $D$: with entries of variance 1 it is
+# $D$. Our default model splits its C = 128 channels among 4 heads (below), so D = 32: the scores
+# would spread over roughly ±11 (two standard deviations of $\sqrt{32} \approx 5.7$). The softmax
+# would then give one position almost all the weight, and a saturated softmax barely moves when its
+# scores move, so the gradient flowing back through it would all but vanish and attention would
+# learn slowly. Dividing by $\sqrt{D}$ makes the scale of the scores independent of the head width.
 #
 # **The causal mask $M$.** When predicting the token after position $t$, the model must not
 # see it, or any later token: it could copy the answer. $M$ is 0 where $s \le t$ and $-\infty$
@@ -719,12 +718,11 @@ if IN_NOTEBOOK:
 #
 # $$(a, b) \mapsto (a\cos p\theta_i - b\sin p\theta_i,\; a\sin p\theta_i + b\cos p\theta_i)$$
 #
-# A rotation keeps a vector's length, and the dot product of two rotated vectors depends only on
-# the *difference* of their angles: with $R_p$ the rotation at position $p$,
-# $(R_m q)\cdot(R_n k) = q \cdot R_{n-m}\,k$. So the score of a query at $m$ and a key at $n$
-# depends on their contents and on the offset $m - n$ only. Nothing is learned, and nothing is
-# added to the token's vector. **In code, three operations rotate every pair at once** ($\odot$
-# multiplies number by number):
+# A rotation keeps a vector's length, and the dot product of two rotated vectors depends only on the
+# *difference* of their angles: with $R_p$ the rotation at position $p$, $(R_m q)\cdot(R_n k) = q
+# \cdot R_{n-m}\,k$. So the score of a query at $m$ and a key at $n$ depends on their contents and
+# on the offset $m - n$ only. Nothing is learned, and nothing is added to the token's vector. **In
+# code, three operations rotate every pair at once** ($\odot$ multiplies number by number):
 #
 # $$(a, b) \mapsto (a, b)\cos p\theta_i + (b, a) \odot (-\sin p\theta_i,\; \sin p\theta_i)$$
 #
@@ -899,12 +897,11 @@ if IN_NOTEBOOK:
 #
 # $$\text{LayerNorm}(x) = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta$$
 #
-# ($\mu$ and $\sigma^2$ are the mean and variance of the vector's C numbers, and $\odot$
-# multiplies number by number.) This keeps the inputs of every layer on the same scale however
-# the weights drift in training; without it, a layer tuned for one scale would keep being fed
-# another, and deep stacks train unstably or not at all. $\epsilon = 10^{-5}$ (PyTorch's
-# default) only guards against dividing by zero; the variance is the biased one (divide by C),
-# as in the LayerNorm paper.
+# ($\mu$ and $\sigma^2$ are the mean and variance of the vector's C numbers, and $\odot$ multiplies
+# number by number.) This keeps the inputs of every layer on the same scale however the weights
+# drift in training; without it, a layer tuned for one scale would keep being fed another, and deep
+# stacks train unstably or not at all. $\epsilon = 10^{-5}$ (PyTorch's default) only guards against
+# dividing by zero; the variance is the biased one (divide by C), as in the LayerNorm paper.
 #
 # **RMSNorm** (Zhang & Sennrich, 2019; used by Llama) drops the centring and the bias and only
 # rescales each vector by its root mean square:
@@ -980,17 +977,16 @@ if IN_NOTEBOOK:
 # so a number that went negative can still learn. (GPT-2 used a tanh approximation of it.)
 #
 # **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed through
-# SiLU ($x \cdot \sigma(x)$, with $\sigma(x) = 1/(1 + e^{-x})$), multiplied number by number
-# with the other: the SiLU branch is the *gate*, deciding how much of the other passes:
-# $\text{SwiGLU}(x) = W_{\text{proj}}\big(\text{SiLU}(W_{\text{gate}}x) \odot
-# W_{\text{up}}x\big)$. Its paper measured a lower loss than GELU at the same size (at our size
-# the difference is within noise, Appendix C; it is here as part of the Llama recipe). Three
-# matrices instead of two: to keep the $2 \cdot 4C \cdot C = 8C^2$ parameters, the hidden width
-# is $\tfrac{2}{3} \cdot 4C = 8C/3$ (rounded down: 341 for C = 128). $W_{\text{gate}}$ and
-# $W_{\text{up}}$ are stacked into one layer, as queries, keys and values are: one matrix
-# product instead of two, split in half afterwards. **Biases** (the
-# `b` of `x @ W.T + b`, and LayerNorm's β) let a layer shift its output; GPT-2 has them, Llama
-# drops them (`bias`): at scale they bring nothing measurable, and cost memory.
+# SiLU ($x \cdot \sigma(x)$, with $\sigma(x) = 1/(1 + e^{-x})$), multiplied number by number with
+# the other: the SiLU branch is the *gate*, deciding how much of the other passes: $\text{SwiGLU}(x)
+# = W_{\text{proj}}\big(\text{SiLU}(W_{\text{gate}}x) \odot W_{\text{up}}x\big)$. Its paper measured
+# a lower loss than GELU at the same size (at our size the difference is within noise, Appendix C;
+# it is here as part of the Llama recipe). Three matrices instead of two: to keep the $2 \cdot 4C
+# \cdot C = 8C^2$ parameters, the hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$ (rounded down: 341
+# for C = 128). $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys
+# and values are: one matrix product instead of two, split in half afterwards. **Biases** (the `b`
+# of `x @ W.T + b`, and LayerNorm's β) let a layer shift its output; GPT-2 has them, Llama drops
+# them (`bias`): at scale they bring nothing measurable, and cost memory.
 #
 # **Pre-norm.** The original Transformer normalised *after* each residual addition
 # (`x = norm(x + f(x))`); GPT-2 moved the norm to the *input* of each sub-layer
@@ -1082,16 +1078,15 @@ if IN_NOTEBOOK:
 # 8,320 numbers; it matters for Appendix B's subword vocabularies, and costs nothing.
 #
 # **Initialisation.** Weights start from a normal distribution with standard deviation 0.02,
-# GPT-2's value (a convention, not tuned here), small enough that the initial logits are all
-# near zero; biases start at zero. The two layers of each block that write into the residual
-# stream (the `proj` of attention and of the MLP) get their std scaled by
-# $1/\sqrt{2 \cdot n_{layer}}$, as in GPT-2: the stream is a sum of $2 \cdot n_{layer}$ such
-# terms, and the variance of a sum of N independent terms grows like N, so dividing each
-# term's std by $\sqrt{N}$ keeps the stream's scale independent of depth. With logits near
-# zero, every token gets $p \approx 1/V$, and the loss starts near $\ln V$ (section 5), 4.17
-# here (a little above: the logits are small, not zero); far above means a broken start. **Random
-# numbers** (initial weights, batches, dropout): seeding PyTorch's generator, and Python's for
-# code you add, makes a CPU run repeatable to the last digit.
+# GPT-2's value (a convention, not tuned here), small enough that the initial logits are all near
+# zero; biases start at zero. The two layers of each block that write into the residual stream (the
+# `proj` of attention and of the MLP) get their std scaled by $1/\sqrt{2 \cdot n_{layer}}$, as in
+# GPT-2: the stream is a sum of $2 \cdot n_{layer}$ such terms, and the variance of a sum of N
+# independent terms grows like N, so dividing each term's std by $\sqrt{N}$ keeps the stream's scale
+# independent of depth. With logits near zero, every token gets $p \approx 1/V$, and the loss starts
+# near $\ln V$ (section 5), 4.17 here (a little above: the logits are small, not zero); far above
+# means a broken start. **Random numbers** (initial weights, batches, dropout): seeding PyTorch's
+# generator, and Python's for code you add, makes a CPU run repeatable to the last digit.
 
 # %%
 def set_seed(seed: int) -> None:
@@ -1166,17 +1161,16 @@ if IN_NOTEBOOK:
 # Training is the loop of section 2 applied to the whole model: draw a batch, compute the loss,
 # backpropagate, step every parameter against its gradient, repeat. This is **gradient descent**
 # (*stochastic*: each step sees a random batch, not the whole text). Below is that loop, plainly,
-# with `torch.optim.SGD`: 300 steps on a fresh model, at 0.3, the largest learning rate of the
-# few we tried at which the loss fell (at 0.5 it became `nan`, "not a number": the arithmetic
-# overflowed). Watch where it stalls: near 3.3 nats, the loss of a model that knows only how
-# common each character is (the average of −ln(frequency) over the text is 3.31); below it, the
-# model has begun to use the context. The
-# rest of this section takes the same loop much further: a better optimiser, a learning-rate
-# schedule, a guard against bad steps, an honest measurement. `train_step` takes a *list* of
-# batches and averages their gradients before stepping (*gradient accumulation*): one batch
-# here, several when a large batch is split to save memory or shared among processes (Appendix
-# E). A model has two modes: `model.train()`, for training, and `model.eval()`, for measuring
-# and writing, which switches dropout off; a new model starts in training mode.
+# with `torch.optim.SGD`: 300 steps on a fresh model, at 0.3, the largest learning rate of the few
+# we tried at which the loss fell (at 0.5 it became `nan`, "not a number": the arithmetic
+# overflowed). Watch where it stalls: near 3.3 nats, the loss of a model that knows only how common
+# each character is (the average of −ln(frequency) over the text is 3.31); below it, the model has
+# begun to use the context. The rest of this section takes the same loop much further: a better
+# optimiser, a learning-rate schedule, a guard against bad steps, an honest measurement.
+# `train_step` takes a *list* of batches and averages their gradients before stepping (*gradient
+# accumulation*): one batch here, several when a large batch is split to save memory or shared among
+# processes (Appendix E). A model has two modes: `model.train()`, for training, and `model.eval()`,
+# for measuring and writing, which switches dropout off; a new model starts in training mode.
 
 # %%
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list,
@@ -1315,17 +1309,17 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### Measuring progress
 #
-# A loss measured on one random batch is noisy, so we average over `eval_iters` batches per
-# split, drawn **once** from a seeded generator and reused at every evaluation: differences
-# between evaluations then come from the model alone. The two splits and the training batches
-# use three different seeds (`seed`, `seed + 1`, `seed + 2`), so training never starts with the
-# very windows evaluation measures. 20 batches of 12 × 64 characters make about 15,000 per
-# split; one character's loss varies by about 1.6 nats (measured on the trained quick-run
-# model), so their mean varies by roughly 1.6 / √15,000 ≈ 0.013, a little more in truth, as
-# neighbouring characters are not independent.
+# A loss measured on one random batch is noisy, so we average over `eval_iters` batches per split,
+# drawn **once** from a seeded generator and reused at every evaluation: differences between
+# evaluations then come from the model alone. The two splits and the training batches use three
+# different seeds (`seed`, `seed + 1`, `seed + 2`), so training never starts with the very windows
+# evaluation measures. 20 batches of 12 × 64 characters make about 15,000 per split; one character's
+# loss varies by about 1.6 nats (measured on the trained quick-run model), so their mean would vary
+# by 1.6 / √15,000 ≈ 0.013 if the characters were independent. They are not (neighbours share their
+# context): over 30 draws of the batches, the quick-run model's validation loss varied by 0.02.
 # Evaluation runs in eval mode (dropout off, so the answer is repeatable) without recording for
-# gradients (nothing to backpropagate), then puts the model back as it was. Sampling needs the
-# same, so it is one context manager, `evaluating`.
+# gradients (nothing to backpropagate), then puts the model back as it was. Sampling needs the same,
+# so it is one context manager, `evaluating`.
 
 # %%
 @contextmanager
@@ -1395,6 +1389,9 @@ class Hooks:
     def prepare(self, batches: list) -> list:
         return batches  # e.g. this process's share, moved to the GPU (Appendix E)
 
+    def estimate_loss(self, model: GPT, batches: list) -> float:
+        return estimate_loss(model, batches)  # e.g. in 16-bit, batches kept on a GPU (App. E)
+
     def evaluated(self, run: Run) -> None:
         pass  # e.g. print progress, save the history and checkpoints (Appendix F)
 
@@ -1416,7 +1413,7 @@ def train(run: Run, cfg: Config, train_data: torch.Tensor, val_data: torch.Tenso
     while True:
         due = run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters
         if due and not (run.history and run.history[-1]["step"] == run.step):  # (not resumed)
-            losses = {split: estimate_loss(run.model, batches)
+            losses = {split: hooks.estimate_loss(run.model, batches)
                       for split, batches in eval_batches.items()}
             run.history.append({"step": run.step, "train_loss": losses["train"],
                                 "val_loss": losses["val"],
@@ -1569,11 +1566,12 @@ def _generate(model: GPT, ids: list[int], max_new_tokens: int, sampling: dict,
               use_cache: bool) -> Iterator[int]:
     block_size = model.cfg.block_size
     window_start = max(0, len(ids) - block_size)  # the model reads ids[window_start:]
-    cache = KVCache(model) if use_cache else None  # (Appendix D)
+    cache = make_cache(model) if use_cache else None  # (Appendix D)
     for _ in range(max_new_tokens):
         if len(ids) - window_start > block_size:  # the window is full: keep its last half
             window_start = len(ids) - max(1, block_size // 2)
-            cache = KVCache(model) if use_cache else None  # (and start the cache afresh)
+            if cache is not None:
+                cache.clear()  # (and start the cache afresh)
         with evaluating(model):  # per token: between tokens the caller gets its mode back
             logits = next_token_logits(model, ids, window_start, cache)  # (1, V)
             next_id = sample_next(logits, **sampling).item()
@@ -1585,7 +1583,7 @@ def next_token_logits(model: GPT, ids: list[int], window_start: int,
                       cache: KVCache | None) -> torch.Tensor:
     """Logits (1, V) for the token after ids[window_start:]."""
     if cache is not None:  # (Appendix D)
-        return cached_next_token_logits(model, ids[window_start:], cache)
+        return cache.logits_after(model, ids[window_start:])
     logits, _ = model(torch.tensor([ids[window_start:]], device=model.device))  # (1, T, V)
     return logits[:, -1, :]
 
@@ -2171,7 +2169,7 @@ def generate_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int 
 # one at a time.
 #
 # `--size` picks the model's shape: `cpu` is the quick run of Part I; `gpu` is a model about
-# ten times bigger, for a GPU (Appendix E).
+# ten times bigger, for a GPU (Appendix E), and the default when `train` finds a CUDA GPU.
 
 # %%
 import dataclasses
@@ -2182,14 +2180,19 @@ ARCHITECTURES = {
 }
 DEFAULT_ARCH = "llama"  # measured: the lower validation loss in the quick run (above)
 
-# A larger model for a GPU, the size of nanoGPT's Shakespeare GPU run (about 10M parameters,
-# 256 characters of context), which reaches a validation loss of about 1.47 there. Dropout 0.2:
-# a model this size sees the 1M training characters about 80 times and would overfit without it.
+# A larger model for a GPU, the shape of nanoGPT's Shakespeare GPU run (about 10M parameters,
+# 256 characters of context). Its length comes from a measured run: with 5000 steps, the
+# validation loss stopped falling near step 1500 (1.477) and then rose (1.667 by step 3250), the
+# model learning its training text by heart. So the schedule is 2000 steps long: the learning
+# rate has decayed by the time the loss would turn. Dropout 0.2 still matters: 2000 steps of
+# 64 x 256 characters read the 1M training characters about 33 times. Evaluation: 20 batches of
+# 64 x 256 per split, 1280 windows, whose mean loss varies by at most ±0.008 (a 64-character
+# window's mean loss varies by 0.29 on the quick-run model; a longer window varies less).
 SIZES = {
     "cpu": {},  # the quick-run defaults of Config
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
-                learning_rate=1e-3, min_lr=1e-4, max_iters=5000, warmup_iters=100,
-                eval_interval=250, eval_iters=200),
+                learning_rate=1e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
+                eval_interval=250, eval_iters=20),
 }
 
 
@@ -2486,6 +2489,10 @@ class KVCache:
     def __init__(self, model: GPT):
         self.layers = [LayerCache() for _ in model.blocks]
 
+    def clear(self) -> None:
+        """Forget every token: the next call is a prefill (a new window, section 11)."""
+        self.layers = [LayerCache() for _ in self.layers]
+
     @property
     def position(self) -> int:
         """How many tokens the cache holds: the position the next token will have."""
@@ -2502,14 +2509,13 @@ class KVCache:
             for block in model.blocks:
                 block.attn.cache = None
 
-
-def cached_next_token_logits(model: GPT, window: list[int], cache: KVCache) -> torch.Tensor:
-    """Logits (1, V) for the token after `window`, running only the tokens the cache has not
-    seen (the whole window when the cache is empty: the prefill)."""
-    new = torch.tensor([window[cache.position:]], device=model.device)  # (1, T_new)
-    with cache.attached(model):
-        logits, _ = model(new)  # (1, T_new, V)
-    return logits[:, -1, :]
+    def logits_after(self, model: GPT, window: list[int]) -> torch.Tensor:
+        """Logits (1, V) for the token after `window`, running only the tokens the cache has
+        not seen (the whole window when the cache is empty: the prefill)."""
+        new = torch.tensor([window[self.position:]], device=model.device)  # (1, T_new)
+        with self.attached(model):
+            logits, _ = model(new)  # (1, T_new, V)
+        return logits[:, -1, :]
 
 
 # %%
@@ -2520,7 +2526,7 @@ if IN_NOTEBOOK:
     with evaluating(model):
         full, _ = model(torch.tensor([ids]))  # (1, n, V): every position at once
         cache = KVCache(model)
-        by_cache = {t: cached_next_token_logits(model, ids[:t], cache) for t in range(n - 3, n + 1)}
+        by_cache = {t: cache.logits_after(model, ids[:t]) for t in range(n - 3, n + 1)}
     # The logits after the first t tokens are the full pass's at position t - 1.
     print(f"prefill of {n - 3} tokens equals the full pass:",
           torch.allclose(by_cache[n - 3], full[:, n - 4], atol=1e-5))
@@ -2538,6 +2544,161 @@ if IN_NOTEBOOK:
         list(generate(model, [0], 1000, generator=seeded_generator(model, 0),
                       use_cache=use_cache))
         print(f"use_cache={use_cache}: {1000 / (time.perf_counter() - started):,.0f} tokens/s")
+
+# %% [markdown]
+# ### On a GPU: fixed shapes, replayed as a CUDA graph
+#
+# On an NVIDIA GPU the cache alone hardly helps. A one-token step is about 250 small operations,
+# and the GPU does each one faster than the CPU can *launch* it (every launch costs the CPU
+# several microseconds of driver and PyTorch work): the GPU spends most of a token waiting.
+# Measured on one H100 before this section existed (the README has the figures), 141 tokens/s
+# with the cache and 133 without: slower than a laptop CPU.
+#
+# A **CUDA graph** removes the launches: the GPU records the step's operations once and then
+# replays all of them with one call. A recording is rigid: every replay runs the same operations,
+# on tensors of the same shapes at the same memory addresses, and any Python number used while
+# recording is frozen into it. The cache above breaks all three rules (its tensors grow by one
+# position per token, and the position is a Python number slicing the tables), so the GPU uses
+# a **static cache**:
+#
+# * its key and value buffers are allocated once, for a whole window (`block_size` slots), and
+#   each step writes its token's key and value into slot `position`, in place;
+# * the position is a one-number tensor on the GPU, which the step reads to pick its
+#   learned-position row, its RoPE angles and its slot: replays at position 7 and at 70 run the
+#   same operations on the same memory;
+# * the new query attends over all the slots, with a mask hiding those not yet written, so
+#   they get weight exactly 0 (section 7): the same result as attending over the written ones;
+# * with grouped keys and values, a token's H queries are regrouped as H / Hkv queries for each
+#   key/value head, which the fused attention kernel takes as they are: nothing is repeated;
+# * the norms call PyTorch's fused versions (`F.rms_norm`, `F.layer_norm`: one operation
+#   instead of six; section 8 checked that they compute the same).
+#
+# The prompt (the prefill) still runs through the plain path above, and its keys and values are
+# copied into the buffers; every later token is one replay. On a CPU there are no launches to
+# save, and attending over empty slots costs time, so the CPU keeps the plain cache
+# (`make_cache`). Both paths give the same logits at every position, for every positional
+# scheme: the cell below checks it on the CPU (without a graph), and the tests check it again on
+# a GPU, with one.
+
+# %%
+def fused_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What `norm` (section 8) computes, in one fused PyTorch operation."""
+    if isinstance(norm, RMSNorm):
+        return F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+class StaticKVCache:
+    """Keys and values in buffers allocated once for a whole window, so that every one-token
+    step has the same shapes and memory: on a CUDA GPU it is recorded once as a graph."""
+
+    def __init__(self, model: GPT):
+        attn, weight = model.blocks[0].attn, model.lm_head.weight
+        shape = (1, attn.n_kv_head, model.cfg.block_size, attn.head_dim)  # (1, Hkv, P, D)
+        self.k = [weight.new_zeros(shape) for _ in model.blocks]
+        self.v = [weight.new_zeros(shape) for _ in model.blocks]
+        self.slots = torch.arange(model.cfg.block_size, device=weight.device)  # (P,)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=weight.device)  # a step's input
+        self.where = torch.zeros(1, dtype=torch.long, device=weight.device)  # and its position
+        self.position = 0  # the same position, as a Python number: the tokens held
+        self.use_graph = weight.device.type == "cuda"
+        self.graph = self.logits = None
+
+    def clear(self) -> None:
+        self.position = 0  # old slots are hidden by the mask, then overwritten
+
+    def logits_after(self, model: GPT, window: list[int]) -> torch.Tensor:
+        """Logits (1, V) for the token after `window`: one step if the cache holds all but its
+        last token, else a prefill of the whole window."""
+        if len(window) != self.position + 1:
+            return self.prefill(model, window)
+        self.token.fill_(window[-1])  # the inputs change in place: the recording reads them
+        self.where.fill_(self.position)
+        if self.use_graph:
+            self.replay(model)
+        else:
+            self.logits = static_step(model, self)
+        self.position += 1
+        return self.logits.clone()  # (1, V); a copy, as the next replay overwrites the output
+
+    def prefill(self, model: GPT, window: list[int]) -> torch.Tensor:
+        plain = KVCache(model)
+        logits = plain.logits_after(model, window)  # the whole window, the plain way
+        for layer, k_slots, v_slots in zip(plain.layers, self.k, self.v):
+            k_slots[:, :, :layer.length] = layer.k  # (1, Hkv, T, D) into the first T slots
+            v_slots[:, :, :layer.length] = layer.v
+        self.position = len(window)
+        return logits
+
+    def replay(self, model: GPT) -> None:
+        if self.graph is None:  # the first step: warm up, then record
+            side = torch.cuda.Stream()  # (PyTorch's rule: warm up on a side stream)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # these write what the replay writes: same token, same slot
+                    static_step(model, self)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, runs nothing
+                self.logits = static_step(model, self)
+        self.graph.replay()
+
+
+def static_step(model: GPT, cache: StaticKVCache) -> torch.Tensor:
+    """The model's forward pass for the one token cache.token at position cache.where, with
+    fixed shapes; writes the token's keys and values into the cache. Returns logits (1, V)."""
+    assert not model.training, "a step for generation: no dropout"
+    where = cache.where  # (1,)
+    x = model.embed.token(cache.token)  # (1, 1, C)
+    if model.embed.pos_encoding == "learned":
+        x = x + model.embed.position(where)  # (1, C)
+    elif model.embed.pos_encoding == "sinusoidal":
+        x = x + model.embed.sinusoids[where]  # (1, C)
+    attn = model.blocks[0].attn  # every layer has the same RoPE tables: look them up once
+    rotation = (attn.rope_cos[where], attn.rope_sin[where]) if attn.rope else None  # (1, D)
+    visible = (cache.slots <= where)[None]  # (1, P): the slots written before, and this one
+    for block, k_slots, v_slots in zip(model.blocks, cache.k, cache.v):
+        h = fused_norm(block.norm1, x)  # (1, 1, C)
+        x = x + attention_step(block.attn, h, k_slots, v_slots, where, visible, rotation)
+        x = x + block.mlp(fused_norm(block.norm2, x))
+    return model.lm_head(fused_norm(model.norm, x))[:, -1]  # (1, V)
+
+
+def attention_step(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Tensor,
+                   v_slots: torch.Tensor, where: torch.Tensor, visible: torch.Tensor,
+                   rotation: tuple | None) -> torch.Tensor:
+    """One token's attention (1, 1, C) -> (1, 1, C) over the filled slots of a static cache."""
+    Hkv, D = attn.n_kv_head, attn.head_dim
+    heads = attn.qkv(x).view(1, -1, D)  # (1, H + 2Hkv, D)
+    qk, v = heads.split([attn.n_head + Hkv, Hkv], dim=1)
+    if rotation is not None:
+        qk = rope_rotate(qk, *rotation)
+    q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, D), (1, Hkv, D)
+    k_slots.index_copy_(2, where, k[:, :, None])  # into slot `where`: (1, Hkv, 1, D)
+    v_slots.index_copy_(2, where, v[:, :, None])
+    q = q.reshape(1, Hkv, attn.n_head // Hkv, D)  # (1, Hkv, H/Hkv, D): queries by k/v head
+    out = F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=visible)
+    return attn.proj(out.reshape(1, 1, -1))  # (1, 1, C): the heads side by side
+
+
+CUDA_GRAPHS = True  # bench turns it off for a moment, to measure the plain cache on a GPU
+
+
+def make_cache(model: GPT) -> KVCache | StaticKVCache:
+    """The cache `generate` uses: the static one, as a CUDA graph, on an NVIDIA GPU."""
+    if model.device.type == "cuda" and CUDA_GRAPHS:
+        return StaticKVCache(model)
+    return KVCache(model)
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    with evaluating(model):
+        static = StaticKVCache(model)  # on a CPU: the same steps, run one by one
+        by_static = {t: static.logits_after(model, ids[:t]) for t in range(n - 3, n + 1)}
+    print("static steps equal the full pass too:",
+          all(torch.allclose(by_static[t], full[:, t - 1], atol=1e-5) for t in range(n - 3, n + 1)))
 
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
@@ -2614,10 +2775,14 @@ def using_threads(n: int):
 #   tensor (`configure_optimizer` in section 10 asks for it on a GPU).
 # * Batches are copied from **pinned** (page-locked) memory, which the GPU can read directly,
 #   without waiting for the copy to finish.
+# * **Evaluation** runs in bfloat16 too, on batches copied to the GPU once and kept there, and
+#   waits for the GPU once per evaluation instead of once per batch (`.item()` makes the CPU
+#   wait for the answer). The first GPU run of this file, without these three, spent about as
+#   long evaluating as training (the README has the figures). The CPU's evaluation is unchanged.
 #
 # `--compile true` also hands the model to `torch.compile`, which fuses operations into fewer,
 # larger kernels. It is opt-in, because compiling takes tens of seconds before the first step;
-# Appendix G gives the measured trade-off on a CPU.
+# Appendix G gives the measured trade-off, on a CPU and on a GPU.
 
 # %%
 class Autocast(nn.Module):
@@ -2710,6 +2875,7 @@ class DeviceHooks(Hooks):
 
     def __init__(self, cfg: Config, env: Distributed, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
+        self.on_gpu = {}  # id of a list of evaluation batches -> (that list, its GPU copy)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.compile:
@@ -2724,6 +2890,17 @@ class DeviceHooks(Hooks):
     def prepare(self, batches: list) -> list:
         mine = batches[self.env.rank::self.env.world_size]  # every process drew them all
         return [(to_device(x, self.device), to_device(y, self.device)) for x, y in mine]
+
+    def estimate_loss(self, model: GPT, batches: list) -> float:
+        if self.device.type != "cuda":
+            return estimate_loss(model, batches)  # section 10's, as it is
+        key = id(batches)  # the same fixed batches come back at every evaluation
+        if key not in self.on_gpu:
+            self.on_gpu[key] = batches, [(x.to(self.device), y.to(self.device))
+                                         for x, y in batches]
+        with evaluating(model), torch.autocast("cuda", dtype=torch.bfloat16):
+            losses = torch.stack([model(x, y)[1] for x, y in self.on_gpu[key][1]])  # (N,)
+        return losses.mean().item()  # one wait for the GPU per evaluation
 
 
 # %% [markdown]
@@ -3459,10 +3636,15 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer:
 #   formula of the PaLM paper). Lookup tables such as learned positions cost no
 #   multiplications;
 # * **achieved GFLOP/s** = FLOPs per token × tokens/s, and that as a fraction of the **matmul
-#   peak**, measured by the same command as the speed of one large (2048 × 2048) matrix
-#   product: the most this machine does with PyTorch on ideal work;
+#   peak**, measured by the same command as the speed of one large matrix product in the type
+#   training computes in (2048 × 2048 in float32 on a CPU, 8192 × 8192 in bfloat16 on a GPU,
+#   which needs the bigger product to keep all its cores busy): the most this machine does
+#   with PyTorch on ideal work;
+# * **evaluation**: the time of one evaluation as `train` runs it (`eval_iters` batches of each
+#   split), and the share of a whole run of `max_iters` steps that evaluations take;
 # * **sampling tokens/s** with and without the KV cache, generating 2000 tokens from a single
-#   token, on the threads `sample` uses;
+#   token, on the threads `sample` uses; on a GPU also with the CUDA graph (Appendix D), the
+#   path `sample` takes there, and the time to its second token, which includes recording it;
 # * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and
 #   the device with its thread counts.
 #
@@ -3489,14 +3671,25 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer:
 # its compile took longer than writing 2000 characters without it, so the sampler does not use
 # it. For training (`--compile true`), a step on the 2-core CPU became about 20% faster after
 # about 20 s of compiling, as much time as the quick run's 3000 steps then save: opt-in.
+# On one H100 (the first GPU run of this file, before Appendix D's CUDA graph), `--compile true`
+# took about 40 s to compile and then made a step of the gpu preset about 20 ms instead of 28:
+# it pays for itself after 40 s / 8 ms = 5000 steps, and the preset runs 2000. So it stays
+# opt-in on a GPU too. Its time to a target loss against eager was not measured.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
 
 
-def matmul_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of the best of a few n x n matrix products (float32; bfloat16 on a GPU)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_size(device: torch.device) -> tuple[int, torch.dtype]:
+    """A matrix product big enough to reach the device's peak, in the type training uses:
+    2048 x 2048 in float32 on a CPU; 8192 x 8192 in bfloat16 on a GPU (at 2048, an H100
+    reached well under half of what it does at 8192)."""
+    return (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+    """GFLOP/s of the best of a few products of matmul_size."""
+    n, dtype = matmul_size(device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = math.inf
     for _ in range(repeats):
@@ -3519,37 +3712,89 @@ def peak_memory_mib(device: torch.device) -> float:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
 
 
-def sampling_speed(model: GPT, n_tokens: int, use_cache: bool) -> float:
-    """Tokens per second generating `n_tokens` after a one-token prompt."""
+def sampling_speed(model: GPT, n_tokens: int, use_cache: bool) -> tuple[float, float]:
+    """Tokens per second generating `n_tokens` after a one-token prompt, and the seconds until
+    the second token (the prefill, and on a GPU the recording of the CUDA graph)."""
     tokens = generate(model, [0], n_tokens, generator=seeded_generator(model, 0),
                       use_cache=use_cache)
     synchronize(model.device)
     start = time.perf_counter()
-    for _ in tokens:
-        pass
+    startup = math.nan
+    for i, _ in enumerate(tokens):
+        if i == 1:
+            startup = time.perf_counter() - start
     synchronize(model.device)
-    return n_tokens / (time.perf_counter() - start)
+    return n_tokens / (time.perf_counter() - start), startup
+
+
+@contextmanager
+def plain_cache_on_gpu():
+    """Inside the block, `generate` uses the plain KV cache on a GPU too (no CUDA graph)."""
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = False
+    try:
+        yield
+    finally:
+        CUDA_GRAPHS = True
+
+
+def sampling_figures(model: GPT, n_tokens: int) -> dict:
+    """Sampling tokens/s: with the KV cache, without it, and on a GPU with the CUDA graph."""
+    model.eval()  # as `sample` loads it
+    figures = {}
+    if model.device.type == "cuda":
+        graphed, startup = sampling_speed(model, n_tokens, True)
+        figures["sampling tokens/s, CUDA graph"] = f"{graphed:,.0f}"
+        figures["CUDA graph: first 2 tokens"] = f"{1000 * startup:.0f} ms"
+    with plain_cache_on_gpu():
+        cached, uncached = (sampling_speed(model, n_tokens, c)[0] for c in (True, False))
+    figures |= {"sampling tokens/s, KV cache": f"{cached:,.0f}",
+                "sampling tokens/s, no cache": f"{uncached:,.0f}",
+                "KV cache speed-up": f"{cached / uncached:.1f}x"}
+    return figures
+
+
+def evaluation_seconds(model: GPT, cfg: Config, hooks: Hooks, repeats: int = 3) -> float:
+    """Median time of one evaluation as `train` runs it: eval_iters batches of each split."""
+    x = torch.randint(model.lm_head.out_features, (cfg.batch_size, cfg.block_size))
+    splits = [[(x, x)] * cfg.eval_iters for _ in range(2)]  # random tokens: only speed counts
+    times = []
+    for _ in range(repeats + 1):  # the first, untimed, copies the batches to a GPU
+        synchronize(model.device)
+        start = time.perf_counter()
+        for batches in splits:
+            hooks.estimate_loss(model, batches)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def evaluations_per_run(cfg: Config) -> int:
+    """Evaluations in a run of max_iters steps: every eval_interval steps, from 0, and the end."""
+    return cfg.max_iters // cfg.eval_interval + 1 + (cfg.max_iters % cfg.eval_interval > 0)
 
 
 def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 2000,
               threads: int = 0) -> dict:
-    """Training and sampling speed of `cfg` on this machine; see the list above. With threads 0,
-    each part runs on the threads its command uses by default."""
+    """Training, evaluation and sampling speed of `cfg` on this machine; see the list above.
+    With threads 0, each part runs on the threads its command uses by default."""
     device = pick_device(cfg.device)
     hooks = DeviceHooks(dataclasses.replace(cfg, compile=False), Distributed(), device)
     with using_threads(threads):
         per_step, model = seconds_per_step(cfg, vocab_size, steps, device, hooks)
         training_threads = torch.get_num_threads()
+        per_eval = evaluation_seconds(model, cfg, hooks)
     positions = cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0
     flops_per_token = (6 * (model.num_parameters() - positions)
                        + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
-    model.eval()  # as `sample` loads it
     with using_threads(threads or SAMPLING_THREADS):
         sampling_threads = torch.get_num_threads()
-        cached, uncached = (sampling_speed(model, sample_tokens, c) for c in (True, False))
+        sampling = sampling_figures(model, sample_tokens)
     with using_threads(threads):
         peak = matmul_peak_gflops(device)
     achieved = flops_per_token * tokens_per_step(cfg) / per_step / 1e9
+    evaluating_s = evaluations_per_run(cfg) * per_eval  # and training max_iters * per_step
+    eval_share = evaluating_s / (evaluating_s + cfg.max_iters * per_step)
+    n, dtype = matmul_size(device)
     threads_used = f" ({training_threads} threads training, {sampling_threads} sampling)"
     return {"device": f"{device}{threads_used if device.type == 'cpu' else ''}",
             "parameters": f"{model.num_parameters():,}",
@@ -3557,11 +3802,11 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
             "training tokens/s": f"{tokens_per_step(cfg) / per_step:,.0f}",
             "FLOPs per token (6N + 12LCT)": f"{flops_per_token / 1e6:.2f} M",
             "achieved GFLOP/s": f"{achieved:.1f}",
-            "matmul peak GFLOP/s (2048^2)": f"{peak:.1f}",
+            "matmul peak GFLOP/s": f"{peak:.1f} ({n}^2, {str(dtype)[6:]})",
             "fraction of matmul peak": f"{achieved / peak:.0%}",
-            "sampling tokens/s, KV cache": f"{cached:,.0f}",
-            "sampling tokens/s, no cache": f"{uncached:,.0f}",
-            "KV cache speed-up": f"{cached / uncached:.1f}x",
+            "evaluation s (both splits)": f"{per_eval:.3f}",
+            "evaluation share of a run": f"{eval_share:.1%} ({evaluations_per_run(cfg)} of them)",
+            **sampling,
             "peak memory": f"{peak_memory_mib(device):,.0f} MiB"}
 
 
@@ -3597,8 +3842,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_preset_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=list(SIZES), default="cpu",
-                        help="cpu: the quick run (default); gpu: a 10M-parameter model for a GPU")
+    parser.add_argument("--size", choices=list(SIZES), default=None,
+                        help="cpu: the quick run; gpu: a 10M-parameter model for a GPU "
+                             "(default: gpu on a CUDA GPU, else cpu)")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
                         help="a preset of architecture switches, applied before the options "
                              f"below (default: {DEFAULT_ARCH})")
@@ -3688,6 +3934,13 @@ def add_bench_command(commands) -> None:
     add_config_options(bench_p)
 
 
+def chosen_size(args: argparse.Namespace, overrides: dict) -> str:
+    """--size as given; without it, gpu when the run will be on a CUDA GPU, else cpu."""
+    if args.size is not None:
+        return args.size
+    return "gpu" if pick_device(overrides.get("device", "auto")).type == "cuda" else "cpu"
+
+
 def config_overrides(args: argparse.Namespace) -> dict:
     """The Config fields given on the command line."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
@@ -3701,9 +3954,13 @@ def command_train(args: argparse.Namespace) -> None:
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
     if "WORLD_SIZE" in os.environ and "grad_accum_steps" not in overrides and not args.resume:
         overrides["grad_accum_steps"] = int(os.environ["WORLD_SIZE"])  # one batch per process
-    cfg = preset(args.arch, args.size, **overrides)
+    size = chosen_size(args, overrides)
+    cfg = preset(args.arch, size, **overrides)
     validate_config(cfg)  # before reading data, so a bad option fails fast
     rank_0 = is_rank_0()  # under torchrun, one process holds the lock and reports
+    if rank_0 and args.size is None and size == "gpu" and not args.resume:
+        print("a CUDA GPU is here and no --size was given: training the gpu preset "
+              "(--size cpu for the quick run)")
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
         source = text_source(args.data)  # the text itself, or the path of a big one
@@ -3788,11 +4045,14 @@ def command_tokenize(args: argparse.Namespace) -> None:
 
 
 def command_bench(args: argparse.Namespace) -> None:
-    cfg = preset(args.arch, args.size, **config_overrides(args))
+    overrides = config_overrides(args)
+    size = chosen_size(args, overrides)
+    cfg = preset(args.arch, size, **overrides)
     validate_config(cfg)
     if args.steps < 1 or args.sample_tokens < 1:
         raise UserError("--steps and --sample-tokens must be at least 1")
     vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else SHAKESPEARE_VOCAB_SIZE
+    print(f"{'preset':30} --arch {args.arch} --size {size}")
     for name, value in benchmark(cfg, vocab_size, args.steps, args.sample_tokens,
                                  args.threads).items():
         print(f"{name:30} {value}")

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,3 +34,10 @@ def tiny_text_file(tmp_path):
 def tiny_cfg():
     return llm.Config(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, dropout=0.0,
                       device="cpu")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def device(request):
+    """Run the test on the CPU, and again on a CUDA GPU when there is one (ids end in [cuda])."""
+    return torch.device(request.param)

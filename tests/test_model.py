@@ -117,14 +117,14 @@ def test_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
-def test_causality_future_tokens_do_not_change_past_logits(tiny_cfg, pos_encoding):
+def test_causality_future_tokens_do_not_change_past_logits(tiny_cfg, pos_encoding, device):
     tiny_cfg.pos_encoding = pos_encoding
     torch.manual_seed(0)
-    model = llm.GPT(tiny_cfg, vocab_size=20).eval()
-    idx = torch.randint(20, (2, 16))
+    model = llm.GPT(tiny_cfg, vocab_size=20).to(device).eval()
+    idx = torch.randint(20, (2, 16), device=device)
     t = 9
     changed = idx.clone()
-    changed[:, t + 1:] = torch.randint(20, (2, 16 - t - 1))
+    changed[:, t + 1:] = torch.randint(20, (2, 16 - t - 1), device=device)
     assert not torch.equal(changed, idx)
     logits_a, _ = model(idx)
     logits_b, _ = model(changed)
@@ -174,11 +174,11 @@ def test_weight_tying_shares_one_tensor_also_after_save_and_load(tmp_path, tiny_
     assert loaded.lm_head.weight[0, 0].item() == 123.0
 
 
-def test_eval_mode_is_deterministic_with_dropout(tiny_cfg):
+def test_eval_mode_is_deterministic_with_dropout(tiny_cfg, device):
     tiny_cfg.dropout = 0.5
     torch.manual_seed(0)
-    model = llm.GPT(tiny_cfg, 20)
-    idx = torch.randint(20, (2, 16))
+    model = llm.GPT(tiny_cfg, 20).to(device)
+    idx = torch.randint(20, (2, 16), device=device)
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])  # dropout is active in training
     model.eval()
@@ -213,12 +213,13 @@ def test_learning_rate_schedule():
     assert llm.lr_at(cfg.max_iters, cfg) == pytest.approx(1e-4)
 
 
-def test_a_tiny_model_overfits_one_batch(tiny_cfg):
+def test_a_tiny_model_overfits_one_batch(tiny_cfg, device):
     llm.set_seed(0)
     tiny_cfg.learning_rate, tiny_cfg.warmup_iters, tiny_cfg.max_iters = 1e-2, 1, 200
-    model = llm.GPT(tiny_cfg, 20)
+    model = llm.GPT(tiny_cfg, 20).to(device)
     optimizer = llm.configure_optimizer(model, tiny_cfg)
     x, y = llm.get_batch(torch.randint(20, (200,)), 16, 4, torch.Generator().manual_seed(0))
+    x, y = x.to(device), y.to(device)
     losses = [llm.train_step(model, optimizer, [(x, y)], 1e-2, tiny_cfg.grad_clip) for _ in range(200)]
     assert losses[0] > 2.5
     assert losses[-1] < 0.1

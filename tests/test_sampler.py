@@ -71,10 +71,10 @@ def test_sampling_follows_the_distribution():
 
 
 @pytest.fixture
-def tiny_model(tiny_cfg):
+def tiny_model(tiny_cfg, device):
     llm.set_seed(0)
     tok = llm.CharTokenizer.from_text("abcdefghij\n")
-    return llm.GPT(tiny_cfg, tok.vocab_size), tok
+    return llm.GPT(tiny_cfg, tok.vocab_size).to(device), tok
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
@@ -95,7 +95,7 @@ def test_greedy_generation_matches_argmax_of_the_full_forward(tiny_model, use_ca
     assert len(new) == 5
     model.eval()
     for token in new:
-        logits, _ = model(torch.tensor([ids]))
+        logits, _ = model(torch.tensor([ids], device=model.device))
         assert logits[0, -1].argmax().item() == token
         ids.append(token)
 
@@ -118,12 +118,13 @@ def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model, use_cache):
     tokens = llm.generate(model, tok.encode("ab"), 5, use_cache=use_cache)
     next(tokens)  # paused between tokens
     assert model.training and not torch.is_inference_mode_enabled()
-    _, loss = model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+    _, loss = model(torch.tensor([[1, 2, 3]], device=model.device),
+                    torch.tensor([[2, 3, 4]], device=model.device))
     loss.backward()  # training still works while the generator waits
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_generation_with_a_context_of_one_token(use_cache):
+def test_generation_with_a_context_of_one_token(use_cache, device):
     llm.set_seed(0)
-    model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=1, device="cpu"), 5)
+    model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=1), 5).to(device)
     assert len(list(llm.generate(model, [1, 2, 3], 6, use_cache=use_cache))) == 6
