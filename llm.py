@@ -1580,7 +1580,7 @@ def _generate(model: GPT, ids: list[int], max_new_tokens: int, sampling: dict,
 
 
 def next_token_logits(model: GPT, ids: list[int], window_start: int,
-                      cache: KVCache | None) -> torch.Tensor:
+                      cache: KVCache | StaticKVCache | None) -> torch.Tensor:
     """Logits (1, V) for the token after ids[window_start:]."""
     if cache is not None:  # (Appendix D)
         return cache.logits_after(model, ids[window_start:])
@@ -2562,23 +2562,29 @@ if IN_NOTEBOOK:
 # a **static cache**:
 #
 # * its key and value buffers are allocated once, for a whole window (`block_size` slots), and
-#   each step writes its token's key and value into slot `position`, in place;
+#   each step writes its tokens' keys and values into the slots of their positions, in place;
 # * the position is a one-number tensor on the GPU, which the step reads to pick its
-#   learned-position row, its RoPE angles and its slot: replays at position 7 and at 70 run the
-#   same operations on the same memory;
-# * the new query attends over all the slots, with a mask hiding those not yet written, so
-#   they get weight exactly 0 (section 7): the same result as attending over the written ones;
-# * with grouped keys and values, a token's H queries are regrouped as H / Hkv queries for each
-#   key/value head, which the fused attention kernel takes as they are: nothing is repeated;
-# * the norms call PyTorch's fused versions (`F.rms_norm`, `F.layer_norm`: one operation
-#   instead of six; section 8 checked that they compute the same).
+#   learned-position rows, its RoPE angles and its slots: replays at position 7 and at 70 run
+#   the same operations on the same memory;
+# * the new queries attend over all the slots, with a mask hiding those not yet written (and,
+#   as in section 7, those after each query), so they get weight exactly 0: the same result as
+#   attending over the written ones only.
 #
-# The prompt (the prefill) still runs through the plain path above, and its keys and values are
-# copied into the buffers; every later token is one replay. On a CPU there are no launches to
+# A recording fixes the number T of tokens fed, so each T is recorded the first time it comes:
+# the prompt's length, then 1 for every new token, then half a window at each restart (section
+# 11): three recordings, replayed thousands of times.
+#
+# Fewer operations also make a shorter replay, so the step uses PyTorch's fused norms and SiLU
+# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one operation each instead of up to six; section 8
+# and the tests check that they compute the same), and turns RoPE's pairs as complex numbers: a pair $(a, b)$ is
+# $a + ib$, and multiplying it by $e^{ip\theta} = \cos p\theta + i \sin p\theta$ is exactly
+# section 7's rotation, one operation instead of four. With grouped keys and values, the H
+# queries of a token are regrouped as H / Hkv queries for each key/value head, which the fused
+# attention kernel takes as they are: nothing is repeated. On a CPU there are no launches to
 # save, and attending over empty slots costs time, so the CPU keeps the plain cache
-# (`make_cache`). Both paths give the same logits at every position, for every positional
-# scheme: the cell below checks it on the CPU (without a graph), and the tests check it again on
-# a GPU, with one.
+# (`make_cache`). Both caches give the logits of a full forward pass at every position, for
+# every positional scheme: the cell below checks it on the CPU (without a graph), and the tests
+# check it again on a GPU, with one.
 
 # %%
 def fused_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -2588,104 +2594,122 @@ def fused_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
+def fused_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What `mlp` (section 8) computes; SwiGLU with PyTorch's one-operation SiLU."""
+    if isinstance(mlp, SwiGLU):
+        gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+        return mlp.proj(F.silu(gate) * up)
+    return mlp(x)
+
+
+def rope_turns(n_positions: int, dim: int) -> torch.Tensor:
+    """e^(i p theta) for every position p and channel pair: RoPE's rotations as complex numbers
+    (n_positions, dim/2); a pair (a, b) is a + ib, and multiplying turns it."""
+    angles = position_angles(n_positions, dim)  # (P, D/2)
+    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin
+
+
 class StaticKVCache:
-    """Keys and values in buffers allocated once for a whole window, so that every one-token
-    step has the same shapes and memory: on a CUDA GPU it is recorded once as a graph."""
+    """Keys and values in buffers allocated once for a whole window, so that a step feeding T
+    new tokens always has the same shapes and memory: on a CUDA GPU each T is recorded once
+    as a graph, then replayed."""
 
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
-        shape = (1, attn.n_kv_head, model.cfg.block_size, attn.head_dim)  # (1, Hkv, P, D)
-        self.k = [weight.new_zeros(shape) for _ in model.blocks]
-        self.v = [weight.new_zeros(shape) for _ in model.blocks]
-        self.slots = torch.arange(model.cfg.block_size, device=weight.device)  # (P,)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=weight.device)  # a step's input
-        self.where = torch.zeros(1, dtype=torch.long, device=weight.device)  # and its position
+        P, device = model.cfg.block_size, weight.device
+        with torch.inference_mode(False):  # (buffers usable inside and outside inference mode)
+            shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
+            self.k = [weight.new_zeros(shape) for _ in model.blocks]
+            self.v = [weight.new_zeros(shape) for _ in model.blocks]
+            self.slots = torch.arange(P, device=device)  # (P,)
+            self.turns = rope_turns(P, attn.head_dim).to(device) if attn.rope else None
+            self.where = torch.zeros(1, dtype=torch.long, device=device)  # first new position
         self.position = 0  # the same position, as a Python number: the tokens held
-        self.use_graph = weight.device.type == "cuda"
-        self.graph = self.logits = None
+        self.use_graph = device.type == "cuda"
+        self.graphs = {}  # T -> (the recorded graph, its input tokens (1, T), its logits (1, V))
 
     def clear(self) -> None:
         self.position = 0  # old slots are hidden by the mask, then overwritten
 
     def logits_after(self, model: GPT, window: list[int]) -> torch.Tensor:
-        """Logits (1, V) for the token after `window`: one step if the cache holds all but its
-        last token, else a prefill of the whole window."""
-        if len(window) != self.position + 1:
-            return self.prefill(model, window)
-        self.token.fill_(window[-1])  # the inputs change in place: the recording reads them
-        self.where.fill_(self.position)
+        """Logits (1, V) for the token after `window`, feeding the tokens not yet held."""
+        new = window[self.position:]
+        self.where.fill_(self.position)  # the inputs change in place: a recording reads them
         if self.use_graph:
-            self.replay(model)
+            logits = self.replay(model, new)
         else:
-            self.logits = static_step(model, self)
-        self.position += 1
-        return self.logits.clone()  # (1, V); a copy, as the next replay overwrites the output
+            logits = static_step(model, self, torch.tensor([new], device=self.slots.device))
+        self.position += len(new)
+        return logits  # (1, V)
 
-    def prefill(self, model: GPT, window: list[int]) -> torch.Tensor:
-        plain = KVCache(model)
-        logits = plain.logits_after(model, window)  # the whole window, the plain way
-        for layer, k_slots, v_slots in zip(plain.layers, self.k, self.v):
-            k_slots[:, :, :layer.length] = layer.k  # (1, Hkv, T, D) into the first T slots
-            v_slots[:, :, :layer.length] = layer.v
-        self.position = len(window)
-        return logits
-
-    def replay(self, model: GPT) -> None:
-        if self.graph is None:  # the first step: warm up, then record
+    def replay(self, model: GPT, new: list[int]) -> torch.Tensor:
+        if len(new) not in self.graphs:  # the first time with T new tokens: warm up, record
+            tokens = torch.tensor([new], device=self.slots.device)  # (1, T)
             side = torch.cuda.Stream()  # (PyTorch's rule: warm up on a side stream)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # these write what the replay writes: same token, same slot
-                    static_step(model, self)
+                for _ in range(2):  # these write what the replay writes: same tokens, slots
+                    static_step(model, self, tokens)
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records, runs nothing
-                self.logits = static_step(model, self)
-        self.graph.replay()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records, runs nothing
+                logits = static_step(model, self, tokens)
+            self.graphs[len(new)] = graph, tokens, logits
+        graph, tokens, logits = self.graphs[len(new)]
+        if len(new) == 1:
+            tokens.fill_(new[0])
+        else:
+            tokens.copy_(torch.tensor([new]))
+        graph.replay()
+        return logits.clone()  # a copy: the next replay overwrites the recorded output
 
 
-def static_step(model: GPT, cache: StaticKVCache) -> torch.Tensor:
-    """The model's forward pass for the one token cache.token at position cache.where, with
-    fixed shapes; writes the token's keys and values into the cache. Returns logits (1, V)."""
+def static_step(model: GPT, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's forward pass for `tokens` (1, T) at positions cache.where onwards, in fixed
+    shapes, writing their keys and values into the cache. Logits (1, V) after the last one."""
     assert not model.training, "a step for generation: no dropout"
-    where = cache.where  # (1,)
-    x = model.embed.token(cache.token)  # (1, 1, C)
+    positions = cache.where + cache.slots[:tokens.shape[1]]  # (T,)
+    x = model.embed.token(tokens)  # (1, T, C)
     if model.embed.pos_encoding == "learned":
-        x = x + model.embed.position(where)  # (1, C)
+        x = x + model.embed.position(positions)  # (T, C)
     elif model.embed.pos_encoding == "sinusoidal":
-        x = x + model.embed.sinusoids[where]  # (1, C)
-    attn = model.blocks[0].attn  # every layer has the same RoPE tables: look them up once
-    rotation = (attn.rope_cos[where], attn.rope_sin[where]) if attn.rope else None  # (1, D)
-    visible = (cache.slots <= where)[None]  # (1, P): the slots written before, and this one
+        x = x + model.embed.sinusoids[positions]  # (T, C)
+    turns = cache.turns[positions] if cache.turns is not None else None  # (T, D/2), or None
+    visible = cache.slots <= positions[:, None]  # (T, P): slots written before, and up to t
+    mask = torch.where(visible, 0.0, float("-inf")).to(x.dtype)  # added to the scores
+    group = model.cfg.n_head // model.cfg.kv_heads
+    mask = mask.repeat(group, 1)  # (group * T, P): the rows of the regrouped queries (below)
     for block, k_slots, v_slots in zip(model.blocks, cache.k, cache.v):
-        h = fused_norm(block.norm1, x)  # (1, 1, C)
-        x = x + attention_step(block.attn, h, k_slots, v_slots, where, visible, rotation)
-        x = x + block.mlp(fused_norm(block.norm2, x))
-    return model.lm_head(fused_norm(model.norm, x))[:, -1]  # (1, V)
+        h = fused_norm(block.norm1, x)  # (1, T, C)
+        x = x + attention_step(block.attn, h, k_slots, v_slots, positions, mask, turns)
+        x = x + fused_mlp(block.mlp, fused_norm(block.norm2, x))
+    return model.lm_head(fused_norm(model.norm, x[:, -1]))  # (1, V)
 
 
 def attention_step(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Tensor,
-                   v_slots: torch.Tensor, where: torch.Tensor, visible: torch.Tensor,
-                   rotation: tuple | None) -> torch.Tensor:
-    """One token's attention (1, 1, C) -> (1, 1, C) over the filled slots of a static cache."""
-    Hkv, D = attn.n_kv_head, attn.head_dim
-    heads = attn.qkv(x).view(1, -1, D)  # (1, H + 2Hkv, D)
+                   v_slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                   turns: torch.Tensor | None) -> torch.Tensor:
+    """Attention of T new tokens (1, T, C) -> (1, T, C) over the filled slots of a cache."""
+    T, Hkv, D = x.shape[1], attn.n_kv_head, attn.head_dim
+    heads = attn.qkv(x).view(1, T, -1, D).transpose(1, 2)  # (1, H + 2Hkv, T, D)
     qk, v = heads.split([attn.n_head + Hkv, Hkv], dim=1)
-    if rotation is not None:
-        qk = rope_rotate(qk, *rotation)
-    q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, D), (1, Hkv, D)
-    k_slots.index_copy_(2, where, k[:, :, None])  # into slot `where`: (1, Hkv, 1, D)
-    v_slots.index_copy_(2, where, v[:, :, None])
-    q = q.reshape(1, Hkv, attn.n_head // Hkv, D)  # (1, Hkv, H/Hkv, D): queries by k/v head
-    out = F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=visible)
-    return attn.proj(out.reshape(1, 1, -1))  # (1, 1, C): the heads side by side
+    if turns is not None:  # RoPE as one complex product: (a + ib) e^(i p theta)
+        pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))  # (1, H + Hkv, T, D/2)
+        qk = torch.view_as_real(pairs * turns).flatten(-2)  # (1, H + Hkv, T, D)
+    q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, T, D), (1, Hkv, T, D)
+    k_slots.index_copy_(2, positions, k)  # into the slots of their positions
+    v_slots.index_copy_(2, positions, v)
+    q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D): a group's queries share a k/v head
+    out = F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=mask)
+    out = out.view(1, attn.n_head, T, D).transpose(1, 2).reshape(1, T, -1)  # (1, T, C)
+    return attn.proj(out)
 
 
 CUDA_GRAPHS = True  # bench turns it off for a moment, to measure the plain cache on a GPU
 
 
 def make_cache(model: GPT) -> KVCache | StaticKVCache:
-    """The cache `generate` uses: the static one, as a CUDA graph, on an NVIDIA GPU."""
+    """The cache `generate` uses: the static one, recorded as CUDA graphs, on an NVIDIA GPU."""
     if model.device.type == "cuda" and CUDA_GRAPHS:
         return StaticKVCache(model)
     return KVCache(model)
@@ -2776,8 +2800,8 @@ def using_threads(n: int):
 # * Batches are copied from **pinned** (page-locked) memory, which the GPU can read directly,
 #   without waiting for the copy to finish.
 # * **Evaluation** runs in bfloat16 too, on batches copied to the GPU once and kept there, and
-#   waits for the GPU once per evaluation instead of once per batch (`.item()` makes the CPU
-#   wait for the answer). The first GPU run of this file, without these three, spent about as
+#   waits for the GPU once per split instead of once per batch (`.item()` makes the CPU wait
+#   for the answer). The first GPU run of this file, without these three, spent about as
 #   long evaluating as training (the README has the figures). The CPU's evaluation is unchanged.
 #
 # `--compile true` also hands the model to `torch.compile`, which fuses operations into fewer,
@@ -2900,7 +2924,7 @@ class DeviceHooks(Hooks):
                                          for x, y in batches]
         with evaluating(model), torch.autocast("cuda", dtype=torch.bfloat16):
             losses = torch.stack([model(x, y)[1] for x, y in self.on_gpu[key][1]])  # (N,)
-        return losses.mean().item()  # one wait for the GPU per evaluation
+        return losses.mean().item()  # one wait for the GPU per split
 
 
 # %% [markdown]
@@ -3643,8 +3667,9 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer:
 # * **evaluation**: the time of one evaluation as `train` runs it (`eval_iters` batches of each
 #   split), and the share of a whole run of `max_iters` steps that evaluations take;
 # * **sampling tokens/s** with and without the KV cache, generating 2000 tokens from a single
-#   token, on the threads `sample` uses; on a GPU also with the CUDA graph (Appendix D), the
-#   path `sample` takes there, and the time to its second token, which includes recording it;
+#   token, on the threads `sample` uses, counted after the second token; on a GPU also with
+#   the CUDA graphs (Appendix D), the path `sample` takes there, and the time to its second
+#   token, which includes recording the first two graphs;
 # * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and
 #   the device with its thread counts.
 #
@@ -3713,29 +3738,30 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def sampling_speed(model: GPT, n_tokens: int, use_cache: bool) -> tuple[float, float]:
-    """Tokens per second generating `n_tokens` after a one-token prompt, and the seconds until
-    the second token (the prefill, and on a GPU the recording of the CUDA graph)."""
+    """Tokens per second generating `n_tokens` after a one-token prompt, counted after the
+    second token, and the seconds until then (on a GPU: recording the first CUDA graphs)."""
     tokens = generate(model, [0], n_tokens, generator=seeded_generator(model, 0),
                       use_cache=use_cache)
     synchronize(model.device)
-    start = time.perf_counter()
-    startup = math.nan
+    start = second = time.perf_counter()
     for i, _ in enumerate(tokens):
         if i == 1:
-            startup = time.perf_counter() - start
+            second = time.perf_counter()
     synchronize(model.device)
-    return n_tokens / (time.perf_counter() - start), startup
+    if n_tokens < 3:  # too few to leave the start out
+        return n_tokens / (time.perf_counter() - start), math.nan
+    return (n_tokens - 2) / (time.perf_counter() - second), second - start
 
 
 @contextmanager
 def plain_cache_on_gpu():
     """Inside the block, `generate` uses the plain KV cache on a GPU too (no CUDA graph)."""
     global CUDA_GRAPHS
-    CUDA_GRAPHS = False
+    before, CUDA_GRAPHS = CUDA_GRAPHS, False
     try:
         yield
     finally:
-        CUDA_GRAPHS = True
+        CUDA_GRAPHS = before
 
 
 def sampling_figures(model: GPT, n_tokens: int) -> dict:
@@ -3745,7 +3771,7 @@ def sampling_figures(model: GPT, n_tokens: int) -> dict:
     if model.device.type == "cuda":
         graphed, startup = sampling_speed(model, n_tokens, True)
         figures["sampling tokens/s, CUDA graph"] = f"{graphed:,.0f}"
-        figures["CUDA graph: first 2 tokens"] = f"{1000 * startup:.0f} ms"
+        figures["CUDA graph: to the 2nd token"] = f"{1000 * startup:.0f} ms"
     with plain_cache_on_gpu():
         cached, uncached = (sampling_speed(model, n_tokens, c)[0] for c in (True, False))
     figures |= {"sampling tokens/s, KV cache": f"{cached:,.0f}",

@@ -96,7 +96,8 @@ def test_on_a_gpu_generate_records_one_cuda_graph_and_replays_it(monkeypatch):
     monkeypatch.setattr(llm, "make_cache", lambda m: made.append(real(m)) or made[-1])
     list(llm.generate(model, [1, 2, 3], 30, generator=llm.seeded_generator(model, 0), use_cache=True))
     assert len(made) == 1 and isinstance(made[0], llm.StaticKVCache)
-    assert made[0].graph is not None  # recorded once, kept across the window restarts
+    # one graph per number of new tokens: the prompt's 3, one token, and a restart's half window
+    assert sorted(made[0].graphs) == [1, 3, 6]
 
 
 @pytest.mark.parametrize("switches", SCHEMES)
