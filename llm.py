@@ -13,11 +13,12 @@
 # I), makes the same model fast and trustworthy, and shows that it is GPT-2: analysis, subword
 # tokens, measurements, fast generation, GPUs, reliable runs, OpenAI's GPT-2 weights in our
 # model, the command line. The rule of the split: Part I holds what a model *is* and how it
-# *learns*; an appendix holds what only analysis or a long, large or unattended run needs. That keeps the path from an empty file to a talking model short, and
-# gives each piece of machinery room to be explained instead of interrupting the story. Part I
-# runs without Part II. Where its code has a branch that only an appendix takes (the cache of
-# fast generation, a third kind of positions), the branch names the appendix; one rule of
-# Part I, the generation window of section 11, is shaped by Appendix D, and says so.
+# *learns*; an appendix holds what only analysis or a long, large or unattended run needs.
+# That keeps the path from an empty file to a talking model short, and gives each piece of
+# machinery room to be explained instead of interrupting the story. Part I runs without Part II.
+# Where its code has a branch that only an appendix takes (the cache of fast generation, a third
+# kind of positions), the branch names the appendix; one rule of Part I, the generation window
+# of section 11, is shaped by Appendix D, and says so.
 #
 # **Notation** in shape comments such as `# (B, T, C)`: **B** batch size (sequences at once),
 # **T** time (tokens in a sequence), **C** channels (the numbers in one token's vector), **V**
