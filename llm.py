@@ -4084,8 +4084,8 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
     try:
         folder = snapshot_download(GPT2_REPO, allow_patterns=list(GPT2_FILES))
     except Exception as e:  # offline, or the hub unreachable
-        raise UserError(f"could not download {GPT2_REPO} ({type(e).__name__}); if you are "
-                        f"offline, {GPT2_BY_HAND}") from None
+        raise UserError(f"could not download {GPT2_REPO} from huggingface.co "
+                        f"({type(e).__name__}); if you are offline, {GPT2_BY_HAND}") from None
     return find_gpt2_snapshot(folder)
 
 
@@ -4165,14 +4165,42 @@ if IN_NOTEBOOK:
 # (Appendix B), so `sample --out-dir`, `tokenize --out-dir` and `--resume` work as after any
 # run; a resumed fine-tune restores `latest.pt` and does not need GPT-2's files again.
 #
-# FINETUNE_PROSE
+# **The settings**, `FINETUNE`, each for a reason:
+#
+# * **Learning rate 3e-5**, a hundred times below the quick run's. The weights are already good:
+#   big steps would overwrite what 40 GB of text taught them with what one small file says, and
+#   the model would forget more than it learns. 3e-5 is a usual size for fine-tuning (nanoGPT's
+#   Shakespeare fine-tune uses it), not tuned here. After 10 warm-up steps (Adam's averages
+#   start empty here too, section 10) it decays to a tenth, 3e-6, as in section 10.
+# * **256 tokens of context, 4 sequences a step.** On the 2-core CPU this file was written on, a
+#   training step of the 124M model took about 16 s with 256 tokens of context and 15 s with
+#   128 (the median of 5 steps by Appendix C's `seconds_per_step`, on random weights, while
+#   another job shared the machine). The time goes mostly to the 124 million parameters, whatever
+#   the context (AdamW's update alone took about 3.5 s of it), so a shorter context saves
+#   little; GPT-2 itself read 1,024.
+# * **100 steps, evaluated every 25 on 4 batches per split**: about half an hour on that CPU
+#   (100 steps of 16 s, plus five evaluations, each about two steps' time: 8 forward passes,
+#   and a forward pass took about a quarter of a step). On a GPU: not measured; there the full
+#   context (`--block-size 1024`) and more steps are the natural choice.
+# * **Memory.** The process peaked at 3.6 GB: the weights, their gradients and AdamW's two
+#   averages are four copies of 124 million 4-byte numbers, 2 GB, and the activations come on
+#   top. Each checkpoint holds the weights and AdamW's averages, about 1.5 GB.
+#
+# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning
+# bought, in **bits per byte**: the unit that does not depend on the tokenizer (Appendix B), so
+# GPT-2's figure can stand beside those of the models this book trains from scratch on the same
+# text. To try the whole path without the download, a tiny GPT-2 with random weights does (it
+# writes nonsense, but trains, resumes and lowers its bits per byte like the real one):
+# `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
+# llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
+# llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`.
 #
 # The options of `train` apply on top (`--block-size 1024`, `--max-iters 1000`, ...), except
 # those that GPT-2's files decide: its shape, switches and tokenizer.
 
 # %%
-FINETUNE = dict(learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, max_iters=200, block_size=256,
-                batch_size=4, eval_interval=50, eval_iters=10)  # (the reasons: above)
+FINETUNE = dict(learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, max_iters=100, block_size=256,
+                batch_size=4, eval_interval=25, eval_iters=4)  # (the reasons: above)
 PRETRAINED_FIELDS = ("n_layer", "n_head", "n_embd", "pos_encoding", "norm", "mlp", "n_kv_head",
                      "bias", "tokenizer", "vocab_size")  # what GPT-2's files decide
 
@@ -4215,9 +4243,10 @@ def pretrained_from_args(args) -> Pretrained | None:
         raise UserError("--init-from gpt2 takes its shape from GPT-2's config.json: "
                         "drop --arch and --size")
     folder = find_gpt2_snapshot(args.weights, args.download)
+    pretrained = read_gpt2(folder)
     if is_rank_0():
         print(f"GPT-2 from {folder}", file=sys.stderr)
-    return read_gpt2(folder)
+    return pretrained
 
 
 # %%
