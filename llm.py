@@ -3679,11 +3679,11 @@ if IN_NOTEBOOK:
 # dependency for one pattern; instead we build the same two classes from Python's own copy of
 # the Unicode tables, `unicodedata`: every character whose category starts with `L` (letters),
 # or with `N` (digits, and numbers such as `²`, `½` or `Ⅻ`), as ranges. Walking all 1.1
-# million code points takes a fraction of a second, once, at the first use. `\s` needs care
+# million code points took about a third of a second here, once, at the first use. `\s` needs care
 # too: Python's counts four control codes (U+001C to U+001F) as whitespace, while Unicode's
 # list, which `regex` and GPT-2 use, does not, so the whitespace class is spelled out as well.
 # The classes are exact for the Unicode version of this Python (`unicodedata.unidata_version`);
-# letters added to Unicode later are the only place where two versions could cut differently.
+# only characters added to Unicode in a later version could be cut differently elsewhere.
 # Appendix B's own pattern differs in two ways: it keeps contractions with their word, and its
 # letters and digits are Python's `\w` and `\d`, which draw the lines slightly differently.
 #
@@ -3750,6 +3750,7 @@ class GPT2Tokenizer(BPETokenizer):
     """GPT-2's byte-level BPE: Appendix B's, with the ids and merges of GPT-2's files."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+        """(Appendix B's __init__ numbers the merges itself; here the files give the numbers.)"""
         if sorted(vocab.values()) != list(range(len(vocab))):
             raise ValueError("its ids are not 0, 1, 2, ... with none missing")
         self.token_ids, self.merges = dict(vocab), [tuple(m) for m in merges]
@@ -3775,8 +3776,8 @@ class GPT2Tokenizer(BPETokenizer):
                 raise ValueError("a line of merges.txt is not two tokens")
             return cls(vocab, merges)
         except (OSError, ValueError, AttributeError, KeyError) as e:
-            problem = (f"token {e.args[0]!r} is not in vocab.json" if isinstance(e, KeyError)
-                       else str(e) or type(e).__name__)
+            problem = (f"{e.args[0]!r} is neither a token of vocab.json nor a byte's character"
+                       if isinstance(e, KeyError) else str(e) or type(e).__name__)
             raise UserError(f"vocab.json and merges.txt in {folder} are not a GPT-2 tokenizer "
                             f"({problem}): download them again") from None
 
@@ -3898,10 +3899,10 @@ if IN_NOTEBOOK:
 # goes over whole.
 #
 # **Why four matrices are stored the other way round.** OpenAI's original code (in TensorFlow)
-# computed a layer as `x @ W + b`, with W stored as (in, out). `transformers` kept that layout,
-# in a layer it calls `Conv1D` (a convolution of width 1 is a linear layer), so that its files
-# stay the originals' numbers. `nn.Linear` stores W as (out, in) and computes `x @ W.T + b`
-# (section 2). Same numbers, other orientation: each of those matrices is transposed once, on
+# wrote each of these layers as a convolution of width 1, `conv1d`, which is a linear layer:
+# `x @ W + b`, with W stored as (in, out). `transformers` kept the layout and the name
+# (`Conv1D`), so that OpenAI's numbers load unchanged. `nn.Linear` stores W as (out, in) and
+# computes `x @ W.T + b` (section 2). Same numbers, other orientation: each of those matrices is transposed once, on
 # loading. A forgotten transpose would be caught by the shape check for three of the four, but
 # attention's `c_proj` is square, (768, 768): it would load without complaint and compute
 # nonsense. That is why the equality with the reference, below, is the real test.
@@ -4093,7 +4094,7 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
 # ### Equal to the reference
 #
 # The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2
-# blocks, 4 heads, 64 channels, 300 tokens, 32 positions: small enough to make in a blink, and
+# blocks, 4 heads, 64 channels, 300 tokens, 32 positions: small enough to make at once, and
 # every kind of tensor is there), saved as a snapshot, read by `read_gpt2` into our model. On the
 # same random tokens both give the same logits, to rounding, and greedy generation (temperature
 # 0) writes the same 20 tokens, with and without the KV cache of Appendix D. `transformers` is
@@ -4140,9 +4141,11 @@ if IN_NOTEBOOK:
 #
 # With the weights on the machine, the cell below writes with GPT-2, through `generate` of
 # section 11 and the KV cache of Appendix D, with GPT-2's context of 1,024 tokens:
-# `python llm.py sample --init-from gpt2 --prompt "..."` does the same from the shell. Without
-# them it says how to get them, and writes nothing: there is no GPT-2 text to show without
-# GPT-2.
+# `python llm.py sample --init-from gpt2 --prompt "..."` does the same from the shell. On the
+# 2-core CPU this file was written on, the 124M model wrote about 24 tokens a second with the
+# cache, on the one thread `sample` uses (measured with random weights: the speed does not
+# depend on their values). Without the weights the cell says how to get them, and writes
+# nothing: there is no GPT-2 text to show without GPT-2.
 
 # %%
 if IN_NOTEBOOK:
