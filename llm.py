@@ -3435,6 +3435,8 @@ def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
             hooks.best_val = min((row["val_loss"] for row in run.history if row["step"] > 0),
                                  default=math.inf)
             hooks.log(f"resuming {out_dir / 'latest.pt'} at step {run.step}")
+        elif start is not None:
+            hooks.log(f"starting from the weights in {start.folder}")
         if env.world_size > 1:  # each process its own dropout randomness (the weights are
             torch.manual_seed(cfg.seed + 1000 * env.rank + run.step)  # rank 0's, through DDP)
         hooks.log(f"{run.model.num_parameters():,} parameters, vocabulary of "
@@ -4014,6 +4016,7 @@ class Pretrained:
     arch: dict  # ModelConfig fields; block_size is the model's full context
     weights: dict  # our parameter names -> tensors
     tokenizer: GPT2Tokenizer | None = None
+    folder: Path | None = None  # where the files were read
 
     def load_into(self, model: GPT) -> None:
         """Copy the weights into `model`. Its context may be shorter than the original's: it
@@ -4034,12 +4037,12 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
     arch, vocab_size = gpt2_config(folder)
     weights = gpt2_weights(folder / "model.safetensors", ModelConfig(**arch), vocab_size)
     if not with_tokenizer:
-        return Pretrained(arch, weights)
+        return Pretrained(arch, weights, folder=folder)
     tokenizer = GPT2Tokenizer.from_files(folder)
     if tokenizer.vocab_size != vocab_size:
         raise UserError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens, but "
                         f"config.json says {vocab_size}: the files come from different models")
-    return Pretrained(arch, weights, tokenizer)
+    return Pretrained(arch, weights, tokenizer, folder)
 
 
 # %% [markdown]
@@ -4246,11 +4249,7 @@ def pretrained_from_args(args) -> Pretrained | None:
     if getattr(args, "arch", DEFAULT_ARCH) != DEFAULT_ARCH or getattr(args, "size", "cpu") != "cpu":
         raise UserError("--init-from gpt2 takes its shape from GPT-2's config.json: "
                         "drop --arch and --size")
-    folder = find_gpt2_snapshot(args.weights, args.download)
-    pretrained = read_gpt2(folder)
-    if is_rank_0():
-        print(f"GPT-2 from {folder}", file=sys.stderr)
-    return pretrained
+    return read_gpt2(find_gpt2_snapshot(args.weights, args.download))
 
 
 # %%
