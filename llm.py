@@ -990,9 +990,9 @@ if IN_NOTEBOOK:
 # matrices instead of two: to keep the $2 \cdot 4C \cdot C = 8C^2$ parameters, the hidden width
 # is $\tfrac{2}{3} \cdot 4C = 8C/3$ (rounded down: 341 for C = 128). $W_{\text{gate}}$ and
 # $W_{\text{up}}$ are stacked into one layer, as queries, keys and values are: one matrix
-# product instead of two, split in half afterwards. **Biases** (the `b` of `x @ W.T + b`, and
-# LayerNorm's β) let a layer shift its output; GPT-2 has them, Llama drops them (`bias`): at
-# scale they bring nothing measurable, and cost memory.
+# product instead of two, split in half afterwards. **Biases** (the
+# `b` of `x @ W.T + b`, and LayerNorm's β) let a layer shift its output; GPT-2 has them, Llama
+# drops them (`bias`): at scale they bring nothing measurable, and cost memory.
 #
 # **Pre-norm.** The original Transformer normalised *after* each residual addition
 # (`x = norm(x + f(x))`); GPT-2 moved the norm to the *input* of each sub-layer
@@ -1173,12 +1173,13 @@ if IN_NOTEBOOK:
 # few we tried at which the loss fell (at 0.5 it became `nan`, "not a number": the arithmetic
 # overflowed). Watch where it stalls: near 3.3 nats, the loss of a model that knows only how
 # common each character is (the average of −ln(frequency) over the text is 3.31); below it, the
-# model has begun to use the context. The rest of this section takes the same loop much further:
-# a better optimiser, a learning-rate schedule, a guard against bad steps, an honest measurement.
-# `train_step` takes a *list* of batches and averages their gradients before stepping (*gradient
-# accumulation*): one batch here, several when a large batch is split to save memory or shared
-# among processes (Appendix E). A model has two modes: `model.train()` for training, and
-# `model.eval()` for measuring and writing (dropout off); a new model starts in training mode.
+# model has begun to use the context. The
+# rest of this section takes the same loop much further: a better optimiser, a learning-rate
+# schedule, a guard against bad steps, an honest measurement. `train_step` takes a *list* of
+# batches and averages their gradients before stepping (*gradient accumulation*): one batch
+# here, several when a large batch is split to save memory or shared among processes (Appendix
+# E). A model has two modes: `model.train()`, for training, and `model.eval()`, for measuring
+# and writing, which switches dropout off; a new model starts in training mode.
 
 # %%
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list,
