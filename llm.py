@@ -3905,10 +3905,11 @@ if IN_NOTEBOOK:
 # wrote each of these layers as a convolution of width 1, `conv1d`, which is a linear layer:
 # `x @ W + b`, with W stored as (in, out). `transformers` kept the layout and the name
 # (`Conv1D`), so that OpenAI's numbers load unchanged. `nn.Linear` stores W as (out, in) and
-# computes `x @ W.T + b` (section 2). Same numbers, other orientation: each of those matrices is transposed once, on
-# loading. A forgotten transpose would be caught by the shape check for three of the four, but
-# attention's `c_proj` is square, (768, 768): it would load without complaint and compute
-# nonsense. That is why the equality with the reference, below, is the real test.
+# computes `x @ W.T + b` (section 2). Same numbers, other orientation: each of those matrices
+# is transposed once, on loading. A forgotten transpose would be caught by the shape check for
+# three of the four, but attention's `c_proj` is square, (768, 768): it would load without
+# complaint and compute nonsense. That is why the equality with the reference, below, is the
+# real test.
 #
 # **Checked before use.** `config.json` gives the shape; the loader builds our model for that
 # shape on the `meta` device, to know every tensor's shape, and checks every tensor of the file
@@ -4247,7 +4248,8 @@ def pretrained_from_args(args) -> Pretrained | None:
         if args.weights is not None or args.download:
             raise UserError("--weights and --download go with --init-from gpt2: add it")
         return None
-    if getattr(args, "arch", DEFAULT_ARCH) != DEFAULT_ARCH or getattr(args, "size", "cpu") != "cpu":
+    arch, size = getattr(args, "arch", None), getattr(args, "size", None)
+    if arch not in (None, DEFAULT_ARCH) or size not in (None, "cpu"):  # (given on the command line)
         raise UserError("--init-from gpt2 takes its shape from GPT-2's config.json: "
                         "drop --arch and --size")
     return read_gpt2(find_gpt2_snapshot(args.weights, args.download))
