@@ -10,14 +10,15 @@
 #
 # **Part I, the story** (sections 1 to 11), builds a working language model and nothing else;
 # at its end you have trained a model and read its writing. **Part II, the appendices** (A to
-# H), makes the same model fast and trustworthy: analysis, subword tokens, measurements, fast
-# generation, GPUs, reliable runs, the command line. The rule of the split: Part I holds what a
-# model *is* and how it *learns*; an appendix holds what only analysis or a long, large or
-# unattended run needs. That keeps the path from an empty file to a talking model short, and
-# gives each piece of machinery room to be explained instead of interrupting the story. Part I
-# runs without Part II. Where its code has a branch that only an appendix takes (the cache of
-# fast generation, a third kind of positions), the branch names the appendix; one rule of
-# Part I, the generation window of section 11, is shaped by Appendix D, and says so.
+# I), makes the same model fast and trustworthy, and shows that it is GPT-2: analysis, subword
+# tokens, measurements, fast generation, GPUs, reliable runs, OpenAI's GPT-2 weights in our
+# model, the command line. The rule of the split: Part I holds what a model *is* and how it
+# *learns*; an appendix holds what only analysis or a long, large or unattended run needs.
+# That keeps the path from an empty file to a talking model short, and gives each piece of
+# machinery room to be explained instead of interrupting the story. Part I runs without Part II.
+# Where its code has a branch that only an appendix takes (the cache of fast generation, a third
+# kind of positions), the branch names the appendix; one rule of Part I, the generation window
+# of section 11, is shaped by Appendix D, and says so.
 #
 # **Notation** in shape comments such as `# (B, T, C)`: **B** batch size (sequences at once),
 # **T** time (tokens in a sequence), **C** channels (the numbers in one token's vector), **V**
@@ -90,7 +91,7 @@ import torch.nn.functional as F
 # > notebook's `__name__` is `"__main__"`, as a script's, so we also ask IPython, the notebook's
 # > Python: a real kernel has a `kernel` attribute. A user's mistake (a missing file, a bad
 # > option) raises a `UserError`, a `ValueError` whose message names the problem and the fix;
-# > the command line (Appendix H) prints it as one line. matplotlib, for the pictures, is
+# > the command line (Appendix I) prints it as one line. matplotlib, for the pictures, is
 # > imported only when one is drawn. `# NBVAL_CHECK_OUTPUT` marks cells whose printed output the
 # > tests compare with the committed notebook's.
 
@@ -537,7 +538,7 @@ class ModelConfig:
     dropout: float = param(0.0, "probability of zeroing a number during training")
     pos_encoding: str = param("rope", "positions: 'learned', 'sinusoidal' or 'rope'")
     norm: str = param("rmsnorm", "normalisation: 'layernorm' (GPT-2) or 'rmsnorm' (Llama)")
-    mlp: str = param("swiglu", "the MLP: 'gelu' (GPT-2) or 'swiglu' (Llama)")
+    mlp: str = param("swiglu", "the MLP: 'gelu', 'gelu_tanh' (GPT-2) or 'swiglu' (Llama)")
     n_kv_head: int = param(2, "key/value heads (grouped-query attention); 0 means n_head")
     bias: bool = param(False, "learned biases in linear layers and LayerNorm")
 
@@ -549,20 +550,18 @@ class ModelConfig:
 
 # %% [markdown]
 # **What a token is.** A token id is only a name; `5` is not "more" than `4`. The model gives
-# each token a learned vector of `n_embd` (C) numbers, its **embedding**, looked up in a table
-# of shape (V, C): `nn.Embedding` is that table, and looking up row `i` is all it does. Training
-# moves these vectors so that tokens that behave alike end up close together (Appendix A shows
-# it).
+# each token a learned vector of `n_embd` (C) numbers, its **embedding**, looked up in a table of
+# shape (V, C): `nn.Embedding` is that table, and looking up row `i` is all it does. Training moves
+# these vectors so that tokens that behave alike end up close together (Appendix A shows it).
 #
 # **Where a token is.** Attention, which comes next, compares tokens by their content, not by
 # where they stand (its mask, section 7, only hides later tokens), yet order is everything in
-# language: "dog bites man" is not "man bites dog". GPT-2 therefore adds to each token's vector
-# a second, **learned** vector that depends only on its **position**, from a second table of
-# shape (block_size, C). It is free to find whatever works, but knows nothing about positions
-# beyond `block_size`. The modern choice, **rotary** embeddings (`rope`, Llama's and our
-# default), adds nothing here: it works inside attention, and comes with it in section 7.
-# `pos_encoding` selects one. (A third, the fixed sine waves of the original Transformer, is in
-# Appendix C.)
+# language: "dog bites man" is not "man bites dog". GPT-2 therefore adds to each token's vector a
+# second, **learned** vector that depends only on its **position**, from a second table of shape
+# (block_size, C). It is free to find whatever works, but knows nothing about positions beyond
+# `block_size`. The modern choice, **rotary** embeddings (`rope`, Llama's and our default), adds
+# nothing here: it works inside attention, and comes with it in section 7. `pos_encoding` selects
+# one. (A third, the fixed sine waves of the original Transformer, is in Appendix C.)
 #
 # **Dropout.** The embeddings end with **dropout** (Srivastava et al., 2014): in training it
 # zeroes a random fraction `dropout` of the numbers (and scales up the rest, keeping their
@@ -910,8 +909,7 @@ if IN_NOTEBOOK:
 #
 # The paper argued, and showed in experiments, that the re-scaling, not the re-centring, is what
 # stabilises training; RMSNorm makes one pass over the numbers instead of two, and has fewer
-# parameters.
-# `--norm` chooses between the two.
+# parameters. `--norm` chooses between the two.
 
 # %%
 class LayerNorm(nn.Module):
@@ -974,7 +972,9 @@ if IN_NOTEBOOK:
 # classic non-linearity is **ReLU**, $\max(0, x)$; GPT-2's is its smooth cousin **GELU**,
 # $x \cdot \Phi(x)$ with $\Phi(x)$ the probability that a standard normal variable is below
 # $x$: like ReLU far from 0, but with a gradient that is not exactly zero for negative inputs,
-# so a number that went negative can still learn. (GPT-2 used a tanh approximation of it.)
+# so a number that went negative can still learn. GPT-2 computed it with a cheaper tanh formula,
+# $0.5x(1 + \tanh(\sqrt{2/\pi}(x + 0.044715x^3)))$, within 0.0005 of the exact GELU (at
+# $x \approx \pm 2.7$: Appendix H measures it); `mlp = 'gelu_tanh'` picks it, for GPT-2's weights.
 #
 # **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed through
 # SiLU ($x \cdot \sigma(x)$, with $\sigma(x) = 1/(1 + e^{-x})$), multiplied number by number with
@@ -1000,16 +1000,17 @@ if IN_NOTEBOOK:
 
 # %%
 class MLP(nn.Module):
-    """GPT-2's MLP: (B, T, C) -> (B, T, 4C) -> GELU -> (B, T, C)."""
+    """GPT-2's MLP: (B, T, C) -> (B, T, 4C) -> GELU (exact, or tanh's) -> (B, T, C)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = make_dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -1451,13 +1452,12 @@ if IN_NOTEBOOK:
 # ### What training did
 #
 # **The loss curves.** Both losses start at ln 65 ≈ 4.17 and fall fast while the model learns
-# which characters are common, then which follow which, then whole words. Usually the
-# validation loss ends a little above the training loss, because the model was tuned on the
-# training text. That is not guaranteed: each estimate is good to about ±0.01, and the
-# validation text is a different stretch of plays that may simply be easier or harder to
-# predict. What signals overfitting is a gap that *widens*: the training loss still falling
-# while the validation loss stalls or rises. (Appendix A draws these curves, and looks inside the
-# trained model.)
+# which characters are common, then which follow which, then whole words. Usually the validation
+# loss ends a little above the training loss, because the model was tuned on the training text. That
+# is not guaranteed: each estimate is good to about ±0.02, and the validation text is a different
+# stretch of plays that may simply be easier or harder to predict. What signals overfitting is a gap
+# that *widens*: the training loss still falling while the validation loss stalls or rises.
+# (Appendix A draws these curves, and looks inside the trained model.)
 
 # %% [markdown]
 # ## 11. Sampling
@@ -2024,6 +2024,9 @@ Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
 
 def tokenizer_state(tokenizer: Tokenizer) -> dict:
     """Everything needed to rebuild a tokenizer, as plain values (saved with a model)."""
+    if isinstance(tokenizer, GPT2Tokenizer):  # GPT-2's own (Appendix H)
+        return {"kind": "gpt2", "vocab": tokenizer.token_ids,
+                "merges": [list(pair) for pair in tokenizer.merges]}
     if isinstance(tokenizer, BPETokenizer):
         return {"kind": "bpe", "merges": [list(pair) for pair in tokenizer.merges]}
     return {"kind": "char", "chars": tokenizer.chars}
@@ -2039,6 +2042,8 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
 def tokenizer_from_state(state: dict) -> Tokenizer:
     if state["kind"] == "char":
         return CharTokenizer(state["chars"])
+    if state["kind"] == "gpt2":  # (Appendix H)
+        return GPT2Tokenizer(state["vocab"], state["merges"])
     return BPETokenizer(state["merges"])
 
 
@@ -2152,7 +2157,7 @@ def generate_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int 
 # |---|---|---|
 # | `pos_encoding` | learned table added to the input | rotary, inside attention |
 # | `norm` | LayerNorm | RMSNorm |
-# | `mlp` | GELU, 4C wide | SwiGLU, 8C/3 wide |
+# | `mlp` | GELU by GPT-2's tanh formula, 4C wide | SwiGLU, 8C/3 wide |
 # | `n_kv_head` | one per query head | grouped: 2 for our 4 query heads |
 # | `bias` | in every linear layer and norm | none |
 #
@@ -2164,18 +2169,20 @@ def generate_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int 
 #
 # **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps,
 # `python llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of
-# 1.70 and `llama` 1.61, in the same time (the README has the timings). So `llama` is the
-# default. Below, the notebook repeats the comparison on equal time and flips the switches
-# one at a time.
+# 1.70 and `llama` 1.61, in the same time (the README has the timings; `gpt2` then used the
+# exact GELU, within 0.0005 of the tanh formula, Appendix H). So `llama` is the default.
+# Below, the notebook repeats the comparison on equal time and flips the switches one at a time.
 #
 # `--size` picks the model's shape: `cpu` is the quick run of Part I; `gpu` is a model about
-# ten times bigger, for a GPU (Appendix E), and the default when `train` finds a CUDA GPU.
+# ten times bigger, for a GPU (Appendix E), and the default when `train` finds a CUDA GPU;
+# `gpt2` is GPT-2's own shape (Appendix H).
 
 # %%
 import dataclasses
 
 ARCHITECTURES = {
-    "gpt2": dict(pos_encoding="learned", norm="layernorm", mlp="gelu", n_kv_head=0, bias=True),
+    "gpt2": dict(pos_encoding="learned", norm="layernorm", mlp="gelu_tanh", n_kv_head=0,
+                 bias=True),
     "llama": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
 }
 DEFAULT_ARCH = "llama"  # measured: the lower validation loss in the quick run (above)
@@ -2193,6 +2200,10 @@ SIZES = {
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
                 learning_rate=1e-3, min_lr=1e-4, max_iters=2000, warmup_iters=100,
                 eval_interval=250, eval_iters=20),
+    # GPT-2's smallest shape, 124M parameters with its 50,257 tokens (Appendix H); the learning
+    # rates of GPT-3's model of this size (Brown et al., 2020, table 2.1).
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, learning_rate=6e-4,
+                 min_lr=6e-5),
 }
 
 
@@ -2575,16 +2586,16 @@ if IN_NOTEBOOK:
 # 11): three recordings, replayed thousands of times.
 #
 # Fewer operations also make a shorter replay, so the step uses PyTorch's fused norms and SiLU
-# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one operation each instead of up to six; section 8
-# and the tests check that they compute the same), and turns RoPE's pairs as complex numbers: a pair $(a, b)$ is
-# $a + ib$, and multiplying it by $e^{ip\theta} = \cos p\theta + i \sin p\theta$ is exactly
-# section 7's rotation, one operation instead of four. With grouped keys and values, the H
+# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one operation each instead of up to six; section 8 and
+# the tests check that they compute the same), and turns RoPE's pairs as complex numbers: a pair
+# $(a, b)$ is $a + ib$, and multiplying it by $e^{ip\theta} = \cos p\theta + i \sin p\theta$ is
+# exactly section 7's rotation, one operation instead of four. With grouped keys and values, the H
 # queries of a token are regrouped as H / Hkv queries for each key/value head, which the fused
-# attention kernel takes as they are: nothing is repeated. On a CPU there are no launches to
-# save, and attending over empty slots costs time, so the CPU keeps the plain cache
-# (`make_cache`). Both caches give the logits of a full forward pass at every position, for
-# every positional scheme: the cell below checks it on the CPU (without a graph), and the tests
-# check it again on a GPU, with one.
+# attention kernel takes as they are: nothing is repeated. On a CPU there are no launches to save,
+# and attending over empty slots costs time, so the CPU keeps the plain cache (`make_cache`). Both
+# caches give the logits of a full forward pass at every position, for every positional scheme:
+# the cell below checks it on the CPU (without a graph), and the tests check it again on a GPU,
+# with one.
 
 # %%
 def fused_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -2987,7 +2998,7 @@ def check_switches(cfg: Config) -> None:
         raise UserError(f"--n-embd ({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head}): "
                         "each head gets an equal slice of the channels")
     choices = {"pos_encoding": ("learned", "sinusoidal", "rope"),
-               "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+               "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"),
                "tokenizer": ("char", "bpe")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -3593,10 +3604,12 @@ class TrainResult:
 
 
 def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
-                 log: Callable = print, resume: bool = False) -> TrainResult:
+                 log: Callable = print, resume: bool = False,
+                 start: Pretrained | None = None) -> TrainResult:
     """Train a GPT on `text` (or on the big text file at that path, streamed), or continue the
     run in out_dir; writes history.csv, ckpt.pt and latest.pt there. `cfg` has been checked
-    (validate_config); a resumed run keeps its own."""
+    (validate_config); a resumed run keeps its own. `start`: weights and tokenizer to begin a
+    new run from, instead of random weights (fine-tuning, Appendix H)."""
     out_dir = prepare_out_dir(out_dir)
     scan = scan_text(text, log if is_rank_0() else quiet, out_dir if is_rank_0() else None) \
         if isinstance(text, Path) else None
@@ -3604,12 +3617,17 @@ def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
     checkpoint = tokenizer = None
     if resume:
         checkpoint, cfg, tokenizer = read_resume_checkpoint(out_dir, data_sha256)
+    elif start is not None:
+        tokenizer = start.tokenizer
     env = start_distributed(cfg)
     device = process_device(cfg, env)
     set_seed(cfg.seed)
     corpus = load_corpus(text, scan, cfg, tokenizer, out_dir, env, log)
     tokenizer = corpus.tokenizer
-    run = start_run(GPT(cfg, tokenizer.vocab_size).to(device), cfg)
+    model = GPT(cfg, tokenizer.vocab_size)
+    if start is not None and checkpoint is None:
+        start.load_into(model)  # a fine-tune's first start (a resumed one reads latest.pt)
+    run = start_run(model.to(device), cfg)
     with stop_flag_on_signals() as stop:
         hooks = RunHooks(cfg, env, device, out_dir, corpus, data_sha256, log, stop)
         if checkpoint is not None:
@@ -3617,6 +3635,8 @@ def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
             hooks.best_val = min((row["val_loss"] for row in run.history if row["step"] > 0),
                                  default=math.inf)
             hooks.log(f"resuming {out_dir / 'latest.pt'} at step {run.step}")
+        elif start is not None:
+            hooks.log(f"starting from the weights in {start.folder}")
         if env.world_size > 1:  # each process its own dropout randomness (the weights are
             torch.manual_seed(cfg.seed + 1000 * env.rank + run.step)  # rank 0's, through DDP)
         hooks.log(f"{run.model.num_parameters():,} parameters, vocabulary of "
@@ -3837,7 +3857,683 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
 
 
 # %% [markdown]
-# ## Appendix H. The command line
+# ## Appendix H. The real GPT-2
+#
+# *Builds on sections 6 to 9 (the model and its switches), Appendix B (byte-level BPE, tokenizers
+# in checkpoints, bits per byte), Appendix C (the `gpt2` preset), Appendix D (the KV cache) and
+# Appendix F (checkpoints and `run_training`). Adds GPT-2's own tokenizer, read from its files, a
+# loader for the weights OpenAI released, and `--init-from gpt2` on `sample` and `train`.*
+#
+# In 2019 OpenAI trained GPT-2 on 40 GB of text from web pages (Radford et al., 2019) and
+# released its weights, the numbers that training found. The smallest GPT-2 has 124 million
+# parameters. Our `gpt2` preset is made of the same parts, so it can hold those very numbers.
+# This appendix loads them into it and shows that the model of this book *is* GPT-2: on the same
+# weights it computes the same logits as the reference implementation, the `GPT2LMHeadModel` of
+# Hugging Face's `transformers` library, to within 0.00001. That is checked below and by the
+# tests on a small GPT-2 with random weights, because a test may not download anything; the real
+# weights are loaded by exactly the same code.
+#
+# ### What still differed
+#
+# Four of the five details GPT-2 needs were in Part I already: LayerNorm with $\epsilon =
+# 10^{-5}$ (section 8), biases (`bias`), learned positions (section 6) and the output layer tied
+# to the token table (section 9). The fifth is GELU computed by GPT-2's tanh formula (`mlp =
+# 'gelu_tanh'`, section 8), which the `gpt2` preset now uses; `--size gpt2` gives GPT-2's shape.
+# The whole diff, for the smallest GPT-2:
+#
+# | | our `--arch gpt2 --size gpt2` | GPT-2, 124M |
+# |---|---|---|
+# | blocks, heads, channels | 12, 12, 768 (D = 64) | the same |
+# | context | `block_size` 1,024 | 1,024 positions |
+# | vocabulary | the tokenizer's: 65 characters, a BPE, or GPT-2's with `--init-from` | 50,257 |
+# | positions | a learned table, added to the token vectors | the same (`wpe`) |
+# | norm | LayerNorm before each sub-layer and after the last block, ε = 1e-5 | the same |
+# | MLP | 4C wide, GELU by the tanh formula | the same (`gelu_new`) |
+# | attention | one matrix makes queries, keys and values, in that order | the same (`c_attn`) |
+# | biases | in every linear layer and norm | the same |
+# | output layer | tied to the token table | the same |
+# | a matrix is stored | (out, in), as `nn.Linear` | (in, out), as `Conv1D`: see below |
+# | dropout in training | 0 by default (`--dropout`) | 0.1 (its `config.json`) |
+#
+# The last two rows change nothing the model computes when it writes: the orientation is fixed
+# once, on loading, and dropout is off outside training. The cell below counts the parameters of
+# the GPT-2 shape (on PyTorch's `meta` device, which gives tensors a shape but no numbers, so
+# nothing is allocated or initialised) and measures the gap between the exact GELU and the tanh
+# formula that section 8 promised.
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    with torch.device("meta"):  # shapes only: no memory, no random numbers
+        gpt2_shaped = GPT(preset("gpt2", "gpt2"), 50257)
+    print(f"GPT-2 shape: {gpt2_shaped.num_parameters():,} parameters")
+    x = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+    gap = (F.gelu(x) - F.gelu(x, approximate="tanh")).abs()
+    print(f"largest gap between GELU and the tanh formula: {gap.max():.6f} at x = "
+          f"{x[gap.argmax()]:.2f}")
+
+# %% [markdown]
+# ### GPT-2's tokenizer, from its own files
+#
+# GPT-2's tokenizer is the byte-level BPE of Appendix B, trained by OpenAI on its web text: 256
+# byte tokens, 50,000 merges, and one special token make its 50,257. It comes as two text files:
+#
+# * `merges.txt`, the merges in the order they were learned, one per line: the two tokens that
+#   merge, separated by a space (after a first line, `#version: 0.2`);
+# * `vocab.json`, a JSON object from each token's text to its id.
+#
+# **Bytes written as visible characters.** Those files are text: a space separates the two
+# tokens of a merge and a line break ends it, and many bytes are no character at all on their
+# own (each of the two bytes of `é` in UTF-8, say). So GPT-2 writes every byte as one visible
+# character. The 188 bytes that are printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
+# `®` to `ÿ`) stand for themselves, and the other 68 (the space, the line breaks and other
+# control codes, a few more) take the characters from U+0100 on, in order. The space, byte 32,
+# is the 33rd of those, `Ġ` (U+0120); a line break, byte 10, is `Ċ`. A token's text is its
+# bytes written this way: `Ġthe` is " the".
+#
+# **Ids.** GPT-2's 256 one-byte tokens are numbered in that table's order (the 188 printable ones
+# first: `!` is 0), not by byte value as in Appendix B, and a merged token's id is whatever
+# `vocab.json` says. So `GPT2Tokenizer` keeps two more tables, the id of each byte and the id
+# each merge makes, and is otherwise Appendix B's `BPETokenizer`: the same merging by rank, the
+# same decoding.
+#
+# **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex`
+# package and tried left to right:
+#
+# `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+#
+# An English contraction (`'s`, `'ll`, ...) is a chunk of its own; then comes a run of letters
+# with at most one space before it; a run of digits, likewise; a run of other symbols; and
+# whitespace, except that a run of spaces before a word leaves its last space to the word
+# (`\s+(?!\S)`: whitespace not followed by a non-space), so `"a   b"` becomes `a`, `"  "`,
+# `" b"`. `\p{L}` means any letter and `\p{N}` any number, in every script, by the Unicode
+# tables. Python's `re` has no `\p{...}`. The `regex` package has, but would be a new
+# dependency for one pattern; instead we build the same two classes from Python's own copy of
+# the Unicode tables, `unicodedata`: every character whose category starts with `L` (letters),
+# or with `N` (digits, and numbers such as `²`, `½` or `Ⅻ`), as ranges. Walking all 1.1
+# million code points took about a third of a second here, once, at the first use. `\s` needs care
+# too: Python's counts four control codes (U+001C to U+001F) as whitespace, while Unicode's
+# list, which `regex` and GPT-2 use, does not, so the whitespace class is spelled out as well.
+# The classes are exact for the Unicode version of this Python (`unicodedata.unidata_version`);
+# only characters added to Unicode in a later version could be cut differently elsewhere.
+# Appendix B's own pattern differs in two ways: it keeps contractions with their word, and its
+# letters and digits are Python's `\w` and `\d`, which draw the lines slightly differently.
+#
+# **`<|endoftext|>`.** GPT-2 read its training documents one after another, with this marker
+# between two of them; it is the last token, id 50,256 in GPT-2, and the model writes it where
+# it thinks a document ends. Written out as text it would be cut into `<|`, `endoftext` and
+# `|>`, so the encoder first cuts the text at every occurrence of the marker, encodes the
+# pieces, and puts the marker's id between them (as `transformers` does by default); decoding
+# writes it back as its text.
+
+# %%
+import functools
+import unicodedata
+
+GPT2_END = "<|endoftext|>"  # GPT-2's special token: the border between two documents
+
+# Unicode's White_Space characters (what \s means in GPT-2's pattern), spelled out for `re`:
+UNICODE_WHITESPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def gpt2_byte_chars() -> list[str]:
+    """The visible character GPT-2 writes for each byte value: chars[32] == 'Ġ'."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}  # the 188 bytes that stand for themselves
+    chars, others = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:  # the other 68, in order, take U+0100, U+0101, ...
+            chars.append(chr(256 + others))
+            others += 1
+    return chars
+
+
+def gpt2_text(data: bytes) -> str:
+    """Bytes as GPT-2's files write them: b' the' -> 'Ġthe'."""
+    chars = gpt2_byte_chars()
+    return "".join(chars[b] for b in data)
+
+
+def unicode_class(category: str) -> str:
+    """The body of a `re` character class matching every character whose Unicode category
+    starts with `category` ('L': letters, 'N': numbers), as ranges of code points."""
+    ranges, start = [], None
+    for code in range(sys.maxunicode + 2):  # (one past the end closes the last range)
+        inside = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == category
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{code - 1:08x}")
+            start = None
+    return "".join(ranges)
+
+
+@functools.cache  # built at the first use, then kept
+def gpt2_chunk_pattern() -> re.Pattern:
+    """GPT-2's pre-split pattern, with \\p{L}, \\p{N} and \\s written out for Python's `re`."""
+    L, N, S = unicode_class("L"), unicode_class("N"), UNICODE_WHITESPACE
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+"
+                      rf"|[{S}]+(?![^{S}])|[{S}]+")
+
+
+class GPT2Tokenizer(BPETokenizer):
+    """GPT-2's byte-level BPE: Appendix B's, with the ids and merges of GPT-2's files."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+        """(Appendix B's __init__ numbers the merges itself; here the files give the numbers.)"""
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise ValueError("its ids are not 0, 1, 2, ... with none missing")
+        self.token_ids, self.merges = dict(vocab), [tuple(m) for m in merges]
+        self.texts = sorted(vocab, key=vocab.get)  # id -> the token's text in vocab.json
+        byte_of = {char: byte for byte, char in enumerate(gpt2_byte_chars())}
+        self.vocab = [bytes(byte_of[c] for c in text) for text in self.texts]  # id -> bytes
+        self.byte_ids = [vocab[char] for char in gpt2_byte_chars()]  # byte -> its token's id
+        pairs = [(vocab[a], vocab[b]) for a, b in self.merges]  # merges as pairs of ids
+        self.merge_ranks = {pair: rank for rank, pair in reversed(list(enumerate(pairs)))}
+        self.merge_ids = {pair: vocab[a + b] for pair, (a, b) in zip(pairs, self.merges)}
+        self.end_id = vocab.get(GPT2_END)
+        self.cache = {}  # chunk -> token ids, as in Appendix B
+
+    @classmethod
+    def from_files(cls, folder: Path) -> "GPT2Tokenizer":
+        """Read vocab.json and merges.txt from `folder`."""
+        try:
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+            merges = [tuple(line.split(" ")) for line in lines
+                      if line.strip() and not line.startswith("#version")]
+            if any(len(merge) != 2 for merge in merges):
+                raise ValueError("a line of merges.txt is not two tokens")
+            return cls(vocab, merges)
+        except (OSError, ValueError, AttributeError, KeyError) as e:
+            problem = (f"{e.args[0]!r} is neither a token of vocab.json nor a byte's character"
+                       if isinstance(e, KeyError) else str(e) or type(e).__name__)
+            raise UserError(f"vocab.json and merges.txt in {folder} are not a GPT-2 tokenizer "
+                            f"({problem}): download them again") from None
+
+    def encode_chunk(self, chunk: str) -> list[int]:
+        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        while len(ids) > 1:  # merge the pair learned earliest, as in Appendix B
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.merge_ranks.get(p, math.inf))
+            if pair not in self.merge_ranks:
+                break
+            ids = merge_pair(ids, pair, self.merge_ids[pair])
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        pieces = text.split(GPT2_END) if self.end_id is not None else [text]
+        ids = []
+        for n, piece in enumerate(pieces):
+            if n > 0:
+                ids.append(self.end_id)  # the marker stood between this piece and the last
+            for chunk in gpt2_chunk_pattern().findall(piece):
+                if chunk not in self.cache:
+                    self.cache[chunk] = self.encode_chunk(chunk)
+                ids.extend(self.cache[chunk])
+        return ids
+
+
+# %% [markdown]
+# GPT-2's own files come with its weights (below). To see the format without them, we can write
+# Appendix B's Shakespeare tokenizer in it: the 256 bytes in GPT-2's order, then the merges in
+# the order they were learned, each token spelled in visible characters, then `<|endoftext|>`.
+# The tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading of the
+# same two files.
+
+# %%
+def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
+    """Write an Appendix B tokenizer as GPT-2's vocab.json and merges.txt (plus <|endoftext|>);
+    returns the vocabulary size."""
+    by_gpt2_order = sorted(range(256), key=lambda byte: gpt2_byte_chars()[byte])
+    vocab = {gpt2_text(bytes([byte])): i for i, byte in enumerate(by_gpt2_order)}
+    lines = ["#version: 0.2"]
+    for a, b in tokenizer.merges:
+        left, right = gpt2_text(tokenizer.vocab[a]), gpt2_text(tokenizer.vocab[b])
+        lines.append(f"{left} {right}")
+        vocab.setdefault(left + right, len(vocab))  # (two merges may spell the same bytes)
+    vocab[GPT2_END] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def show_tokenization(tokenizer: GPT2Tokenizer, text: str) -> None:
+    """Print each step GPT-2's tokenizer takes on `text`."""
+    chunks = gpt2_chunk_pattern().findall(text)
+    print("1. chunks:       ", chunks)
+    print("2. as characters:", [gpt2_text(chunk.encode("utf-8")) for chunk in chunks])
+    merged = [[tokenizer.texts[i] for i in tokenizer.encode_chunk(chunk)] for chunk in chunks]
+    print("3. merged:       ", merged)
+    print("4. ids:          ", tokenizer.encode(text))
+    print("5. decoded:      ", repr(tokenizer.decode(tokenizer.encode(text))))
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    chars = gpt2_byte_chars()
+    print(sum(chars[b] == chr(b) for b in range(256)), "bytes stand for themselves; space ->",
+          chars[32], " line break ->", chars[10], " é (bytes c3 a9) ->", gpt2_text("é".encode()))
+    line = "I'll pay £1,000 for 2½   tea-cups, naïvely!"
+    print("GPT-2's chunks:     ", gpt2_chunk_pattern().findall(line))
+    print("Appendix B's chunks:", CHUNK_PATTERN.findall(line))
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    shakespeare_files = Path(tempfile.mkdtemp())
+    save_gpt2_tokenizer(bpe, shakespeare_files)  # Appendix B's 512 tokens, in GPT-2's format
+    print((shakespeare_files / "merges.txt").read_text(encoding="utf-8").split("\n")[:6])
+    stand_in = GPT2Tokenizer.from_files(shakespeare_files)
+    show_tokenization(stand_in, "O Romeo, we'll meet at 10 o'clock.")
+    print("with the marker:", stand_in.encode(f"Exeunt.{GPT2_END}ACT II"), "| its id:",
+          stand_in.end_id)
+
+# %% [markdown]
+# ### The weights: what each tensor is, and where it goes
+#
+# A GPT-2 *snapshot*, as the Hugging Face hub serves it (the 124M model is
+# `openai-community/gpt2`), is a folder of files; we need four: `config.json` (the shape and the
+# switches), `model.safetensors` (the weights), `vocab.json` and `merges.txt`. A safetensors
+# file is a short JSON header, each tensor's name, number type, shape and place in the file,
+# followed by the raw numbers. Reading it runs no code, unlike a pickle, the format of
+# `torch.save`, which has to be loaded with `weights_only=True` to be safe (Appendix F); and the
+# `safetensors` package that reads it is made for exactly this job: sharing weights.
+#
+# These are the tensors of GPT-2 (124M), with shapes as stored, and `{i}` the block, 0 to 11.
+# Files written by `transformers` put `transformer.` before each name, the original snapshot
+# does not, so the loader drops that prefix.
+#
+# | GPT-2's tensor | shape | what it is | ours | transposed |
+# |---|---|---|---|---|
+# | `wte.weight` | (50257, 768) | the token table | `embed.token.weight` | |
+# | `wpe.weight` | (1024, 768) | the learned positions | `embed.position.weight` | |
+# | `h.{i}.ln_1.*` | (768,) | the norm before attention | `blocks.{i}.norm1.*` | |
+# | `h.{i}.attn.c_attn.*` | (768, 2304) | queries, keys, values | `blocks.{i}.attn.qkv.*` | yes |
+# | `h.{i}.attn.c_proj.*` | (768, 768) | mixes the heads' outputs | `blocks.{i}.attn.proj.*` | yes |
+# | `h.{i}.ln_2.*` | (768,) | the norm before the MLP | `blocks.{i}.norm2.*` | |
+# | `h.{i}.mlp.c_fc.*` | (768, 3072) | the MLP, widening | `blocks.{i}.mlp.fc.*` | yes |
+# | `h.{i}.mlp.c_proj.*` | (3072, 768) | the MLP, back to 768 | `blocks.{i}.mlp.proj.*` | yes |
+# | `ln_f.*` | (768,) | the final norm | `norm.*` | |
+# | `h.{i}.attn.bias` | (1, 1, 1024, 1024) | the causal mask, a buffer | none: ignored | |
+# | `lm_head.weight` | (50257, 768) | the output layer | must equal `wte.weight` | |
+#
+# `*` stands for `weight` and `bias`; a bias is a vector as long as its layer's output
+# (2304 for `c_attn`). `lm_head.weight` is in some files only, and is the token table again:
+# our `lm_head.weight` is tied to `embed.token.weight` (section 9). The mask buffers are in some
+# versions of the original snapshot.
+#
+# The 2304 columns of `c_attn` are the 768 queries, then the 768 keys, then the 768 values, each
+# 12 heads of 64 side by side: exactly how section 7 splits the output of `qkv`, so the matrix
+# goes over whole.
+#
+# **Why four matrices are stored the other way round.** OpenAI's original code (in TensorFlow)
+# wrote each of these layers as a convolution of width 1, `conv1d`, which is a linear layer:
+# `x @ W + b`, with W stored as (in, out). `transformers` kept the layout and the name
+# (`Conv1D`), so that OpenAI's numbers load unchanged. `nn.Linear` stores W as (out, in) and
+# computes `x @ W.T + b` (section 2). Same numbers, other orientation: each of those matrices
+# is transposed once, on loading. A forgotten transpose would be caught by the shape check for
+# three of the four, but attention's `c_proj` is square, (768, 768): it would load without
+# complaint and compute nonsense. That is why the equality with the reference, below, is the
+# real test.
+#
+# **Checked before use.** `config.json` gives the shape; the loader builds our model for that
+# shape on the `meta` device, to know every tensor's shape, and checks every tensor of the file
+# against it. The first one missing, of the wrong shape, or not part of such a model at all is
+# named in one line: a snapshot whose files do not belong together fails there, not later with a
+# matrix error deep inside the model. The configuration is checked too: a GPT-2 variant that
+# computes something our model does not (another activation, untied output) is refused by name.
+
+# %%
+GPT2_NAMES = {"embed.token": "wte", "embed.position": "wpe", "norm": "ln_f",  # ours -> GPT-2's
+              "norm1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+              "norm2": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+GPT2_MUST = {"layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,  # what our model computes
+             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
+
+
+def gpt2_name(ours: str) -> str:
+    """Our parameter's name in GPT-2's files: blocks.3.attn.qkv.weight -> h.3.attn.c_attn.weight."""
+    module, kind = ours.rsplit(".", 1)  # kind: weight or bias
+    if module.startswith("blocks."):
+        _, i, part = module.split(".", 2)
+        return f"h.{i}.{GPT2_NAMES[part]}.{kind}"
+    return f"{GPT2_NAMES[module]}.{kind}"
+
+
+def stored_transposed(name: str) -> bool:
+    """GPT-2's four matrices per block are Conv1D weights, stored as (in, out)."""
+    return name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+
+
+def gpt2_config(folder: Path) -> tuple[dict, int]:
+    """The ModelConfig fields of a snapshot's config.json, checked, and its vocabulary size."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        shape = dict(n_layer=config["n_layer"], n_head=config["n_head"],
+                     n_embd=config["n_embd"], block_size=config["n_positions"])
+        vocab_size, activation = config["vocab_size"], config["activation_function"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}): "
+                        "download the snapshot again") from None
+    for key, ours in GPT2_MUST.items():
+        if config.get(key, ours) != ours:
+            raise UserError(f"{path} sets {key} to {config[key]}, but llm.py's GPT-2 has "
+                            f"{ours}: this is not a model llm.py can run")
+    n_inner = config.get("n_inner")  # the MLP's width: None means 4C
+    if activation not in GPT2_ACTIVATIONS or n_inner not in (None, 4 * shape["n_embd"]):
+        raise UserError(f"{path} asks for an MLP llm.py does not have ({activation}, n_inner "
+                        f"{n_inner}): this is not a model llm.py can run")
+    mlp = GPT2_ACTIVATIONS[activation]
+    return {**ARCHITECTURES["gpt2"], **shape, "mlp": mlp, "dropout": 0.0}, vocab_size
+
+
+def read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError("reading GPT-2's weights needs the safetensors package: "
+                        "pip install safetensors") from None
+    try:
+        return load_file(path)
+    except Exception as e:  # a missing, truncated or foreign file
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}): "
+                        "download the snapshot again") from None
+
+
+def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
+    """The tensors of model.safetensors under our names, transposed where stored transposed,
+    each checked against the shape of the model `cfg` describes."""
+    tensors = {name.removeprefix("transformer."): t for name, t in read_safetensors(path).items()}
+    with torch.device("meta"):  # shapes only: no memory, no random numbers
+        shapes = {name: t.shape for name, t in GPT(cfg, vocab_size).state_dict().items()}
+    shapes.pop("lm_head.weight")  # tied: it is the token table
+    weights = {}
+    for ours, shape in shapes.items():
+        name = gpt2_name(ours)
+        if name not in tensors:
+            raise UserError(f"{path} has no tensor {name} (llm.py's {ours}): the file is "
+                            "incomplete or not GPT-2's; download the snapshot again")
+        tensor, transposed = tensors.pop(name).float(), stored_transposed(name)
+        expected = torch.Size(reversed(shape)) if transposed else shape  # as the file stores it
+        if tensor.shape != expected:
+            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, but config.json "
+                            f"asks for {tuple(expected)}: the two files come from different "
+                            "models; download the snapshot again")
+        weights[ours] = (tensor.t() if transposed else tensor).contiguous()  # (out, in)
+    check_leftovers(tensors, weights["embed.token.weight"], path)
+    return weights | {"lm_head.weight": weights["embed.token.weight"]}
+
+
+def check_leftovers(tensors: dict, token_table: torch.Tensor, path: Path) -> None:
+    """The file's tensors that have no place in our model: only masks, or a tied output layer."""
+    for name, tensor in tensors.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the causal mask, saved as a buffer: our attention computes its own
+        if name == "lm_head.weight" and torch.equal(tensor.float(), token_table):
+            continue  # the tied output layer, saved twice
+        raise UserError(f"{path} holds {name}, which a GPT-2 of config.json's shape does not "
+                        "have: the two files come from different models")
+
+
+@dataclass
+class Pretrained:
+    """A released model, read and checked: its switches and shape, weights and tokenizer."""
+    arch: dict  # ModelConfig fields; block_size is the model's full context
+    weights: dict  # our parameter names -> tensors
+    tokenizer: GPT2Tokenizer | None = None
+    folder: Path | None = None  # where the files were read
+
+    def load_into(self, model: GPT) -> None:
+        """Copy the weights into `model`. Its context may be shorter than the original's: it
+        then keeps the first block_size rows of the position table, all it can use."""
+        positions = self.weights["embed.position.weight"][:model.cfg.block_size]
+        model.load_state_dict(self.weights | {"embed.position.weight": positions})
+
+    def model(self) -> GPT:
+        """A GPT holding these weights, at the full context, in eval mode."""
+        model = GPT(ModelConfig(**self.arch), self.weights["embed.token.weight"].shape[0])
+        self.load_into(model)
+        return model.eval()
+
+
+def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
+    """The GPT-2 snapshot in `folder`: config.json, model.safetensors, vocab.json, merges.txt."""
+    folder = Path(folder)
+    arch, vocab_size = gpt2_config(folder)
+    weights = gpt2_weights(folder / "model.safetensors", ModelConfig(**arch), vocab_size)
+    if not with_tokenizer:
+        return Pretrained(arch, weights, folder=folder)
+    tokenizer = GPT2Tokenizer.from_files(folder)
+    if tokenizer.vocab_size != vocab_size:
+        raise UserError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens, but "
+                        f"config.json says {vocab_size}: the files come from different models")
+    return Pretrained(arch, weights, tokenizer, folder)
+
+
+# %% [markdown]
+# ### Getting the files
+#
+# `--weights DIR` names a folder that holds the four files. Without it, the loader looks in the
+# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`), where any earlier
+# download by `huggingface_hub`, `transformers` or this program left them. Nothing is
+# downloaded unless asked for: `--download` fetches the four files into that cache with
+# `huggingface_hub` (the repository also holds the same weights in other libraries' formats,
+# which we skip). The weights are 124 million numbers of 4 bytes, about 500 MB. Offline,
+# without `huggingface_hub`, or with the files missing, one line says how to get them.
+
+# %%
+GPT2_REPO = "openai-community/gpt2"  # the 124M model on the Hugging Face hub
+GPT2_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+GPT2_BY_HAND = (f"put {', '.join(GPT2_FILES)} from https://huggingface.co/{GPT2_REPO} in a "
+                "folder and pass --weights DIR")
+
+
+def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> Path:
+    """The folder with GPT-2's files: `weights`, else the Hugging Face cache; downloaded into
+    that cache only when `download` is True."""
+    if weights is not None:
+        missing = [name for name in GPT2_FILES if not (Path(weights) / name).is_file()]
+        if missing:
+            raise UserError(f"--weights {weights} lacks {', '.join(missing)}: {GPT2_BY_HAND}")
+        return Path(weights)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError("GPT-2's weights are not on this machine, and huggingface_hub, which "
+                        "downloads them, is not installed: pip install huggingface_hub and add "
+                        f"--download, or {GPT2_BY_HAND}") from None
+    try:  # the cache only: no network
+        return find_gpt2_snapshot(snapshot_download(GPT2_REPO, allow_patterns=list(GPT2_FILES),
+                                                    local_files_only=True))
+    except Exception:  # not in the cache (huggingface_hub has several errors for it)
+        if not download:
+            raise UserError("GPT-2's weights are not on this machine: add --download to fetch "
+                            "them (about 500 MB) into the Hugging Face cache, or "
+                            f"{GPT2_BY_HAND}") from None
+    try:
+        folder = snapshot_download(GPT2_REPO, allow_patterns=list(GPT2_FILES))
+    except Exception as e:  # offline, or the hub unreachable
+        raise UserError(f"could not download {GPT2_REPO} from huggingface.co "
+                        f"({type(e).__name__}); if you are offline, {GPT2_BY_HAND}") from None
+    return find_gpt2_snapshot(folder)
+
+
+# %% [markdown]
+# ### Equal to the reference
+#
+# The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2
+# blocks, 4 heads, 64 channels, 300 tokens, 32 positions: small enough to make at once, and
+# every kind of tensor is there), saved as a snapshot, read by `read_gpt2` into our model. On the
+# same random tokens both give the same logits, to rounding, and greedy generation (temperature
+# 0) writes the same 20 tokens, with and without the KV cache of Appendix D. `transformers` is
+# needed only for this check, and for the tests that make it; without it the cell says so.
+
+# %%
+def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_head: int = 4,
+                     n_embd: int = 64, n_positions: int = 32, seed: int = 0):
+    """Save a transformers GPT2LMHeadModel with random weights to `folder`; returns it."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                                     n_embd=n_embd, n_positions=n_positions,
+                                     bos_token_id=None, eos_token_id=None)  # (GPT-2's 50256
+    # would lie outside a small vocabulary; and like our `generate`, it never stops early)
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    reference.save_pretrained(folder)
+    return reference
+
+
+# %%
+if IN_NOTEBOOK:
+    tiny_folder = Path(tempfile.mkdtemp())
+    try:
+        reference = save_random_gpt2(tiny_folder)
+    except ImportError:
+        reference = None
+        print("skipped: transformers is not installed (pip install transformers)")
+    if reference is not None:
+        tiny = read_gpt2(tiny_folder, with_tokenizer=False).model()
+        ids = torch.randint(300, (2, 32), generator=torch.Generator().manual_seed(0))  # (B, T)
+        with torch.no_grad():
+            gap = (tiny(ids)[0] - reference(ids).logits).abs().max()
+        print("largest logit difference below 1e-5:", gap.item() < 1e-5)
+        theirs = reference.generate(ids[:1, :8], max_new_tokens=20, do_sample=False,
+                                    pad_token_id=0)[0, 8:].tolist()
+        for use_cache in (False, True):
+            ours = list(generate(tiny, ids[0, :8].tolist(), 20, temperature=0,
+                                 use_cache=use_cache))
+            print(f"greedy, use_cache={use_cache}: the same 20 tokens:", ours == theirs)
+
+# %% [markdown]
+# ### GPT-2 writes
+#
+# With the weights on the machine, the cell below writes with GPT-2, through `generate` of
+# section 11 and the KV cache of Appendix D, with GPT-2's context of 1,024 tokens:
+# `python llm.py sample --init-from gpt2 --prompt "..."` does the same from the shell. On the
+# 2-core CPU this file was written on, the 124M model wrote about 24 tokens a second with the
+# cache, on the one thread `sample` uses (measured with random weights: the speed does not
+# depend on their values). Without the weights the cell says how to get them, and writes
+# nothing: there is no GPT-2 text to show without GPT-2.
+
+# %%
+if IN_NOTEBOOK:
+    try:
+        gpt2 = read_gpt2(find_gpt2_snapshot())  # the cache only: nothing is downloaded here
+    except UserError as e:
+        gpt2 = None
+        print(f"{e}\n(in the notebook: find_gpt2_snapshot(download=True))\n"
+              "The demonstration is skipped: no weights, no GPT-2 text.")
+    if gpt2 is not None:
+        print(generate_text(gpt2.model(), gpt2.tokenizer, "The meaning of a word is", 400,
+                            temperature=0.8, top_k=50, use_cache=True))
+
+# %% [markdown]
+# ### Fine-tuning GPT-2 on your text
+#
+# `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE, which is
+# called **fine-tuning**. It is the run of Appendix F (`run_training`), with a different start:
+# the switches and the shape come from `config.json`, the tokenizer is GPT-2's, and the first
+# weights are GPT-2's instead of random numbers. The tokenizer is saved in every checkpoint
+# (Appendix B), so `sample --out-dir`, `tokenize --out-dir` and `--resume` work as after any
+# run; a resumed fine-tune restores `latest.pt` and does not need GPT-2's files again.
+#
+# **The settings**, `FINETUNE`, each for a reason:
+#
+# * **Learning rate 3e-5**, a hundred times below the quick run's. The weights are already good:
+#   big steps would overwrite what 40 GB of text taught them with what one small file says, and
+#   the model would forget more than it learns. 3e-5 is a usual size for fine-tuning (nanoGPT's
+#   Shakespeare fine-tune uses it), not tuned here. After 10 warm-up steps (Adam's averages
+#   start empty here too, section 10) it decays to a tenth, 3e-6, as in section 10.
+# * **256 tokens of context, 4 sequences a step.** On the 2-core CPU this file was written on, a
+#   training step of the 124M model took about 16 s with 256 tokens of context and 15 s with
+#   128 (the median of 5 steps by Appendix C's `seconds_per_step`, on random weights, while
+#   another job shared the machine). The time goes mostly to the 124 million parameters, whatever
+#   the context (AdamW's update alone took about 3.5 s of it), so a shorter context saves
+#   little; GPT-2 itself read 1,024.
+# * **100 steps, evaluated every 25 on 4 batches per split**: about half an hour on that CPU
+#   (100 steps of 16 s, plus five evaluations, each about two steps' time: 8 forward passes,
+#   and a forward pass took about a quarter of a step). On a GPU: not measured; there the full
+#   context (`--block-size 1024`) and more steps are the natural choice.
+# * **Memory.** The process peaked at 3.6 GB: the weights, their gradients and AdamW's two
+#   averages are four copies of 124 million 4-byte numbers, 2 GB, and the activations come on
+#   top. Each checkpoint holds the weights and AdamW's averages, about 1.5 GB.
+#
+# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning
+# bought, in **bits per byte**: the unit that does not depend on the tokenizer (Appendix B), so
+# GPT-2's figure can stand beside those of the models this book trains from scratch on the same
+# text. To try the whole path without the download, a tiny GPT-2 with random weights does (it
+# writes nonsense, but trains, resumes and lowers its bits per byte like the real one):
+# `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
+# llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
+# llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`.
+#
+# The options of `train` apply on top (`--block-size 1024`, `--max-iters 1000`, ...), except
+# those that GPT-2's files decide: its shape, switches and tokenizer.
+
+# %%
+FINETUNE = dict(learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, max_iters=100, block_size=256,
+                batch_size=4, eval_interval=25, eval_iters=4)  # (the reasons: above)
+PRETRAINED_FIELDS = ("n_layer", "n_head", "n_embd", "pos_encoding", "norm", "mlp", "n_kv_head",
+                     "bias", "tokenizer", "vocab_size")  # what GPT-2's files decide
+
+
+def finetune_config(pretrained: Pretrained, overrides: dict) -> Config:
+    """A fine-tune's Config: the model's switches and shape, FINETUNE, then the options given."""
+    fixed = [option(name) for name in overrides if name in PRETRAINED_FIELDS]
+    if fixed:
+        raise UserError(f"--init-from gpt2 takes {', '.join(fixed)} from GPT-2's files: "
+                        "drop it")
+    n_positions = pretrained.arch["block_size"]
+    settings = FINETUNE | {"block_size": min(FINETUNE["block_size"], n_positions)}
+    cfg = Config(**{**pretrained.arch, **settings, "tokenizer": "bpe",  # (a byte-level BPE)
+                    "vocab_size": pretrained.tokenizer.vocab_size, **overrides})
+    if cfg.block_size > n_positions:
+        raise UserError(f"--block-size {cfg.block_size} is longer than GPT-2's context of "
+                        f"{n_positions} positions: use at most {n_positions}")
+    return cfg
+
+
+def add_init_options(parser) -> None:
+    """--init-from, --weights and --download, for `train` and `sample` (Appendix I)."""
+    parser.add_argument("--init-from", choices=["gpt2"], default=None,
+                        help="start from OpenAI's GPT-2 (124M) weights (Appendix H)")
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
+                        help="a folder with GPT-2's config.json, model.safetensors, vocab.json "
+                             "and merges.txt (default: the Hugging Face cache)")
+    parser.add_argument("--download", action="store_true",
+                        help="download GPT-2 (about 500 MB) into the Hugging Face cache when it "
+                             "is not there")
+
+
+def pretrained_from_args(args) -> Pretrained | None:
+    """GPT-2, read from the files the options point to; None without --init-from."""
+    if args.init_from is None:
+        if args.weights is not None or args.download:
+            raise UserError("--weights and --download go with --init-from gpt2: add it")
+        return None
+    arch, size = getattr(args, "arch", None), getattr(args, "size", None)
+    if arch not in (None, DEFAULT_ARCH) or size is not None:  # (given on the command line)
+        raise UserError("--init-from gpt2 takes its shape from GPT-2's config.json: "
+                        "drop --arch and --size")
+    return read_gpt2(find_gpt2_snapshot(args.weights, args.download))
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    quick_run = Config()
+    for name, value in FINETUNE.items():
+        print(f"{name:14} quick run {getattr(quick_run, name):<7} fine-tune {value}")
+
+
+# %% [markdown]
+# ## Appendix I. The command line
 #
 # *Builds on everything: `python llm.py train`, `sample`, `tokenize` and `bench` drive the same
 # functions as the notebook.* Every `Config` field becomes an option of `train` (`n_layer` →
@@ -3869,8 +4565,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def add_preset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=list(SIZES), default=None,
-                        help="cpu: the quick run; gpu: a 10M-parameter model for a GPU "
-                             "(default: gpu on a CUDA GPU, else cpu)")
+                        help="cpu: the quick run; gpu: a 10M-parameter model for a GPU; gpt2: "
+                             "GPT-2's 124M shape (default: gpu on a CUDA GPU, else cpu)")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
                         help="a preset of architecture switches, applied before the options "
                              f"below (default: {DEFAULT_ARCH})")
@@ -3906,6 +4602,7 @@ def add_train_command(commands) -> None:
     train_p.add_argument("--resume", action="store_true",
                          help="continue the run saved in OUT_DIR/latest.pt "
                               "(its configuration is kept)")
+    add_init_options(train_p)  # --init-from gpt2 (Appendix H)
     add_preset_options(train_p)
     add_threads_option(train_p, 0)
     add_config_options(train_p)
@@ -3930,6 +4627,7 @@ def add_sample_command(commands) -> None:
     sample_p.add_argument("--seed", type=int, default=1337,
                           help="seed of the sampler (default: 1337)")
     sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_init_options(sample_p)  # --init-from gpt2 (Appendix H)
     add_threads_option(sample_p, SAMPLING_THREADS)
 
 
@@ -3981,16 +4679,18 @@ def command_train(args: argparse.Namespace) -> None:
     if "WORLD_SIZE" in os.environ and "grad_accum_steps" not in overrides and not args.resume:
         overrides["grad_accum_steps"] = int(os.environ["WORLD_SIZE"])  # one batch per process
     size = chosen_size(args, overrides)
-    cfg = preset(args.arch, size, **overrides)
+    pretrained = None if args.resume else pretrained_from_args(args)  # GPT-2 (Appendix H)
+    cfg = (finetune_config(pretrained, overrides) if pretrained is not None
+           else preset(args.arch, size, **overrides))
     validate_config(cfg)  # before reading data, so a bad option fails fast
     rank_0 = is_rank_0()  # under torchrun, one process holds the lock and reports
-    if rank_0 and args.size is None and size == "gpu" and not args.resume:
+    if rank_0 and args.size is None and size == "gpu" and not args.resume and pretrained is None:
         print("a CUDA GPU is here and no --size was given: training the gpu preset "
               "(--size cpu for the quick run)")
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
         source = text_source(args.data)  # the text itself, or the path of a big one
-        result = run_training(cfg, source, out_dir, resume=args.resume)
+        result = run_training(cfg, source, out_dir, resume=args.resume, start=pretrained)
         if "RANK" in os.environ:  # under torchrun: leave the process group; rank 0 reports
             import torch.distributed as dist
             dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
@@ -4046,7 +4746,11 @@ def default_prompt(tokenizer: Tokenizer) -> str:
 
 
 def command_sample(args: argparse.Namespace) -> None:
-    model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
+    pretrained = pretrained_from_args(args)  # GPT-2 (Appendix H), or None
+    if pretrained is not None:
+        model, tokenizer = pretrained.model().to(pick_device(args.device)), pretrained.tokenizer
+    else:
+        model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     with using_threads(args.threads):
         pieces = stream_text(model, tokenizer, prompt, args.num_chars, args.seed,

@@ -156,7 +156,7 @@ def expected_parameter_count(cfg, vocab_size):
     kv = cfg.kv_heads * D
     b = 1 if cfg.bias else 0
     attention = C * (C + 2 * kv) + b * (C + 2 * kv) + C * C + b * C
-    if cfg.mlp == "gelu":
+    if cfg.mlp in ("gelu", "gelu_tanh"):  # exact or tanh formula: the same matrices
         mlp = 2 * 4 * C * C + b * (4 * C + C)
     else:
         hidden = 8 * C // 3

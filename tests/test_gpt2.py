@@ -1,0 +1,267 @@
+"""Appendix H: GPT-2's weights and tokenizer in our model, equal to the reference implementation
+(`transformers`, a test-only dependency), and `--init-from gpt2` on the command line. Nothing
+here touches the network: the snapshots are tiny random GPT-2s written by the tests."""
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llm
+from conftest import ROOT, TINY_TEXT
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402 (after the skip)
+
+VOCAB = 300  # 256 bytes, 43 merges of our BPE, and <|endoftext|>
+FINETUNE_OPTIONS = ["--block-size", "16", "--batch-size", "4", "--max-iters", "20",
+                    "--eval-interval", "10", "--eval-iters", "2", "--warmup-iters", "5",
+                    "--learning-rate", "1e-3", "--device", "cpu"]
+TOKENIZER_STRINGS = [
+    "Hello world", "naïve café, 東京 🙂 ½ ² Ⅻ", "don't you'll I'm we've they'd it's QUICK'S",
+    "In 2024 there were 1234567 numbers, 3.14 and -7", "a    b   \n\n  c  ", "   ",
+    "first<|endoftext|>second", "<|endoftext|>", "tab\tand\r\nnewline", "a \x1c b",
+    "x\u00a0\u00a0y", "The quick brown fox jumps over the lazy dog.", ""]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, tmp_path):
+    """Any attempt to connect fails the test; the Hugging Face hub is offline, its cache empty."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a test tried to use the network: {args}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """A tiny random GPT-2 saved by transformers, with a GPT-2-format tokenizer from our BPE."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    assert llm.save_gpt2_tokenizer(llm.BPETokenizer.train(TINY_TEXT, VOCAB - 1), folder) == VOCAB
+    llm.save_random_gpt2(folder, vocab_size=VOCAB)  # 2 blocks, 4 heads, 64 channels, 32 positions
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(snapshot):
+    return transformers.GPT2LMHeadModel.from_pretrained(snapshot).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(snapshot):
+    return llm.read_gpt2(snapshot).model()
+
+
+def test_logits_equal_the_reference(ours, reference):
+    ids = torch.randint(VOCAB, (3, 32), generator=torch.Generator().manual_seed(0))  # (B, T)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        logits, _ = ours(ids)
+    assert logits.shape == expected.shape == (3, 32, VOCAB)
+    assert (logits - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_greedy_generation_equals_the_reference(ours, reference, use_cache):
+    prompt = torch.randint(VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    theirs = reference.generate(prompt, max_new_tokens=20, do_sample=False,
+                                pad_token_id=0)[0, 8:].tolist()
+    mine = list(llm.generate(ours, prompt[0].tolist(), 20, temperature=0, use_cache=use_cache))
+    assert mine == theirs
+
+
+def test_the_snapshot_is_read_as_gpt2(snapshot, ours):
+    assert ours.cfg.block_size == 32 and ours.cfg.mlp == "gelu_tanh" and ours.cfg.bias
+    assert ours.lm_head.weight is ours.embed.token.weight  # still tied
+    weights = load_file(snapshot / "model.safetensors")
+    c_attn = weights["transformer.h.1.attn.c_attn.weight"]  # (in, out): Conv1D
+    assert torch.equal(ours.blocks[1].attn.qkv.weight, c_attn.t())
+
+
+def test_tokenizer_equals_the_reference(snapshot):
+    theirs = transformers.GPT2Tokenizer.from_pretrained(snapshot)
+    mine = llm.GPT2Tokenizer.from_files(snapshot)
+    assert mine.vocab_size == VOCAB and mine.end_id == VOCAB - 1
+    for text in TOKENIZER_STRINGS:
+        ids = mine.encode(text)
+        assert ids == theirs(text)["input_ids"], text
+        assert mine.decode(ids) == text
+
+
+def test_gpt2_byte_table():
+    chars = llm.gpt2_byte_chars()
+    assert len(set(chars)) == 256
+    assert chars[32] == "Ġ" and chars[10] == "Ċ" and chars[ord("A")] == "A"
+    assert sum(chars[b] == chr(b) for b in range(256)) == 188
+
+
+def test_the_gpt2_pattern_knows_letters_and_numbers_of_every_script():
+    chunks = llm.gpt2_chunk_pattern().findall("I'll pay 2½ for naïve 東京   tea")
+    assert chunks == ["I", "'ll", " pay", " 2½", " for", " naïve", " 東京", "  ", " tea"]
+
+
+def test_the_tokenizer_survives_a_checkpoint(snapshot):
+    tokenizer = llm.GPT2Tokenizer.from_files(snapshot)
+    state = llm.tokenizer_state(tokenizer)
+    assert state["kind"] == "gpt2"
+    restored = llm.tokenizer_from_state(json.loads(json.dumps(state)))  # plain values only
+    assert isinstance(restored, llm.GPT2Tokenizer)
+    for text in TOKENIZER_STRINGS:
+        assert restored.encode(text) == tokenizer.encode(text)
+
+
+def copy_snapshot(snapshot, tmp_path, change):
+    """A copy of the snapshot whose tensors went through `change(dict)`."""
+    folder = tmp_path / "changed"
+    shutil.copytree(snapshot, folder)
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def one_line_error(capsys, argv):
+    assert llm.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+def test_a_missing_tensor_is_one_clear_line(snapshot, tmp_path, capsys):
+    folder = copy_snapshot(snapshot, tmp_path,
+                           lambda t: t.pop("transformer.h.1.mlp.c_fc.weight"))
+    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
+    assert "no tensor h.1.mlp.c_fc.weight" in err and "blocks.1.mlp.fc.weight" in err
+
+
+def test_a_tensor_of_the_wrong_shape_is_one_clear_line(snapshot, tmp_path, capsys):
+    def shrink(tensors):
+        tensors["transformer.h.0.attn.c_attn.weight"] = torch.zeros(64, 190)
+    folder = copy_snapshot(snapshot, tmp_path, shrink)
+    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
+    assert "h.0.attn.c_attn.weight has shape (64, 190)" in err and "(64, 192)" in err
+
+
+def test_a_tensor_from_another_model_is_one_clear_line(snapshot, tmp_path, capsys):
+    def extra_block(tensors):
+        tensors["transformer.h.2.ln_1.weight"] = torch.ones(64)
+    folder = copy_snapshot(snapshot, tmp_path, extra_block)
+    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
+    assert "h.2.ln_1.weight" in err and "different models" in err
+
+
+def test_a_folder_without_the_files_is_one_clear_line(tmp_path, capsys):
+    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(tmp_path)])
+    assert "model.safetensors" in err and "--weights DIR" in err
+
+
+def test_weights_without_init_from_is_one_clear_line(tmp_path, capsys):
+    err = one_line_error(capsys, ["sample", "--weights", str(tmp_path)])
+    assert "--init-from gpt2" in err
+
+
+def test_without_huggingface_hub_one_line_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes its import fail
+    with pytest.raises(llm.UserError, match="pip install huggingface_hub.*--weights DIR"):
+        llm.find_gpt2_snapshot(download=True)
+
+
+def run_offline(tmp_path, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home"),
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "llm.py"), *args], env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)
+
+
+def test_offline_without_the_weights_one_line_says_how_to_get_them(tmp_path):
+    for extra, expected in (([], "add --download"), (["--download"], "could not download")):
+        result = run_offline(tmp_path, "sample", "--init-from", "gpt2", "--prompt", "Hi", *extra)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert expected in result.stderr and "--weights DIR" in result.stderr
+
+
+def test_sample_init_from_gpt2_writes(snapshot, capsys):
+    assert llm.main(["sample", "--init-from", "gpt2", "--weights", str(snapshot),
+                     "--prompt", "The quick", "--num-chars", "30"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The quick") and len(out) == len("The quick") + 30 + 1
+
+
+def test_finetune_starts_from_the_weights(snapshot, tmp_path, tiny_text_file, monkeypatch):
+    pretrained = llm.read_gpt2(snapshot)
+    real_train, seen = llm.train, {}
+
+    def train_and_look(run, cfg, *args):
+        seen["qkv"] = run.model.blocks[0].attn.qkv.weight.detach().clone()
+        seen["positions"] = run.model.embed.position.weight.shape
+        return real_train(run, cfg, *args)
+
+    monkeypatch.setattr(llm, "train", train_and_look)
+    cfg = llm.finetune_config(pretrained, {"block_size": 16, "max_iters": 1, "eval_iters": 1,
+                                           "device": "cpu"})
+    llm.run_training(cfg, TINY_TEXT, tmp_path, log=lambda *_: None, start=pretrained)
+    assert torch.equal(seen["qkv"], pretrained.weights["blocks.0.attn.qkv.weight"])
+    assert seen["positions"] == (16, 64)  # the first 16 of the 32 learned positions
+
+
+def test_finetune_options_that_the_weights_decide_are_refused(snapshot):
+    pretrained = llm.read_gpt2(snapshot)
+    with pytest.raises(llm.UserError, match="drop it"):
+        llm.finetune_config(pretrained, {"n_layer": 3})
+    with pytest.raises(llm.UserError, match="longer than GPT-2's context of 32"):
+        llm.finetune_config(pretrained, {"block_size": 64})
+    assert llm.finetune_config(pretrained, {}).block_size == 32  # FINETUNE's 256, capped
+
+
+def history(out_dir):
+    with open(out_dir / "history.csv", encoding="utf-8") as f:
+        return [(row["step"], row["train_loss"], row["val_loss"], row["val_bpb"])
+                for row in csv.DictReader(f)]
+
+
+def test_finetune_resumes_exactly_and_lowers_bits_per_byte(snapshot, tmp_path, tiny_text_file,
+                                                          monkeypatch, capsys):
+    common = ["train", "--init-from", "gpt2", "--weights", str(snapshot),
+              "--data", str(tiny_text_file), *FINETUNE_OPTIONS]
+    assert llm.main([*common, "--out-dir", str(tmp_path / "straight")]) == 0
+    straight = history(tmp_path / "straight")
+    assert float(straight[-1][3]) < float(straight[0][3])  # bits per byte fell
+    real_step, calls = llm.train_step, {"n": 0}
+
+    def step_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            signal.raise_signal(signal.SIGINT)  # arrives in the middle of step 6
+        return real_step(*args)
+
+    monkeypatch.setattr(llm, "train_step", step_then_ctrl_c)
+    assert llm.main([*common, "--out-dir", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(llm, "train_step", real_step)
+    assert llm.main(["train", "--resume", "--data", str(tiny_text_file),
+                     "--out-dir", str(tmp_path / "resumed")]) == 0
+    assert history(tmp_path / "resumed") == straight
+    capsys.readouterr()
+    assert llm.main(["sample", "--out-dir", str(tmp_path / "resumed"), "--prompt", "The",
+                     "--num-chars", "20"]) == 0  # GPT-2's tokenizer came back from the checkpoint
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_the_gpt2_preset_is_gpt2_and_the_default_is_unchanged():
+    assert llm.preset("gpt2").mlp == "gelu_tanh" and llm.preset("gpt2").bias
+    shape = llm.preset("gpt2", "gpt2")
+    assert (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) == (12, 12, 768, 1024)
+    assert llm.preset(llm.DEFAULT_ARCH) == llm.Config()  # the quick run is untouched
+    with torch.device("meta"):
+        assert llm.GPT(shape, 50257).num_parameters() == 124_439_808
+    mlp = llm.MLP(llm.ModelConfig(n_embd=16, mlp="gelu_tanh"))
+    x = torch.randn(2, 3, 16)
+    expected = mlp.proj(torch.nn.functional.gelu(mlp.fc(x), approximate="tanh"))
+    assert torch.allclose(mlp(x), expected)
