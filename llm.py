@@ -2559,16 +2559,18 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### On a GPU: fixed shapes, replayed as a CUDA graph
 #
-# On an NVIDIA GPU the cache alone hardly helps. A one-token step is about 250 small operations,
-# and the GPU does each one faster than the CPU can *launch* it (every launch costs the CPU
-# several microseconds of driver and PyTorch work): the GPU spends most of a token waiting.
-# Measured on one H100 before this section existed (the README has the figures), 141 tokens/s
-# with the cache and 133 without: slower than a laptop CPU.
+# On an NVIDIA GPU the cache alone hardly helps. A one-token step of the gpu preset (Appendix C)
+# is about 250 small GPU routines (*kernels*: more than Appendix G's 165 tensor operations of the
+# smaller CPU model, as it has more layers and some operations launch several), and the GPU runs
+# each one faster than the CPU can *launch* it (every launch costs the CPU several microseconds
+# of driver and PyTorch work): the GPU spends most of a token waiting. Measured on one H100
+# before this section existed (the README has the profile): 141 tokens/s with the cache and 133
+# without, fewer than the 2-core CPU this file was written on writes (Appendix G).
 #
 # A **CUDA graph** removes the launches: the GPU records the step's operations once and then
 # replays all of them with one call. A recording is rigid: every replay runs the same operations,
 # on tensors of the same shapes at the same memory addresses, and any Python number used while
-# recording is frozen into it. The cache above breaks all three rules (its tensors grow by one
+# recording is frozen into it. The cache above breaks these rules (its tensors grow by one
 # position per token, and the position is a Python number slicing the tables), so the GPU uses
 # a **static cache**:
 #
@@ -2579,19 +2581,27 @@ if IN_NOTEBOOK:
 #   the same operations on the same memory;
 # * the new queries attend over all the slots, with a mask hiding those not yet written (and,
 #   as in section 7, those after each query), so they get weight exactly 0: the same result as
-#   attending over the written ones only.
+#   attending over the written ones only. The mask is section 7's $M$ itself, 0 where a slot
+#   may be seen and $-\infty$ where not, added to the scores: the fused kernel takes it in that
+#   form as well as section 7's true/false one.
 #
 # A recording fixes the number T of tokens fed, so each T is recorded the first time it comes:
 # the prompt's length, then 1 for every new token, then half a window at each restart (section
-# 11): three recordings, replayed thousands of times.
+# 11): at most three recordings, replayed thousands of times. Before recording, the step runs
+# twice for real on a *side stream* (a stream is one of the GPU's queues of work): the first
+# runs do one-time work, such as choosing kernels and setting memory aside, which must not end
+# up in the recording, and PyTorch asks for them on a queue of their own.
 #
 # Fewer operations also make a shorter replay, so the step uses PyTorch's fused norms and SiLU
-# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one operation each instead of up to six; section 8 and
+# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one operation each instead of several; section 8 and
 # the tests check that they compute the same), and turns RoPE's pairs as complex numbers: a pair
 # $(a, b)$ is $a + ib$, and multiplying it by $e^{ip\theta} = \cos p\theta + i \sin p\theta$ is
 # exactly section 7's rotation, one operation instead of four. With grouped keys and values, the H
-# queries of a token are regrouped as H / Hkv queries for each key/value head, which the fused
-# attention kernel takes as they are: nothing is repeated. On a CPU there are no launches to save,
+# queries of a token are regrouped as H / Hkv queries for each key/value head: each query's
+# weights are its own softmax row, whatever the other queries are, so the queries of a group can
+# stand as extra rows against the key/value head they share, and nothing is repeated. (Section
+# 7's `enable_gqa`, in float32 with a mask, fell back on that H100 to a slow path that repeats
+# the keys and values first.) On a CPU there are no launches to save,
 # and attending over empty slots costs time, so the CPU keeps the plain cache (`make_cache`). Both
 # caches give the logits of a full forward pass at every position, for every positional scheme:
 # the cell below checks it on the CPU (without a graph), and the tests check it again on a GPU,
@@ -2628,7 +2638,8 @@ class StaticKVCache:
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
         P, device = model.cfg.block_size, weight.device
-        with torch.inference_mode(False):  # (buffers usable inside and outside inference mode)
+        with torch.inference_mode(False):  # ordinary tensors, which may be written both
+            # inside inference mode (section 10's `evaluating`, as `generate` does) and outside
             shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
             self.k = [weight.new_zeros(shape) for _ in model.blocks]
             self.v = [weight.new_zeros(shape) for _ in model.blocks]
@@ -2654,18 +2665,8 @@ class StaticKVCache:
         return logits  # (1, V)
 
     def replay(self, model: GPT, new: list[int]) -> torch.Tensor:
-        if len(new) not in self.graphs:  # the first time with T new tokens: warm up, record
-            tokens = torch.tensor([new], device=self.slots.device)  # (1, T)
-            side = torch.cuda.Stream()  # (PyTorch's rule: warm up on a side stream)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # these write what the replay writes: same tokens, slots
-                    static_step(model, self, tokens)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records, runs nothing
-                logits = static_step(model, self, tokens)
-            self.graphs[len(new)] = graph, tokens, logits
+        if len(new) not in self.graphs:  # the first time T tokens are fed
+            self.graphs[len(new)] = self.record(model, new)
         graph, tokens, logits = self.graphs[len(new)]
         if len(new) == 1:
             tokens.fill_(new[0])
@@ -2673,6 +2674,20 @@ class StaticKVCache:
             tokens.copy_(torch.tensor([new]))
         graph.replay()
         return logits.clone()  # a copy: the next replay overwrites the recorded output
+
+    def record(self, model: GPT, new: list[int]) -> tuple:
+        """Warm up on a side stream, then record the step feeding len(new) tokens."""
+        tokens = torch.tensor([new], device=self.slots.device)  # (1, T): the graph's input
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # these write what the replay writes: same tokens, same slots
+                static_step(model, self, tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records, runs nothing
+            logits = static_step(model, self, tokens)  # (1, V): the graph's output
+        return graph, tokens, logits
 
 
 def static_step(model: GPT, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -2686,10 +2701,10 @@ def static_step(model: GPT, cache: StaticKVCache, tokens: torch.Tensor) -> torch
     elif model.embed.pos_encoding == "sinusoidal":
         x = x + model.embed.sinusoids[positions]  # (T, C)
     turns = cache.turns[positions] if cache.turns is not None else None  # (T, D/2), or None
-    visible = cache.slots <= positions[:, None]  # (T, P): slots written before, and up to t
-    mask = torch.where(visible, 0.0, float("-inf")).to(x.dtype)  # added to the scores
+    seen = cache.slots <= positions[:, None]  # (T, P): slots written before, and up to t
+    mask = torch.where(seen, 0.0, float("-inf")).to(x.dtype)  # section 7's M, added to scores
     group = model.cfg.n_head // model.cfg.kv_heads
-    mask = mask.repeat(group, 1)  # (group * T, P): the rows of the regrouped queries (below)
+    mask = mask.repeat(group, 1)  # (group * T, P): row g*T + t is query g of a group, token t
     for block, k_slots, v_slots in zip(model.blocks, cache.k, cache.v):
         h = fused_norm(block.norm1, x)  # (1, T, C)
         x = x + attention_step(block.attn, h, k_slots, v_slots, positions, mask, turns)
@@ -2708,15 +2723,16 @@ def attention_step(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Ten
         pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))  # (1, H + Hkv, T, D/2)
         qk = torch.view_as_real(pairs * turns).flatten(-2)  # (1, H + Hkv, T, D)
     q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, T, D), (1, Hkv, T, D)
-    k_slots.index_copy_(2, positions, k)  # into the slots of their positions
+    k_slots.index_copy_(2, positions, k)  # k_slots[:, :, positions] = k, in place
     v_slots.index_copy_(2, positions, v)
-    q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D): a group's queries share a k/v head
+    # Query head h = j * group + g belongs to k/v head j: the group's queries become its rows.
+    q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D), row g * T + t
     out = F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=mask)
     out = out.view(1, attn.n_head, T, D).transpose(1, 2).reshape(1, T, -1)  # (1, T, C)
     return attn.proj(out)
 
 
-CUDA_GRAPHS = True  # bench turns it off for a moment, to measure the plain cache on a GPU
+CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the plain cache on a GPU
 
 
 def make_cache(model: GPT) -> KVCache | StaticKVCache:
@@ -3875,11 +3891,11 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
 #
 # ### What still differed
 #
-# Four of the five details GPT-2 needs were in Part I already: LayerNorm with $\epsilon =
-# 10^{-5}$ (section 8), biases (`bias`), learned positions (section 6) and the output layer tied
-# to the token table (section 9). The fifth is GELU computed by GPT-2's tanh formula (`mlp =
-# 'gelu_tanh'`, section 8), which the `gpt2` preset now uses; `--size gpt2` gives GPT-2's shape.
-# The whole diff, for the smallest GPT-2:
+# Every detail GPT-2 needs is a switch of Part I: LayerNorm with $\epsilon = 10^{-5}$ (section
+# 8), biases (`bias`), learned positions (section 6), the output layer tied to the token table
+# (section 9), and GELU computed by GPT-2's tanh formula (`mlp = 'gelu_tanh'`, section 8); the
+# `gpt2` preset sets them all, and `--size gpt2` gives GPT-2's shape. What differs is how the
+# numbers are stored, and dropout. The whole diff, for the smallest GPT-2:
 #
 # | | our `--arch gpt2 --size gpt2` | GPT-2, 124M |
 # |---|---|---|
@@ -3931,11 +3947,11 @@ if IN_NOTEBOOK:
 # is the 33rd of those, `Ġ` (U+0120); a line break, byte 10, is `Ċ`. A token's text is its
 # bytes written this way: `Ġthe` is " the".
 #
-# **Ids.** GPT-2's 256 one-byte tokens are numbered in that table's order (the 188 printable ones
-# first: `!` is 0), not by byte value as in Appendix B, and a merged token's id is whatever
-# `vocab.json` says. So `GPT2Tokenizer` keeps two more tables, the id of each byte and the id
-# each merge makes, and is otherwise Appendix B's `BPETokenizer`: the same merging by rank, the
-# same decoding.
+# **Ids.** GPT-2's 256 one-byte tokens are numbered in the order of the characters that stand
+# for them: the 188 printable bytes first (`!` is 0), then the 68 others (`Ā`, byte 0, is 188),
+# not by byte value as in Appendix B; and a merged token's id is whatever `vocab.json` says. So
+# `GPT2Tokenizer` keeps two more tables, the id of each byte and the id each merge makes, and is
+# otherwise Appendix B's `BPETokenizer`: the same merging by rank, the same decoding.
 #
 # **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex`
 # package and tried left to right:
@@ -3956,8 +3972,9 @@ if IN_NOTEBOOK:
 # list, which `regex` and GPT-2 use, does not, so the whitespace class is spelled out as well.
 # The classes are exact for the Unicode version of this Python (`unicodedata.unidata_version`);
 # only characters added to Unicode in a later version could be cut differently elsewhere.
-# Appendix B's own pattern differs in two ways: it keeps contractions with their word, and its
-# letters and digits are Python's `\w` and `\d`, which draw the lines slightly differently.
+# Appendix B's own pattern differs in two ways: it has no rule for contractions (it cuts
+# `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's `\w` and `\d`, which
+# draw the lines slightly differently.
 #
 # **`<|endoftext|>`.** GPT-2 read its training documents one after another, with this marker
 # between two of them; it is the last token, id 50,256 in GPT-2, and the model writes it where
@@ -4025,12 +4042,15 @@ class GPT2Tokenizer(BPETokenizer):
         """(Appendix B's __init__ numbers the merges itself; here the files give the numbers.)"""
         if sorted(vocab.values()) != list(range(len(vocab))):
             raise ValueError("its ids are not 0, 1, 2, ... with none missing")
+        # (Unlike Appendix B's, these merges are pairs of token texts, as merges.txt has them.)
         self.token_ids, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.texts = sorted(vocab, key=vocab.get)  # id -> the token's text in vocab.json
         byte_of = {char: byte for byte, char in enumerate(gpt2_byte_chars())}
-        self.vocab = [bytes(byte_of[c] for c in text) for text in self.texts]  # id -> bytes
+        # id -> bytes; <|endoftext|>'s characters are printable ASCII, so they stand for themselves
+        self.vocab = [bytes(byte_of[c] for c in text) for text in self.texts]
         self.byte_ids = [vocab[char] for char in gpt2_byte_chars()]  # byte -> its token's id
         pairs = [(vocab[a], vocab[b]) for a, b in self.merges]  # merges as pairs of ids
+        # pair -> its rank; reversed, so that a pair listed twice keeps its earliest rank
         self.merge_ranks = {pair: rank for rank, pair in reversed(list(enumerate(pairs)))}
         self.merge_ids = {pair: vocab[a + b] for pair, (a, b) in zip(pairs, self.merges)}
         self.end_id = vocab.get(GPT2_END)
@@ -4171,7 +4191,8 @@ if IN_NOTEBOOK:
 # goes over whole.
 #
 # **Why four matrices are stored the other way round.** OpenAI's original code (in TensorFlow)
-# wrote each of these layers as a convolution of width 1, `conv1d`, which is a linear layer:
+# wrote each of these layers with TensorFlow's `conv1d` (a *convolution*, which slides a small
+# matrix along the sequence; at width 1 it sees one token at a time, and is a linear layer):
 # `x @ W + b`, with W stored as (in, out). `transformers` kept the layout and the name
 # (`Conv1D`), so that OpenAI's numbers load unchanged. `nn.Linear` stores W as (out, in) and
 # computes `x @ W.T + b` (section 2). Same numbers, other orientation: each of those matrices
@@ -4185,7 +4206,9 @@ if IN_NOTEBOOK:
 # against it. The first one missing, of the wrong shape, or not part of such a model at all is
 # named in one line: a snapshot whose files do not belong together fails there, not later with a
 # matrix error deep inside the model. The configuration is checked too: a GPT-2 variant that
-# computes something our model does not (another activation, untied output) is refused by name.
+# computes something our model does not (another activation, untied output, attention scores
+# not divided by √D as in section 7 (`scale_attn_weights`), or divided further by the layer's
+# number (`scale_attn_by_inverse_layer_idx`)) is refused by name.
 
 # %%
 GPT2_NAMES = {"embed.token": "wte", "embed.position": "wpe", "norm": "ln_f",  # ours -> GPT-2's
@@ -4259,7 +4282,8 @@ def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
         if name not in tensors:
             raise UserError(f"{path} has no tensor {name} (llm.py's {ours}): the file is "
                             "incomplete or not GPT-2's; download the snapshot again")
-        tensor, transposed = tensors.pop(name).float(), stored_transposed(name)
+        tensor = tensors.pop(name).float()  # float32, also from a 16-bit snapshot
+        transposed = stored_transposed(name)
         expected = torch.Size(reversed(shape)) if transposed else shape  # as the file stores it
         if tensor.shape != expected:
             raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, but config.json "
@@ -4324,7 +4348,8 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
 # download by `huggingface_hub`, `transformers` or this program left them. Nothing is
 # downloaded unless asked for: `--download` fetches the four files into that cache with
 # `huggingface_hub` (the repository also holds the same weights in other libraries' formats,
-# which we skip). The weights are 124 million numbers of 4 bytes, about 500 MB. Offline,
+# which we skip). The weights are 124 million numbers of 4 bytes, about 500 MB (the file is a
+# little bigger where it also holds the mask buffers). Offline,
 # without `huggingface_hub`, or with the files missing, one line says how to get them.
 
 # %%
@@ -4450,12 +4475,15 @@ if IN_NOTEBOOK:
 #   the model would forget more than it learns. 3e-5 is a usual size for fine-tuning (nanoGPT's
 #   Shakespeare fine-tune uses it), not tuned here. After 10 warm-up steps (Adam's averages
 #   start empty here too, section 10) it decays to a tenth, 3e-6, as in section 10.
+# * **Dropout 0**, not GPT-2's 0.1 (it comes from `config.json` as `dropout: 0.0`): a hundred
+#   steps of 4 × 256 tokens read about 100,000 tokens, fewer than tiny Shakespeare's training
+#   text holds, too little to learn it by heart (section 6); `--dropout 0.1` gives GPT-2's.
 # * **256 tokens of context, 4 sequences a step.** On the 2-core CPU this file was written on, a
 #   training step of the 124M model took about 16 s with 256 tokens of context and 15 s with
 #   128 (the median of 5 steps by Appendix C's `seconds_per_step`, on random weights, while
-#   another job shared the machine). The time goes mostly to the 124 million parameters, whatever
-#   the context (AdamW's update alone took about 3.5 s of it), so a shorter context saves
-#   little; GPT-2 itself read 1,024.
+#   another job shared the machine, so the two are within its noise). Much of a step does not
+#   depend on the context (AdamW's update of 124 million parameters alone took about 3.5 s), so
+#   256 tokens, several lines of text, cost little more than 128; GPT-2 itself read 1,024.
 # * **100 steps, evaluated every 25 on 4 batches per split**: about half an hour on that CPU
 #   (100 steps of 16 s, plus five evaluations, each about two steps' time: 8 forward passes,
 #   and a forward pass took about a quarter of a step). On a GPU: not measured; there the full
@@ -4468,7 +4496,8 @@ if IN_NOTEBOOK:
 # bought, in **bits per byte**: the unit that does not depend on the tokenizer (Appendix B), so
 # GPT-2's figure can stand beside those of the models this book trains from scratch on the same
 # text. To try the whole path without the download, a tiny GPT-2 with random weights does (it
-# writes nonsense, but trains, resumes and lowers its bits per byte like the real one):
+# writes nonsense, but trains, resumes and lowers its bits per byte like the real one; 299
+# tokens of BPE, plus `<|endoftext|>`, make the 300 of its `vocab_size`):
 # `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
 # llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
 # llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`.
