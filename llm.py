@@ -2548,53 +2548,56 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### On a GPU: fixed shapes, replayed as a CUDA graph
 #
-# On an NVIDIA GPU the cache alone hardly helps. A one-token step of the gpu preset (Appendix C)
-# is about 250 small GPU routines (*kernels*: more than Appendix G's 165 tensor operations of the
-# smaller CPU model, as it has more layers and some operations launch several), and the GPU runs
-# each one faster than the CPU can *launch* it (every launch costs the CPU several microseconds
-# of driver and PyTorch work): the GPU spends most of a token waiting. Measured on one H100
-# before this section existed (the README has the profile): 141 tokens/s with the cache and 133
-# without, fewer than the 2-core CPU this file was written on writes (Appendix G).
+# A GPU is driven by the CPU: for every operation, the CPU tells the GPU which small program (a
+# *kernel*) to run on which tensors, it *launches* the kernel, and the GPU runs kernels in the
+# order they come (Appendix E has more on GPUs). One token of the gpu preset (Appendix C)
+# launches about 250 kernels. In a profile on one H100, before this section existed, the GPU
+# worked 0.41 ms per token, while the CPU spent 7.9 ms launching, about 30 µs per kernel for
+# PyTorch's own work and the driver's: the GPU waited most of the time, and the cache made
+# little difference (141 tokens/s with it, 133 without; the README has the run).
 #
-# A **CUDA graph** removes the launches: the GPU records the step's operations once and then
-# replays all of them with one call. A recording is rigid: every replay runs the same operations,
-# on tensors of the same shapes at the same memory addresses, and any Python number used while
-# recording is frozen into it. The cache above breaks these rules (its tensors grow by one
-# position per token, and the position is a Python number slicing the tables), so the GPU uses
-# a **static cache**:
+# A **CUDA graph** removes the launches: the GPU records a sequence of kernels once, then replays
+# all of them on one call. A recording is rigid: every replay runs the same kernels, on tensors
+# of the same shapes at the same memory addresses, and any Python number used while recording is
+# frozen into it. The cache above breaks these rules (its tensors grow by one position per
+# token, and the position is a Python number slicing the tables), so the GPU uses a **static
+# cache**, and a step that is the model's forward pass written a second time for it
+# (`static_step`, `attention_step`), in fixed shapes:
 #
-# * its key and value buffers are allocated once, for a whole window (`block_size` slots), and
+# * the key and value buffers are allocated once, for a whole window (`block_size` slots), and
 #   each step writes its tokens' keys and values into the slots of their positions, in place;
 # * the position is a one-number tensor on the GPU, which the step reads to pick its
-#   learned-position rows, its RoPE angles and its slots: replays at position 7 and at 70 run
-#   the same operations on the same memory;
-# * the new queries attend over all the slots, with a mask hiding those not yet written (and,
-#   as in section 7, those after each query), so they get weight exactly 0: the same result as
-#   attending over the written ones only. The mask is section 7's $M$ itself, 0 where a slot
-#   may be seen and $-\infty$ where not, added to the scores: the fused kernel takes it in that
-#   form as well as section 7's true/false one.
+#   learned-position rows, its RoPE angles and its slots: replays at positions 7 and 70 (of the
+#   gpu preset's 256) run the same kernels on the same memory;
+# * the new queries attend over all the slots, with section 7's mask $M$ (0 where a slot may be
+#   seen, $-\infty$ where not) added to the scores. One comparison builds it: a slot after a
+#   query's position is hidden, and that covers the slots not written yet, as well as what an
+#   earlier window left there. Hidden slots get weight exactly 0: the same result as attending
+#   over the written ones only.
 #
 # A recording fixes the number T of tokens fed, so each T is recorded the first time it comes:
 # the prompt's length, then 1 for every new token, then half a window at each restart (section
 # 11): at most three recordings, replayed thousands of times. Before recording, the step runs
-# twice for real on a *side stream* (a stream is one of the GPU's queues of work): the first
-# runs do one-time work, such as choosing kernels and setting memory aside, which must not end
-# up in the recording, and PyTorch asks for them on a queue of their own.
+# twice for real, to do the one-time work (choosing kernels, setting memory aside) that must not
+# end up in the recording; PyTorch's documentation prescribes doing that on a *side stream*, a
+# second queue of GPU work, and `wait_stream` makes each queue wait for the other's work so far.
 #
-# Fewer operations also make a shorter replay, so the step uses PyTorch's fused norms and SiLU
-# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one operation each instead of several; section 8 and
-# the tests check that they compute the same), and turns RoPE's pairs as complex numbers: a pair
+# Fewer kernels also make a shorter replay, so the step uses PyTorch's fused norms and SiLU
+# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one kernel each instead of several; section 8 and the
+# tests check that they compute the same), and turns RoPE's pairs as complex numbers: a pair
 # $(a, b)$ is $a + ib$, and multiplying it by $e^{ip\theta} = \cos p\theta + i \sin p\theta$ is
-# exactly section 7's rotation, one operation instead of four. With grouped keys and values, the H
-# queries of a token are regrouped as H / Hkv queries for each key/value head: each query's
-# weights are its own softmax row, whatever the other queries are, so the queries of a group can
-# stand as extra rows against the key/value head they share, and nothing is repeated. (Section
-# 7's `enable_gqa`, in float32 with a mask, fell back on that H100 to a slow path that repeats
-# the keys and values first.) On a CPU there are no launches to save,
-# and attending over empty slots costs time, so the CPU keeps the plain cache (`make_cache`). Both
-# caches give the logits of a full forward pass at every position, for every positional scheme:
-# the cell below checks it on the CPU (without a graph), and the tests check it again on a GPU,
-# with one.
+# exactly section 7's rotation, one kernel instead of four. **Grouped keys and values** without
+# copies: each query's weights are its own softmax row, whatever the other queries are, so the
+# H queries of T tokens, (1, H, T, D), are regrouped as (1, Hkv, H/Hkv · T, D), each key/value
+# head with the rows of the H/Hkv query heads that share it, and the kernel sees plain attention.
+# (With section 7's `enable_gqa`, in float32 with a mask, the H100 profile shows PyTorch's slow
+# attention path, which first repeats the keys and values.)
+#
+# On a CPU there are no launches to save, and attending over empty slots costs time, so the CPU
+# keeps the plain cache (`make_cache`). A second copy of the forward pass is a second place to
+# keep right: the tests check that both caches give the logits of a full forward pass at every
+# position, for every positional scheme, on the CPU, and on a GPU whenever one runs them (none
+# has yet: the README lists what is not measured). The cell below checks it on the CPU.
 
 # %%
 def fused_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -2627,8 +2630,9 @@ class StaticKVCache:
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
         P, device = model.cfg.block_size, weight.device
-        with torch.inference_mode(False):  # ordinary tensors, which may be written both
-            # inside inference mode (section 10's `evaluating`, as `generate` does) and outside
+        with torch.inference_mode(False):  # ordinary tensors: written inside inference mode
+            # by `generate` (section 10's `evaluating`), and outside it too (a tensor made in
+            # inference mode may not be changed outside it: PyTorch's price for its speed)
             shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
             self.k = [weight.new_zeros(shape) for _ in model.blocks]
             self.v = [weight.new_zeros(shape) for _ in model.blocks]
@@ -3886,9 +3890,10 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
 # parameters. Our `gpt2` preset is made of the same parts, so it can hold those very numbers.
 # This appendix loads them into it and shows that the model of this book *is* GPT-2: on the same
 # weights it computes the same logits as the reference implementation, the `GPT2LMHeadModel` of
-# Hugging Face's `transformers` library, to within 0.00001. That is checked below and by the
-# tests on a small GPT-2 with random weights, because a test may not download anything; the real
-# weights are loaded by exactly the same code.
+# Hugging Face's `transformers` library. That is checked below and by the tests on a small GPT-2
+# with random weights, to within 0.00001, because a test may not download anything; the real
+# weights are loaded by exactly the same code, but were not at hand where this was written (their
+# logits are much larger, so float32 rounding alone would make the differences larger too).
 #
 # ### What still differed
 #
@@ -4193,15 +4198,14 @@ if IN_NOTEBOOK:
 # goes over whole.
 #
 # **Why four matrices are stored the other way round.** OpenAI's original code (in TensorFlow)
-# wrote each of these layers with TensorFlow's `conv1d` (a *convolution*, which slides a small
-# matrix along the sequence; at width 1 it sees one token at a time, and is a linear layer):
-# `x @ W + b`, with W stored as (in, out). `transformers` kept the layout and the name
-# (`Conv1D`), so that OpenAI's numbers load unchanged. `nn.Linear` stores W as (out, in) and
-# computes `x @ W.T + b` (section 2). Same numbers, other orientation: each of those matrices
-# is transposed once, on loading. A forgotten transpose would be caught by the shape check for
-# three of the four, but attention's `c_proj` is square, (768, 768): it would load without
-# complaint and compute nonsense. That is why the equality with the reference, below, is the
-# real test.
+# wrote each of these layers with a function of its own called `conv1d` (after a *convolution* of
+# width 1, which is the same thing): a matrix product `x @ W + b`, with W stored as (in, out).
+# `transformers` kept the layout and the name (`Conv1D`), so that OpenAI's numbers load unchanged.
+# `nn.Linear` stores W as (out, in) and computes `x @ W.T + b` (section 2). Same numbers, other
+# orientation: each of those matrices is transposed once, on loading. A forgotten transpose would
+# be caught by the shape check for three of the four, but attention's `c_proj` is square, (768,
+# 768): it would load without complaint and compute nonsense. That is why the equality with the
+# reference, below, is the real test.
 #
 # **Checked before use.** `config.json` gives the shape; the loader builds our model for that
 # shape on the `meta` device, to know every tensor's shape, and checks every tensor of the file
@@ -4478,9 +4482,11 @@ if IN_NOTEBOOK:
 # * **Learning rate 3e-5**, a hundred times below the quick run's. The weights are already good:
 #   big steps would overwrite what 40 GB of text taught them with what one small file says, and
 #   the model would forget more than it learns. 3e-5 is a usual size for fine-tuning (nanoGPT's
-#   Shakespeare fine-tune uses it), not tuned here. After 10 warm-up steps (Adam's averages
-#   start empty here too, section 10) it decays to a tenth, 3e-6, as in section 10.
-# * **Dropout 0**, not GPT-2's 0.1 (it comes from `config.json` as `dropout: 0.0`): a hundred
+#   Shakespeare fine-tune uses it), not tuned here. It decays to a tenth, 3e-6, as in section
+#   10, after 10 warm-up steps: Adam's averages start empty here too, but section 10's 100 steps
+#   would be the whole run, and at a rate a hundred times smaller an unsteady first step does
+#   little harm; a tenth of the run is a compromise, not tuned.
+# * **Dropout 0**, not GPT-2's 0.1 (its `config.json`, which the loader sets aside): a hundred
 #   steps of 4 × 256 tokens read about 100,000 tokens, fewer than tiny Shakespeare's training
 #   text holds, too little to learn it by heart (section 6); `--dropout 0.1` gives GPT-2's.
 # * **256 tokens of context, 4 sequences a step.** On the 2-core CPU this file was written on, a
@@ -4489,7 +4495,9 @@ if IN_NOTEBOOK:
 #   another job shared the machine, so the two are within its noise). Much of a step does not
 #   depend on the context (AdamW's update of 124 million parameters alone took about 3.5 s), so
 #   256 tokens, several lines of text, cost little more than 128; GPT-2 itself read 1,024.
-# * **100 steps, evaluated every 25 on 4 batches per split**: about half an hour on that CPU
+# * **100 steps, evaluated every 25 on 4 batches per split** (4,096 tokens, a coarse estimate
+#   beside section 10's 15,000 characters, but each batch costs a quarter of a 16 s step here):
+#   about half an hour on that CPU
 #   (100 steps of 16 s, plus five evaluations, each about two steps' time: 8 forward passes,
 #   and a forward pass took about a quarter of a step). On a GPU: not measured; there the full
 #   context (`--block-size 1024`) and more steps are the natural choice.
