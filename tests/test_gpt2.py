@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import torch
+import transformers  # the reference; in requirements.txt, so a missing one fails, never skips
+from safetensors.torch import load_file, save_file
 
 import llm
 from conftest import ROOT, TINY_TEXT
-
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file, save_file  # noqa: E402 (after the skip)
 
 VOCAB = 300  # 256 bytes, 43 merges of our BPE, and <|endoftext|>
 FINETUNE_OPTIONS = ["--block-size", "16", "--batch-size", "4", "--max-iters", "20",
