@@ -2169,8 +2169,8 @@ def generate_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int 
 #
 # **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps,
 # `python llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of
-# 1.70 and `llama` 1.61, in the same time (the README has the timings; `gpt2` then used the
-# exact GELU, within 0.0005 of the tanh formula, Appendix H). So `llama` is the default.
+# 1.70 and `llama` 1.61, in the same time (the README has the timings; `gpt2` reached 1.70 with
+# the exact GELU and with GPT-2's tanh formula alike). So `llama` is the default.
 # Below, the notebook repeats the comparison on equal time and flips the switches one at a time.
 #
 # `--size` picks the model's shape: `cpu` is the quick run of Part I; `gpu` is a model about
