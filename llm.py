@@ -1314,10 +1314,11 @@ if IN_NOTEBOOK:
 # drawn **once** from a seeded generator and reused at every evaluation: differences between
 # evaluations then come from the model alone. The two splits and the training batches use three
 # different seeds (`seed`, `seed + 1`, `seed + 2`), so training never starts with the very windows
-# evaluation measures. 20 batches of 12 × 64 characters make about 15,000 per split; one character's
-# loss varies by about 1.6 nats (measured on the trained quick-run model), so their mean would vary
-# by 1.6 / √15,000 ≈ 0.013 if the characters were independent. They are not (neighbours share their
-# context): over 30 draws of the batches, the quick-run model's validation loss varied by 0.02.
+# evaluation measures. 20 batches of 12 × 64 characters make about 15,000 per split; one
+# character's loss varies by about 1.6 nats (measured on the trained quick-run model), so their mean
+# would vary by 1.6 / √15,000 ≈ 0.013 if the characters were independent. They are not
+# (neighbours share their context): over 30 draws of the batches, the quick-run model's validation
+# loss varied by 0.02.
 # Evaluation runs in eval mode (dropout off, so the answer is repeatable) without recording for
 # gradients (nothing to backpropagate), then puts the model back as it was. Sampling needs the same,
 # so it is one context manager, `evaluating`.
@@ -2328,6 +2329,21 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def median_seconds(call: Callable, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median time of `call()` over `repeats` timed calls, after `warmup` untimed ones (the
+    first calls allocate memory and pick kernels); the median resists the odd slow call."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20,
                      device: torch.device = torch.device("cpu"),
                      hooks: Hooks = Hooks()) -> tuple[float, GPT]:
@@ -2344,16 +2360,7 @@ def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20,
     def step() -> None:
         train_step(stepped, optimizer, batches, cfg.learning_rate, cfg.grad_clip)
 
-    for _ in range(3):  # untimed: the first steps allocate memory and pick kernels
-        step()
-    times = []
-    for _ in range(probe_steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], model  # the median resists the odd slow step
+    return median_seconds(step, device, probe_steps, warmup=3), model
 
 
 def tokens_per_step(cfg: Config) -> int:
@@ -3825,14 +3832,13 @@ def evaluation_seconds(model: GPT, cfg: Config, hooks: Hooks, repeats: int = 3) 
     """Median time of one evaluation as `train` runs it: eval_iters batches of each split."""
     x = torch.randint(model.lm_head.out_features, (cfg.batch_size, cfg.block_size))
     splits = [[(x, x)] * cfg.eval_iters for _ in range(2)]  # random tokens: only speed counts
-    times = []
-    for _ in range(repeats + 1):  # the first, untimed, copies the batches to a GPU
-        synchronize(model.device)
-        start = time.perf_counter()
+
+    def evaluation() -> None:
         for batches in splits:
             hooks.estimate_loss(model, batches)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+
+    # (the untimed first one also copies the batches to a GPU)
+    return median_seconds(evaluation, model.device, repeats, warmup=1)
 
 
 def evaluations_per_run(cfg: Config) -> int:
@@ -4000,7 +4006,8 @@ GPT2_END = "<|endoftext|>"  # GPT-2's special token: the border between two docu
 UNICODE_WHITESPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
-def gpt2_byte_chars() -> list[str]:
+@functools.cache  # the same 256 characters every time: made once
+def gpt2_byte_chars() -> tuple[str, ...]:
     """The visible character GPT-2 writes for each byte value: chars[32] == 'Ġ'."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)}  # the 188 bytes that stand for themselves
@@ -4011,7 +4018,7 @@ def gpt2_byte_chars() -> list[str]:
         else:  # the other 68, in order, take U+0100, U+0101, ...
             chars.append(chr(256 + others))
             others += 1
-    return chars
+    return tuple(chars)
 
 
 def gpt2_text(data: bytes) -> str:
