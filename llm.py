@@ -15,10 +15,10 @@
 # model, the command line. The rule of the split: Part I holds what a model *is* and how it
 # *learns*; an appendix holds what only analysis or a long, large or unattended run needs.
 # That keeps the path from an empty file to a talking model short, and gives each piece of
-# machinery room to be explained instead of interrupting the story. Part I runs without Part II.
-# Where its code has a branch that only an appendix takes (the cache of fast generation, a third
-# kind of positions), the branch names the appendix; one rule of Part I, the generation window
-# of section 11, is shaped by Appendix D, and says so.
+# machinery room to be explained instead of interrupting the story. Part I runs without Part II,
+# and its classes hold only the model: an appendix that needs more (a cache, a picture of the
+# attention, checkpoints, many processes) attaches from outside, by wrapping, hooking or driving
+# Part I's pieces, and says which.
 #
 # **Notation** in shape comments such as `# (B, T, C)`: **B** batch size (sequences at once),
 # **T** time (tokens in a sequence), **C** channels (the numbers in one token's vector), **V**
@@ -67,15 +67,11 @@
 # %%
 from __future__ import annotations
 
-import hashlib
-import http.client
 import math
 import os
 import random
 import sys
-import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,78 +248,33 @@ if IN_NOTEBOOK:
 # structure (words, names, the layout of a play) to do well. Because many projects use it, our
 # losses can be compared with theirs.
 #
-# If the file is not in `data/`, we download it once. A **checksum** (SHA-256, a 64-digit
-# fingerprint of the bytes) proves that the bytes are exactly the published ones.
-#
-# > **Engineering note: atomic writes.** The file is written to a temporary file that is
-# > renamed into place only when complete (and flushed to the disk first, `fsync`). A rename
-# > happens entirely or not at all, so an interrupted download never leaves half a file that
-# > a later run would take for the whole one. A run's checkpoints and plots (Appendix F) are
-# > written the same way.
-#
-# Any UTF-8 text file can replace Shakespeare (`--data FILE`). It is read with an explicit
-# `encoding="utf-8"`, because the platform's default differs between machines. This is where
-# text enters the program, so this is where a bad file becomes one clear message.
+# The file ships with this program, in `data/`, so it works offline. Any UTF-8 text file can
+# replace it (the command line's `--data FILE`). It is read with an explicit `encoding="utf-8"`,
+# because the platform's default differs between machines. This is where text enters the
+# program, so this is where a bad file becomes one clear message, naming the problem and the fix.
 
 # %%
-SHAKESPEARE_URL = os.environ.get(  # LLM_SHAKESPEARE_URL names a mirror (the checksum still holds)
-    "LLM_SHAKESPEARE_URL",
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path("data") / "tinyshakespeare.txt"
 
 
-def atomic_write(path: Path, write: Callable) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def download(url: str, dest: Path, sha256: str, timeout: float = 30) -> None:
-    """Download `url` to `dest`, checking its SHA-256; nothing is written unless it matches."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            payload = response.read()
-    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
-        raise UserError(f"could not download {url} ({e}); if you are offline, "
-                        "pass a UTF-8 text file with --data FILE") from None
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != sha256:
-        raise UserError(f"the download from {url} has checksum {digest[:12]}..., "
-                        f"expected {sha256[:12]}...; try again, or pass --data FILE")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(dest, lambda f: f.write(payload))
-
-
 def load_text(path: Path = DEFAULT_DATA) -> str:
-    """The text at `path`; the default corpus is downloaded when it is missing."""
+    """The text of the UTF-8 file at `path`."""
     path = Path(path)
-    if not path.exists() and path == DEFAULT_DATA:
-        print(f"downloading tiny Shakespeare to {path} ...", file=sys.stderr)
-        download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
     if path.is_dir():
-        raise UserError(f"--data {path} is a directory: give a UTF-8 text file")
+        raise UserError(f"{path} is a directory: give a UTF-8 text file")
     if not path.exists():
-        raise UserError(f"--data {path} does not exist: give a UTF-8 text file")
+        restore = " (restore it with `git checkout data`)" if path == DEFAULT_DATA else ""
+        raise UserError(f"{path} does not exist: give a UTF-8 text file{restore}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"--data {path} is not UTF-8 text (byte {e.start}): "
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): "
                         "convert it to UTF-8 or choose another file") from None
     except OSError as e:
-        raise UserError(f"cannot read --data {path} ({e.strerror}): "
+        raise UserError(f"cannot read {path} ({e.strerror}): "
                         "check the file's permissions") from None
     if not text:
-        raise UserError(f"--data {path} is empty: give a file with some text in it")
+        raise UserError(f"{path} is empty: give a file with some text in it")
     return text
 
 
@@ -511,21 +462,17 @@ if IN_NOTEBOOK:
 # ### The model's settings
 #
 # From here on the model takes shape. Its sizes and switches live in one dataclass (a class
-# that just holds named values), each field with a default and a one-line explanation, which
-# the command line shows as its help (`--n-layer 6` changes one). Each field is explained where
-# it is used: `block_size` in section 5, `n_embd`, `dropout` and `pos_encoding` here, `n_head`
-# and `n_kv_head` in section 7, `n_layer`, `norm`, `mlp` and `bias` in section 8. The default
-# sizes are those of the CPU recipe of nanoGPT (a well-known small GPT trainer): under a million
-# parameters, small enough to train in two minutes on a laptop CPU, big enough to write
-# recognisable Shakespeare. Each switch has a classic setting, that of OpenAI's GPT-2 (2019),
-# and a modern one, that of Meta's Llama (2023), and is one clearly marked branch in the code.
-# The defaults are the modern ones: as a bundle they trained to the lower loss in our two-minute
-# run (Appendix C), although some of them (grouped keys and values, no biases) are there mostly
-# to save memory in large models.
+# that just holds named values), each field with a default and a one-line explanation, and each
+# explained where it is used. The default sizes are those of the CPU recipe of nanoGPT (a
+# well-known small GPT trainer): under a million parameters, small enough to train in two
+# minutes on a laptop CPU, big enough to write recognisable Shakespeare. Each switch has a
+# classic setting, that of OpenAI's GPT-2 (2019), and a modern one, that of Meta's Llama (2023),
+# and is one clearly marked branch in the code. The defaults are the modern ones: as a bundle
+# they trained to the lower loss in our two-minute run (Appendix C).
 
 # %%
 def param(default, help: str):
-    """A dataclass field with a default and a one-line explanation (shown by --help)."""
+    """A dataclass field with a default and a one-line explanation (the command line's help)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -556,12 +503,21 @@ class ModelConfig:
 #
 # **Where a token is.** Attention, which comes next, compares tokens by their content, not by
 # where they stand (its mask, section 7, only hides later tokens), yet order is everything in
-# language: "dog bites man" is not "man bites dog". GPT-2 therefore adds to each token's vector a
-# second, **learned** vector that depends only on its **position**, from a second table of shape
-# (block_size, C). It is free to find whatever works, but knows nothing about positions beyond
-# `block_size`. The modern choice, **rotary** embeddings (`rope`, Llama's and our default), adds
-# nothing here: it works inside attention, and comes with it in section 7. `pos_encoding` selects
-# one. (A third, the fixed sine waves of the original Transformer, is in Appendix C.)
+# language: "dog bites man" is not "man bites dog". So each token's vector gets a second vector
+# added, one that depends only on its **position**. `pos_encoding` chooses how it is made:
+#
+# * **Learned** (`learned`, GPT-2): a second table, of shape (block_size, C), trained like the
+#   first. It is free to find whatever works, but knows nothing about positions beyond
+#   `block_size`.
+# * **Fixed sine waves** (`sinusoidal`, the original Transformer of 2017): nothing to learn.
+#   Channel pair $i$ at position $p$ holds $\sin(p\,\theta_i)$ and $\cos(p\,\theta_i)$, with
+#   angles $\theta_i = 10000^{-2i/C}$ per step that shrink from pair to pair: the first pairs
+#   turn fast, telling neighbours apart, the last so slowly that they tell the start of a text
+#   from its end. The base 10000 comes from that paper; it makes the slowest wave far longer than
+#   any text here, so no two positions get the same code. An offset between two positions is
+#   a fixed rotation of each (sin, cos) pair, which the model can learn to detect.
+# * **Rotary** (`rope`, Llama's and our default) adds nothing here: it turns queries and keys
+#   inside attention by the same angles, and comes with attention in section 7.
 #
 # **Dropout.** The embeddings end with **dropout** (Srivastava et al., 2014): in training it
 # zeroes a random fraction `dropout` of the numbers (and scales up the rest, keeping their
@@ -577,6 +533,22 @@ def make_dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def position_angles(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Angle p / base^(2i/dim) for positions p and channel pairs i: (n_positions, ceil(dim/2))."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
+    frequency = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
+    return (position * frequency).float()  # (P, ceil(dim/2)); float64 first keeps large p exact
+
+
+def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
+    """The fixed sine-wave codes of positions 0..n_positions-1, shape (n_positions, dim)."""
+    angle = position_angles(n_positions, dim)  # (P, ceil(C/2))
+    encoding = torch.zeros(n_positions, dim)
+    encoding[:, 0::2] = torch.sin(angle)  # even channels
+    encoding[:, 1::2] = torch.cos(angle[:, : dim // 2])  # odd channels
+    return encoding
+
+
 class Embeddings(nn.Module):
     """Token ids (B, T) -> vectors (B, T, C): what each token is, plus where it stands."""
 
@@ -586,21 +558,19 @@ class Embeddings(nn.Module):
         self.pos_encoding = cfg.pos_encoding
         if cfg.pos_encoding == "learned":  # GPT-2
             self.position = nn.Embedding(cfg.block_size, cfg.n_embd)
-        elif cfg.pos_encoding == "sinusoidal":  # fixed waves (Appendix C), kept as a buffer
+        elif cfg.pos_encoding == "sinusoidal":  # kept as a *buffer*: a tensor the module
+            # carries (to a GPU too) but does not train; not persistent: not saved, it is remade
             self.register_buffer("sinusoids", sinusoidal_positions(cfg.block_size, cfg.n_embd),
-                                 persistent=False)  # (a tensor not trained, nor saved: section 7)
+                                 persistent=False)
         self.dropout = make_dropout(cfg.dropout)
 
-    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """`start` is the position of idx's first token: 0, except in Appendix D's fast
-        generation, which feeds the model one new token at a time."""
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
         x = self.token(idx)  # (B, T, C)
         if self.pos_encoding == "learned":
-            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-            x = x + self.position(positions)  # (T, C) broadcasts over B
+            x = x + self.position(torch.arange(T, device=idx.device))  # (T, C) broadcasts over B
         elif self.pos_encoding == "sinusoidal":
-            x = x + self.sinusoids[start:start + T]  # (T, C)
+            x = x + self.sinusoids[:T]  # (T, C)
         # rope: positions enter inside attention instead (section 7)
         return self.dropout(x)  # (B, T, C)
 
@@ -611,6 +581,8 @@ if IN_NOTEBOOK:
     demo_cfg = ModelConfig(n_embd=16, block_size=8)
     embed = Embeddings(demo_cfg, tokenizer.vocab_size)
     print("token ids", tuple(x.shape), "-> vectors", tuple(embed(x).shape))
+    print("sine-wave codes of positions 0-3, first 6 channels:")
+    print(sinusoidal_positions(8, 16)[:4, :6].numpy().round(3))
 
 # %% [markdown]
 # ## 7. Attention
@@ -627,8 +599,9 @@ if IN_NOTEBOOK:
 # $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{D}} + M\right) V$$
 #
 # **Why divide by $\sqrt{D}$.** A dot product of $D$ numbers is a sum of $D$ products, so
-# whatever the scale of $q$ and $k$, its variance grows like $D$: with entries of variance 1 it is
-# $D$. Our default model splits its C = 128 channels among 4 heads (below), so D = 32: the scores
+# whatever the scale of $q$ and $k$, its *variance* (the mean squared distance from the mean;
+# its square root is the *standard deviation*, the typical distance) grows like $D$: with entries
+# of variance 1 it is $D$. Our default model splits its C = 128 channels among 4 heads (below), so D = 32: the scores
 # would spread over roughly ±11 (two standard deviations of $\sqrt{32} \approx 5.7$). The softmax
 # would then give one position almost all the weight, and a saturated softmax barely moves when its
 # scores move, so the gradient flowing back through it would all but vanish and attention would
@@ -645,27 +618,20 @@ if IN_NOTEBOOK:
 # for any number of heads: leading dimensions come along.
 
 # %%
-def causal_mask(T: int, T_keys: int | None = None, device=None) -> torch.Tensor:
-    """(T, T_keys) boolean mask, True where a query would look into the future (key after query).
-
-    The queries are the *last* T of the T_keys positions (T_keys > T only when earlier keys
-    were kept from before, Appendix D); by default T_keys = T."""
-    T_keys = T if T_keys is None else T_keys
-    return torch.ones(T, T_keys, dtype=torch.bool, device=device).triu(diagonal=T_keys - T + 1)
+def causal_mask(T: int, device=None) -> torch.Tensor:
+    """(T, T) boolean mask, True where a query would look into the future (key after query)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     dropout: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention with a causal mask. q: (..., T, D); k, v: (..., T_keys, D).
-
-    Returns the outputs (..., T, D) and the attention weights (..., T, T_keys)."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention with a causal mask; q, k, v: (..., T, D).
+    Returns the outputs (..., T, D) and the attention weights (..., T, T)."""
     T, D = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T_keys): query t vs key s
-    scores = scores.masked_fill(causal_mask(T, k.shape[-2], q.device), float("-inf"))
-    weights = F.softmax(scores, dim=-1)  # (..., T, T_keys), each row sums to 1
-    if dropout is not None:
-        weights = dropout(weights)
-    return weights @ v, weights  # (..., T, D), (..., T, T_keys)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T): query t vs key s
+    scores = scores.masked_fill(causal_mask(T, q.device), float("-inf"))
+    weights = F.softmax(scores, dim=-1)  # (..., T, T), each row sums to 1
+    return weights @ v, weights  # (..., T, D), (..., T, T)
 
 
 # %% [markdown]
@@ -709,11 +675,10 @@ if IN_NOTEBOOK:
 # previous character, the start of this word): how far back is that key? **Rotary embeddings**
 # (Su et al., 2021; Llama and most open models since) build exactly that into the score. Each
 # query and key is rotated, pair of channels by pair of channels, by an angle proportional to
-# its position: pair $i$ at position $p$ turns by $p\,\theta_i$, with $\theta_i = 10000^{-2i/D}$
-# (`position_angles`). The first pairs turn fast, telling neighbours apart; the last so slowly
-# that they tell the start of a text from its end. The base 10000, from the original Transformer
-# paper, makes the slowest pair's period ($2\pi \cdot 10000^{(D-2)/D}$, about 35,000 positions
-# for D = 32) far longer than any text here, so no two positions look alike:
+# its position: pair $i$ at position $p$ turns by $p\,\theta_i$, with the angles of the sine
+# waves (section 6's `position_angles`, over the D channels of a head): $\theta_i =
+# 10000^{-2i/D}$. The slowest pair's period, $2\pi \cdot 10000^{(D-2)/D}$, about 35,000
+# positions for D = 32, is far longer than any text here, so no two positions look alike:
 #
 # $$(a, b) \mapsto (a\cos p\theta_i - b\sin p\theta_i,\; a\sin p\theta_i + b\cos p\theta_i)$$
 #
@@ -732,13 +697,6 @@ if IN_NOTEBOOK:
 # attention looks, not *what* it carries.
 
 # %%
-def position_angles(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Angle p / base^(2i/dim) for positions p and channel pairs i: (n_positions, ceil(dim/2))."""
-    position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (T, 1)
-    frequency = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
-    return (position * frequency).float()  # (T, ceil(dim/2)); float64 first keeps large p exact
-
-
 def rope_tables(n_positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The cosines and signed sines of every position's angles, (n_positions, dim) each."""
     angles = position_angles(n_positions, dim)  # (P, D/2): one angle per pair
@@ -792,14 +750,14 @@ if IN_NOTEBOOK:
 # multi-head attention; `n_kv_head = 1` is *multi-query* attention (Shazeer, 2019). Before
 # attending, each key/value head is simply repeated for every query head in its group.
 #
-# **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes exactly what
+# **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes what
 # `causal_attention` does, in one optimised *kernel* (a compiled routine; on a GPU, one that
-# never even stores the T × T weights), and the model uses it. The hand-written
-# `causal_attention` stays the definition: a layer whose `keep_weights` is set attends the
-# hand-written way and keeps its weights in `.weights`, which is how pictures get them; a test
-# checks that the two ways agree. One attribute prepares for later: `cache` stays `None` in Part
-# I, and the first token's position (the local `start`) is then 0. Appendix D uses them to write
-# text fast, by keeping the keys and values of earlier tokens.
+# never even stores the T × T weights): `is_causal=True` applies the mask, `enable_gqa` shares
+# each key/value head with its group, and `dropout_p` drops attention weights in training. The
+# model uses it. The hand-written `causal_attention` stays the definition, and
+# `attention_weights` computes a layer's weights with it, from the layer's own projections
+# (`heads`): the cell below checks that both ways give the same output, and pictures of
+# attention (section 10, Appendix A) read the weights this way.
 
 # %%
 class MultiHeadAttention(nn.Module):
@@ -809,57 +767,43 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
         self.head_dim = cfg.n_embd // cfg.n_head  # D
-        kv_width = self.n_kv_head * self.head_dim  # equals C unless keys/values are grouped
-        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k, v
+        width = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # 3C unless grouped (below)
+        self.qkv = nn.Linear(cfg.n_embd, width, bias=cfg.bias)  # H query, Hkv key, Hkv value heads
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # mixes the heads' outputs
-        self.dropout_p = cfg.dropout  # (the fused kernel takes the probability, not a layer)
-        self.attn_dropout = make_dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # (the fused kernel takes the probability, not a layer)
         self.resid_dropout = make_dropout(cfg.dropout)
         self.rope = cfg.pos_encoding == "rope"
-        if self.rope:  # every position's rotation (RoPE, above), kept as buffers: tensors the
-            # module carries (to a GPU too) but does not train; not persistent: not saved
+        if self.rope:  # every position's rotation, kept as buffers (like section 6's sine waves)
             cos, sin = rope_tables(cfg.block_size, self.head_dim)  # (block_size, D) each
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.keep_weights = False  # True: attend by hand and keep the weights (for plots)
-        self.weights = None  # (B, H, T, T_keys), the last weights kept
-        self.cache = None  # earlier tokens' keys and values: only in Appendix D
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of the tokens x (B, T, C)."""
+        B, T, _ = x.shape
+        heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D)
+        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # q, k | v
+        if self.rope:  # queries and keys turn by the same angles, so one rotation does both
+            qk = rope_rotate(qk, self.rope_cos[:T], self.rope_sin[:T])
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+        return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        start = 0 if self.cache is None else self.cache.length  # position of x's first token
-        heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D)
-        # the H query heads, then Hkv key heads, then Hkv value heads; queries and keys together
-        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-        if self.rope:  # queries and keys turn by the same angles, so one rotation does both
-            qk = rope_rotate(qk, self.rope_cos[start:start + T], self.rope_sin[start:start + T])
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
-        if self.cache is not None:  # Appendix D: the keys and values of earlier tokens too
-            k, v = self.cache.extend(k, v)  # (B, Hkv, T_keys, D)
-        if self.keep_weights:
-            out, self.weights = self.attend_by_hand(q, k, v)  # (B, H, T, D), (B, H, T, T_keys)
-        else:
-            out = self.fused_attention(q, k, v)  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D): heads side by side
+        q, k, v = self.heads(x)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,  # (B, H, T, D)
+                                             enable_gqa=self.n_kv_head != self.n_head,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(x.shape)  # (B, T, H*D) = (B, T, C): heads side by side
         return self.resid_dropout(self.proj(out))  # (B, T, C)
 
-    def attend_by_hand(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.n_kv_head != self.n_head:  # grouped: repeat each key/value head for its group
-            group = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return causal_attention(q, k, v, self.attn_dropout)
 
-    def fused_attention(self, q, k, v) -> torch.Tensor:
-        T, T_keys = q.shape[-2], k.shape[-2]
-        # Without a cache the mask is the plain causal one. With one (Appendix D), the queries
-        # come after T_keys - T cached keys: a single newest query may see every key (no mask
-        # at all, the usual case when generating); several need the shifted mask.
-        allowed = None if T in (1, T_keys) else ~causal_mask(T, T_keys, q.device)
-        plain_causal = T > 1 and T == T_keys  # the usual case: let the kernel build the mask
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, is_causal=plain_causal,
-            dropout_p=self.dropout_p if self.training else 0.0,  # (training mode: section 10)
-            enable_gqa=self.n_kv_head != self.n_head)  # (the kernel repeats grouped heads)
+def attention_weights(attn: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The weights (B, H, T, T) with which `attn` attends over its input x (B, T, C),
+    computed the hand-written way; each key/value head is repeated for its group."""
+    q, k, v = attn.heads(x)
+    group = attn.n_head // attn.n_kv_head
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, D)
+    return causal_attention(q, k, v)[1]
 
 
 # %%
@@ -868,12 +812,13 @@ if IN_NOTEBOOK:
     torch.manual_seed(0)
     mha = MultiHeadAttention(ModelConfig(n_embd=16, n_head=4))
     x_demo = torch.randn(2, 5, 16)  # (B, T, C)
-    mha.keep_weights = True  # attend by hand, and keep the weights
-    out, weights = mha(x_demo), mha.weights
-    mha.keep_weights = False
-    print("output", tuple(out.shape), "| weights (B, H, T, T)", tuple(weights.shape),
+    weights = attention_weights(mha, x_demo)  # (B, H, T, T)
+    _, _, v = mha.heads(x_demo)  # (B, Hkv, T, D): 2 key/value heads, each shared by 2 queries
+    by_hand = (weights @ v.repeat_interleave(2, dim=1)).transpose(1, 2).reshape(2, 5, 16)
+    print("weights (B, H, T, T)", tuple(weights.shape),
           "| above the diagonal exactly zero:", bool((weights.triu(1) == 0).all()))
-    print("the fused kernel gives the same output:", torch.allclose(mha(x_demo), out, atol=1e-6))
+    print("the fused kernel gives the same output:",
+          torch.allclose(mha(x_demo), mha.proj(by_hand), atol=1e-6))
 
 # %% [markdown]
 # ## 8. The transformer block
@@ -972,31 +917,26 @@ if IN_NOTEBOOK:
 # classic non-linearity is **ReLU**, $\max(0, x)$; GPT-2's is its smooth cousin **GELU**,
 # $x \cdot \Phi(x)$ with $\Phi(x)$ the probability that a standard normal variable is below
 # $x$: like ReLU far from 0, but with a gradient that is not exactly zero for negative inputs,
-# so a number that went negative can still learn. GPT-2 computed it with a cheaper tanh formula,
-# $0.5x(1 + \tanh(\sqrt{2/\pi}(x + 0.044715x^3)))$, within 0.0005 of the exact GELU (at
-# $x \approx \pm 2.7$: Appendix H measures it); `mlp = 'gelu_tanh'` picks it, for GPT-2's weights.
+# so a number that went negative can still learn. GPT-2 computed it with a cheaper tanh formula
+# (`mlp = 'gelu_tanh'`, for GPT-2's own weights: Appendix H).
 #
 # **SwiGLU** (Shazeer, 2020; Llama) is a *gated* MLP: two widening matrices, one passed through
 # SiLU ($x \cdot \sigma(x)$, with $\sigma(x) = 1/(1 + e^{-x})$), multiplied number by number with
 # the other: the SiLU branch is the *gate*, deciding how much of the other passes: $\text{SwiGLU}(x)
 # = W_{\text{proj}}\big(\text{SiLU}(W_{\text{gate}}x) \odot W_{\text{up}}x\big)$. Its paper measured
-# a lower loss than GELU at the same size (at our size the difference is within noise, Appendix C;
-# it is here as part of the Llama recipe). Three matrices instead of two: to keep the $2 \cdot 4C
-# \cdot C = 8C^2$ parameters, the hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$ (rounded down: 341
-# for C = 128). $W_{\text{gate}}$ and $W_{\text{up}}$ are stacked into one layer, as queries, keys
-# and values are: one matrix product instead of two, split in half afterwards. **Biases** (the `b`
-# of `x @ W.T + b`, and LayerNorm's β) let a layer shift its output; GPT-2 has them, Llama drops
-# them (`bias`): at scale they bring nothing measurable, and cost memory.
+# a lower loss than GELU at the same size. To keep the $8C^2$ parameters with three matrices, the
+# hidden width is $\tfrac{2}{3} \cdot 4C = 8C/3$ (341 for C = 128); $W_{\text{gate}}$ and
+# $W_{\text{up}}$ are stacked into one layer, as queries, keys and values are. **Biases** (the `b`
+# of `x @ W.T + b`, and LayerNorm's β): GPT-2 has them, Llama drops them (`bias`).
 #
 # **Pre-norm.** The original Transformer normalised *after* each residual addition
 # (`x = norm(x + f(x))`); GPT-2 moved the norm to the *input* of each sub-layer
 # (`x = x + f(norm(x))`), which trains more stably in deep stacks because the residual stream
-# is never rescaled, so the straight path the additions give gradients stays intact. The price:
-# the stream is never normalised either, and its scale grows as blocks add to it. So a
-# pre-norm model needs one **final norm** after the last block. Without it, the output layer
-# would read vectors whose size depends on the depth and drifts in training: the logits grow
-# with it, and so does the confidence of every prediction, earned or not. **Dropout** (section
-# 6) acts in two more places: on the attention weights, and on each sub-layer's output.
+# is never rescaled. The price: its scale grows as blocks add to it, so a pre-norm model needs
+# one **final norm** after the last block; without it, the output layer would read vectors whose
+# size drifts with depth and training, and so would the confidence of every prediction, earned or
+# not. **Dropout** (section 6) acts in two more places: on the attention weights, and on each
+# sub-layer's output.
 
 # %%
 class MLP(nn.Module):
@@ -1071,12 +1011,9 @@ if IN_NOTEBOOK:
 # **Weight tying.** The output layer is a (V, C) matrix, the shape of the token embedding
 # table, and the two do mirror-image jobs: one turns a token into a vector, the other scores
 # how well a vector matches each token. Press & Wolf (2017) showed that one matrix for both
-# works as well or better, and GPT-2 does it. It matters most for a small model with a large
-# vocabulary: the table alone learns only from the tokens in a batch, but the output layer
-# learns about every token at every position (each logit gets a gradient), so rare tokens learn
-# from every prediction; and the tables are a large share of the model (in GPT-2's smallest,
-# one table holds 38.6M of 124M parameters). For our 65 characters, all common, it saves only
-# 8,320 numbers; it matters for Appendix B's subword vocabularies, and costs nothing.
+# works as well or better, and GPT-2 does it. It matters most with a large vocabulary: the
+# output layer learns about every token at every position, so rare tokens learn from every
+# prediction. For our 65 characters it saves only 8,320 numbers, and costs nothing.
 #
 # **Initialisation.** Weights start from a normal distribution with standard deviation 0.02,
 # GPT-2's value (a convention, not tuned here), small enough that the initial logits are all near
@@ -1085,9 +1022,8 @@ if IN_NOTEBOOK:
 # GPT-2: the stream is a sum of $2 \cdot n_{layer}$ such terms, and the variance of a sum of N
 # independent terms grows like N, so dividing each term's std by $\sqrt{N}$ keeps the stream's scale
 # independent of depth. With logits near zero, every token gets $p \approx 1/V$, and the loss starts
-# near $\ln V$ (section 5), 4.17 here (a little above: the logits are small, not zero); far above
-# means a broken start. **Random numbers** (initial weights, batches, dropout): seeding PyTorch's
-# generator, and Python's for code you add, makes a CPU run repeatable to the last digit.
+# near $\ln V$ (section 5), 4.17 here; far above means a broken start. Seeding the random
+# generators (`set_seed`) makes a CPU run repeatable to the last digit.
 
 # %%
 def set_seed(seed: int) -> None:
@@ -1130,11 +1066,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Returns (logits (B, T, V), the mean loss over B*T positions, or None)."""
-        T = idx.shape[1]
-        cache = self.blocks[0].attn.cache  # None, except in Appendix D
-        start = 0 if cache is None else cache.length  # the position of idx's first token
-        assert start + T <= self.cfg.block_size, f"{start + T} positions > block_size"
-        x = self.embed(idx, start)  # (B, T, C)
+        assert idx.shape[1] <= self.cfg.block_size, "more tokens than block_size positions"
+        x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
@@ -1166,12 +1099,10 @@ if IN_NOTEBOOK:
 # we tried at which the loss fell (at 0.5 it became `nan`, "not a number": the arithmetic
 # overflowed). Watch where it stalls: near 3.3 nats, the loss of a model that knows only how common
 # each character is (the average of −ln(frequency) over the text is 3.31); below it, the model has
-# begun to use the context. The rest of this section takes the same loop much further: a better
-# optimiser, a learning-rate schedule, a guard against bad steps, an honest measurement.
+# begun to use the context. The rest of this section takes the same loop much further.
 # `train_step` takes a *list* of batches and averages their gradients before stepping (*gradient
-# accumulation*): one batch here, several when a large batch is split to save memory or shared among
-# processes (Appendix E). A model has two modes: `model.train()`, for training, and `model.eval()`,
-# for measuring and writing, which switches dropout off; a new model starts in training mode.
+# accumulation*): one batch here, several when a large batch is split to save memory. A model has
+# two modes: `model.train()`, and `model.eval()`, which switches dropout off.
 
 # %%
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list,
@@ -1208,9 +1139,10 @@ if IN_NOTEBOOK:
 #
 # `Config` extends `ModelConfig` with the settings of training, so one object describes a whole
 # run; each is explained below, where it is used, and a few belong to the appendices. The batch
-# size, the number of steps and the learning rate were chosen by measurement (the README has
-# the table): within two minutes on a laptop CPU, more and smaller steps won, and 3e-3 was as
-# good as any higher rate while leaving a margin against blowing up.
+# size, the number of steps and the learning rate were chosen by measurement: given the same two
+# minutes on a laptop CPU, more and smaller steps won (12 sequences × 3000 steps ended about 0.1
+# nats below 32 × 1200), and a peak learning rate of 3e-3 did as well as 4e-3 while leaving a
+# margin against blowing up.
 
 # %%
 @dataclass
@@ -1255,11 +1187,10 @@ class Config(ModelConfig):
 # **Weight decay** pulls weights gently towards zero: large weights let a model fit the quirks
 # of its training text, small ones favour smoother functions, which fights overfitting. AdamW
 # applies it directly to the weights rather than through the gradient (Loshchilov & Hutter,
-# 2019). We decay only the *matrices* (everything with 2 dimensions). Biases and norm gains are
-# vectors: decaying a gain would just shrink a layer's output, and biases hold too few numbers
-# to overfit with. The strength, 0.1, is GPT-3's (Brown et al., 2020, appendix B), as are the
-# clipping and the final learning rate below. The quick run barely overfits, so here decay
-# changes little; it is kept for longer runs, which do.
+# 2019). We decay only the *matrices* (everything with 2 dimensions): decaying a norm's gain
+# would just shrink a layer's output, and biases hold too few numbers to overfit with. The
+# strength, 0.1, is GPT-3's (Brown et al., 2020, appendix B), as are the clipping and the final
+# learning rate below.
 
 # %%
 def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -1283,7 +1214,6 @@ def configure_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
 # **cosine decay** lowers it smoothly to `min_lr`, a tenth of the peak as in GPT-3, at the last
 # step: big steps while the loss falls fast, small ones at the end to settle into a minimum (the
 # cosine is a smooth curve flat at both ends; other smooth decays do about as well).
-# It is a plain function of the step number, easy to test, and a stopped run resumes it exactly.
 #
 # **Gradient clipping.** Now and then an unlucky batch gives a gradient far larger than the
 # rest, and one such step can throw the weights far off course. `train_step` rescales the
@@ -1312,16 +1242,12 @@ if IN_NOTEBOOK:
 #
 # A loss measured on one random batch is noisy, so we average over `eval_iters` batches per split,
 # drawn **once** from a seeded generator and reused at every evaluation: differences between
-# evaluations then come from the model alone. The two splits and the training batches use three
-# different seeds (`seed`, `seed + 1`, `seed + 2`), so training never starts with the very windows
-# evaluation measures. 20 batches of 12 × 64 characters make about 15,000 per split; one
-# character's loss varies by about 1.6 nats (measured on the trained quick-run model), so their mean
-# would vary by 1.6 / √15,000 ≈ 0.013 if the characters were independent. They are not
-# (neighbours share their context): over 30 draws of the batches, the quick-run model's validation
-# loss varied by 0.02.
-# Evaluation runs in eval mode (dropout off, so the answer is repeatable) without recording for
-# gradients (nothing to backpropagate), then puts the model back as it was. Sampling needs the same,
-# so it is one context manager, `evaluating`.
+# evaluations then come from the model alone. The splits and the training batches use three seeds
+# (`seed`, `seed + 1`, `seed + 2`), so training never starts with the very windows evaluation
+# measures. 20 batches of 12 × 64 characters are about 15,000 per split: over 30 draws of such
+# batches, the trained quick-run model's validation loss varied by 0.02. Evaluation runs in eval
+# mode (dropout off) without recording for gradients, then puts the model back as it was.
+# Sampling needs the same, so it is one context manager, `evaluating`.
 
 # %%
 @contextmanager
@@ -1346,100 +1272,55 @@ def fixed_batches(data: torch.Tensor, cfg: Config, seed: int) -> list:
             for _ in range(cfg.eval_iters)]
 
 
-def estimate_loss(model: GPT, batches: list) -> float:
+def evaluation_batches(train_data: torch.Tensor, val_data: torch.Tensor, cfg: Config) -> dict:
+    """The fixed batches of both splits, drawn with the seeds seed + 1 and seed + 2."""
+    return {"train": fixed_batches(train_data, cfg, cfg.seed + 1),
+            "val": fixed_batches(val_data, cfg, cfg.seed + 2)}
+
+
+def estimate_loss(model: nn.Module, batches: list) -> float:
     """Mean loss of the model over a fixed list of (inputs, targets) batches."""
     with evaluating(model):
-        losses = [model(x.to(model.device), y.to(model.device))[1].item() for x, y in batches]
-    return sum(losses) / len(losses)
+        return torch.stack([model(x, y)[1] for x, y in batches]).mean().item()
 
 
 # %% [markdown]
 # ### The training loop
 #
-# Everything comes together in one loop. A `Run` holds what changes while a model trains: the
-# model, the optimiser, the generator that draws the batches, the steps taken, and the history
-# of evaluations (a row every `eval_interval` steps and after the last; its `lr` is that of the
-# step about to be taken). A real run also needs things that have nothing to do with learning:
-# progress lines, checkpoints, a clean stop on Ctrl-C, several processes. Rather than weave them
-# in, the loop calls **hooks**, methods of a `Hooks` object, at fixed moments. Here they do
-# nothing; Appendices E and F subclass `Hooks` to add run management without changing a line of
-# the loop. Part I's one subclass prints the losses. The notebook trains for 1000 steps, a third
-# of the command line's quick run, so that it runs in a few minutes; the full 3000 steps reach a
-# validation loss of about 1.61 nats (Appendix C).
+# Everything comes together in one loop: evaluate every `eval_interval` steps (and after the
+# last), otherwise draw `grad_accum_steps` batches and take a step. The loop is a Python
+# *generator* (a function with `yield`; nothing to do with section 5's `torch.Generator` of
+# random numbers): after each evaluation it hands its caller the losses,
+# after each step that step's loss, and waits until the caller asks for more. What to do with
+# them (print, keep, draw, stop early) is the caller's business, so the loop holds nothing but
+# learning; the appendices drive the very same loop for real runs (Appendix F). `step` counts the
+# steps already taken: 0 for a new model. Training batches come from an endless stream,
+# `random_batches`. The notebook trains for 1000 steps, a third of the command line's quick run,
+# so that it runs in about a minute; the full 3000 steps reach a validation loss of about 1.61.
 
 # %%
-@dataclass
-class Run:
-    """What changes while a model trains: everything needed to continue the run exactly."""
-    model: GPT
-    optimizer: torch.optim.Optimizer
-    batch_generator: torch.Generator  # draws the training batches
-    step: int = 0  # optimizer steps taken so far
-    history: list = field(default_factory=list)  # a dict per evaluation
-
-
-def start_run(model: GPT, cfg: Config) -> Run:
-    return Run(model, configure_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
-
-
-class Hooks:
-    """Moments of the training loop where run management plugs in; here they do nothing."""
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return model  # the module the steps run: e.g. spread over processes (Appendix E)
-
-    def prepare(self, batches: list) -> list:
-        return batches  # e.g. this process's share, moved to the GPU (Appendix E)
-
-    def estimate_loss(self, model: GPT, batches: list) -> float:
-        return estimate_loss(model, batches)  # e.g. in 16-bit, batches kept on a GPU (App. E)
-
-    def evaluated(self, run: Run) -> None:
-        pass  # e.g. print progress, save the history and checkpoints (Appendix F)
-
-    def before_step(self, run: Run) -> None:
-        pass  # e.g. stop cleanly when Ctrl-C was pressed (Appendix F)
-
-    def after_step(self, run: Run, loss: float) -> None:
-        pass  # e.g. stop when the loss is no longer a number (Appendix F)
-
-
-def train(run: Run, cfg: Config, train_data: torch.Tensor, val_data: torch.Tensor,
-          hooks: Hooks = Hooks()) -> Run:
-    """Train run.model from run.step to cfg.max_iters steps, evaluating as it goes."""
-    eval_batches = {"train": fixed_batches(train_data, cfg, cfg.seed + 1),
-                    "val": fixed_batches(val_data, cfg, cfg.seed + 2)}
-    model = hooks.wrap(run.model)
-    seconds_before = run.history[-1]["elapsed_s"] if run.history else 0.0  # (a resumed run)
-    started = time.perf_counter()
+def random_batches(data: torch.Tensor, cfg: Config,
+                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An endless stream of random batches (inputs, targets) of one split."""
     while True:
-        due = run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters
-        if due and not (run.history and run.history[-1]["step"] == run.step):  # (not resumed)
-            losses = {split: hooks.estimate_loss(run.model, batches)
-                      for split, batches in eval_batches.items()}
-            run.history.append({"step": run.step, "train_loss": losses["train"],
-                                "val_loss": losses["val"],
-                                "lr": lr_at(min(run.step, cfg.max_iters - 1), cfg),
-                                "elapsed_s": seconds_before + time.perf_counter() - started})
-            hooks.evaluated(run)
-        if run.step == cfg.max_iters:
-            return run
-        hooks.before_step(run)
-        batches = [get_batch(train_data, cfg.block_size, cfg.batch_size, run.batch_generator)
-                   for _ in range(cfg.grad_accum_steps)]
-        loss = train_step(model, run.optimizer, hooks.prepare(batches), lr_at(run.step, cfg),
-                          cfg.grad_clip)
-        hooks.after_step(run, loss)
-        run.step += 1
+        yield get_batch(data, cfg.block_size, cfg.batch_size, generator)
 
 
-class PrintLosses(Hooks):
-    """Print each evaluation's losses."""
-
-    def evaluated(self, run: Run) -> None:
-        row = run.history[-1]
-        print(f"step {row['step']:5} | train {row['train_loss']:.4f} | val {row['val_loss']:.4f}"
-              f" | {row['elapsed_s']:4.0f} s")
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, batches: Iterator,
+          eval_batches: dict, step: int = 0) -> Iterator[dict]:
+    """Train from `step` to cfg.max_iters. Yields each evaluation's losses (a row with
+    train_loss and val_loss) and each step's loss (a row with loss)."""
+    while True:
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            losses = {f"{split}_loss": estimate_loss(model, split_batches)
+                      for split, split_batches in eval_batches.items()}
+            yield {"step": step, **losses, "lr": lr_at(min(step, cfg.max_iters - 1), cfg)}
+        if step == cfg.max_iters:
+            return
+        step_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+        loss = train_step(model, optimizer, step_batches, lr_at(step, cfg), cfg.grad_clip)
+        step += 1
+        yield {"step": step, "loss": loss}
 
 
 # %%
@@ -1447,7 +1328,16 @@ if IN_NOTEBOOK:
     notebook_cfg = Config(max_iters=1000, eval_interval=100)
     set_seed(notebook_cfg.seed)
     model = GPT(notebook_cfg, tokenizer.vocab_size)
-    run = train(start_run(model, notebook_cfg), notebook_cfg, train_data, val_data, PrintLosses())
+    optimizer = configure_optimizer(model, notebook_cfg)
+    batches = random_batches(train_data, notebook_cfg,
+                             torch.Generator().manual_seed(notebook_cfg.seed))
+    history, started = [], time.perf_counter()  # history: the rows of the evaluations
+    for row in train(model, optimizer, notebook_cfg, batches,
+                     evaluation_batches(train_data, val_data, notebook_cfg)):
+        if "val_loss" in row:  # an evaluation (the other rows are single steps)
+            history.append(row)
+            print(f"step {row['step']:5} | train {row['train_loss']:.4f} | "
+                  f"val {row['val_loss']:.4f} | {time.perf_counter() - started:4.0f} s")
 
 # %% [markdown]
 # ### What training did
@@ -1458,7 +1348,67 @@ if IN_NOTEBOOK:
 # is not guaranteed: each estimate is good to about ±0.02, and the validation text is a different
 # stretch of plays that may simply be easier or harder to predict. What signals overfitting is a gap
 # that *widens*: the training loss still falling while the validation loss stalls or rises.
-# (Appendix A draws these curves, and looks inside the trained model.)
+
+# %%
+def plot_losses(history: list, title: str = "Training and validation loss"):
+    steps = [row["step"] for row in history]
+    fig, ax = new_figure(figsize=(9, 5))
+    ax.plot(steps, [row["train_loss"] for row in history], marker=".", label="train")
+    ax.plot(steps, [row["val_loss"] for row in history], marker=".", label="validation")
+    ax.set(title=title, xlabel="step", ylabel="cross-entropy loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    plot_losses(history)
+    plt.show()
+
+# %% [markdown]
+# **Attention, learned.** Section 7's idea at work: the first block's heads reading the first
+# line of the validation text, which the model has never seen. Each row is a query position and
+# shows where that character looked (the weights computed by `attention_weights`, from the
+# block's own input: the embeddings, normalised as the block does). Nothing lies right of the
+# diagonal: the mask. Look for a bright stripe just left of the diagonal: a head that attends to
+# the *previous* character, the most useful single fact for guessing the next one; and for
+# columns that light up at spaces (␣) and line breaks (↵): heads that track where the current
+# word or line began. Which head does which job changes from run to run; the kinds recur.
+# (Appendix A draws every layer.)
+
+# %%
+def plot_attention_heatmap(ax, weights: torch.Tensor, tokens: list[str], title: str,
+                           fontsize: int = 10) -> None:
+    """Draw one (T, T) attention matrix on `ax`, with the tokens' text along both axes."""
+    T = len(tokens)
+    ax.imshow(weights.detach().cpu().numpy(), cmap="viridis", vmin=0)
+    labels = ["".join(visible(c) for c in token) for token in tokens]
+    ax.set_xticks(range(T), labels, fontsize=fontsize)
+    ax.set_yticks(range(T), labels, fontsize=fontsize)
+    ax.tick_params(length=0)
+    ax.set_title(title)
+
+
+def plot_first_block_attention(model: GPT, tokenizer: CharTokenizer, line: str):
+    """Each head of the first block attending over `line` (one panel a head)."""
+    idx = torch.tensor([tokenizer.encode(line)], device=model.device)  # (1, T)
+    block = model.blocks[0]
+    with evaluating(model):
+        weights = attention_weights(block.attn, block.norm1(model.embed(idx)))[0]  # (H, T, T)
+    fig, axes = new_figure(1, len(weights), figsize=(5 * len(weights), 5.5), squeeze=False)
+    for head, ax in enumerate(axes[0]):
+        plot_attention_heatmap(ax, weights[head], list(line), f"head {head + 1}", fontsize=7)
+    fig.suptitle("The first block's attention after training (row: query, column: key)")
+    fig.tight_layout()
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    first_line = val_text[val_text.index("\n"):].lstrip("\n")[:40]  # (the 90% cut is mid-line)
+    plot_first_block_attention(model, tokenizer, first_line)
+    plt.show()
 
 # %% [markdown]
 # ## 11. Sampling
@@ -1477,19 +1427,18 @@ if IN_NOTEBOOK:
 #   when the model is sure, many when it is not. The most likely token is always kept.
 #
 # Filtered-out tokens get logit $-\infty$, hence probability exactly 0; `torch.multinomial`
-# draws from the rest with a seeded generator (same seed, same text). The arguments are
-# checked once, where they come in (`generate`, below), not at every token.
+# draws from the rest with a seeded generator (same seed, same text).
 
 # %%
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
                         vocab_size: int) -> None:
     if not (temperature >= 0):  # also rejects NaN
-        raise UserError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+        raise UserError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     if top_k is not None and not (1 <= top_k <= vocab_size):
-        raise UserError(f"--top-k must be at least 1 and at most the vocabulary size "
+        raise UserError(f"top_k must be at least 1 and at most the vocabulary size "
                         f"{vocab_size}, got {top_k}")
     if top_p is not None and not (0 < top_p <= 1):
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -1536,57 +1485,32 @@ if IN_NOTEBOOK:
 # ### Writing
 #
 # Generation feeds the model its own output, one token at a time, yielding each token as soon as
-# it exists (`generate` is a Python generator), so text can be printed as it comes. The model
-# reads at most `block_size` tokens, a **window** of the latest ones. When the window is full we
-# keep its last half and go on, so right after each jump the model sees only the last 32 tokens
-# instead of 64. Why not slide by one token? Appendix D makes generation fast by keeping work
-# from one token to the next (`use_cache=True`), which only pays if the window stays put for a
-# while; the two paths read the same windows and give the same logits, to rounding. The final
-# sample uses temperature 0.8, a common choice (not tuned here): a little sharper than the
-# model's own distribution, for fewer misspellings but still varied text. In it, the model of
-# section 10 writes: text became integers, integers vectors, attention and MLPs turned them into
+# it exists (`generate` is a generator, like section 10's loop), so text can be printed as it
+# comes. The model has positions for at most `block_size` tokens, so it reads a **window** of the
+# latest `block_size` tokens: each new token runs the model over the whole window again, which is
+# simple and slow (Appendix D keeps the work of earlier tokens instead). The final sample uses
+# temperature 0.8, a common choice (not tuned here): a little sharper than the model's own
+# distribution, for fewer misspellings but still varied text. In it, the model of section 10
+# writes: text became integers, integers vectors, attention and MLPs turned them into
 # probabilities, gradient descent made those good, and sampling turns them back into text.
 
 # %%
 def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None,
-             use_cache: bool = False) -> Iterator[int]:
-    """`max_new_tokens` token ids, each sampled after the ones before; arguments checked here."""
+             generator: torch.Generator | None = None) -> Iterator[int]:
+    """`max_new_tokens` token ids, each sampled after the ones before; arguments checked at the
+    first token."""
     check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
     if not prompt_ids:
-        raise UserError("the prompt is empty: give at least one character with --prompt")
-    if max_new_tokens < 0:
-        raise UserError(f"the number of tokens to generate must not be negative, "
-                        f"got {max_new_tokens}")
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    return _generate(model, list(prompt_ids), max_new_tokens, sampling, use_cache)
-
-
-def _generate(model: GPT, ids: list[int], max_new_tokens: int, sampling: dict,
-              use_cache: bool) -> Iterator[int]:
-    block_size = model.cfg.block_size
-    window_start = max(0, len(ids) - block_size)  # the model reads ids[window_start:]
-    cache = make_cache(model) if use_cache else None  # (Appendix D)
+        raise UserError("the prompt is empty: give at least one token")
+    ids = list(prompt_ids)
     for _ in range(max_new_tokens):
-        if len(ids) - window_start > block_size:  # the window is full: keep its last half
-            window_start = len(ids) - max(1, block_size // 2)
-            if cache is not None:
-                cache.clear()  # (and start the cache afresh)
+        window = torch.tensor([ids[-model.cfg.block_size:]], device=model.device)  # (1, T)
         with evaluating(model):  # per token: between tokens the caller gets its mode back
-            logits = next_token_logits(model, ids, window_start, cache)  # (1, V)
-            next_id = sample_next(logits, **sampling).item()
+            logits, _ = model(window)  # (1, T, V)
+            next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator).item()
         ids.append(next_id)
         yield next_id
-
-
-def next_token_logits(model: GPT, ids: list[int], window_start: int,
-                      cache: KVCache | StaticKVCache | None) -> torch.Tensor:
-    """Logits (1, V) for the token after ids[window_start:]."""
-    if cache is not None:  # (Appendix D)
-        return cache.logits_after(model, ids[window_start:])
-    logits, _ = model(torch.tensor([ids[window_start:]], device=model.device))  # (1, T, V)
-    return logits[:, -1, :]
 
 
 # %%
@@ -1606,30 +1530,10 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix A. Inside the trained model
 #
-# *Builds on sections 7 (attention, and its `keep_weights` switch), 9 to 11 (the model
-# trained there, and the sampling filters). Adds pictures of what training produced;
-# `python llm.py train` saves the loss curves and the attention maps as `loss.png` and
-# `attention.png`.*
-
-# %% [markdown]
-# **The loss curves** of section 10's run, as printed there.
-
-# %%
-def plot_losses(history: list, title: str = "Training and validation loss"):
-    steps = [row["step"] for row in history]
-    fig, ax = new_figure(figsize=(9, 5))
-    ax.plot(steps, [row["train_loss"] for row in history], marker=".", label="train")
-    ax.plot(steps, [row["val_loss"] for row in history], marker=".", label="validation")
-    ax.set(title=title, xlabel="step", ylabel="cross-entropy loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_losses(run.history)
-    plt.show()
+# *Builds on sections 7 (attention and `attention_weights`), 9 to 11 (the model trained there,
+# and the sampling filters). Adds pictures of what training produced, and shows how an appendix
+# reads what happens inside Part I's modules without changing them: a forward hook. `python
+# llm.py train` saves the loss curves and the attention maps as `loss.png` and `attention.png`.*
 
 # %% [markdown]
 # **Before training.** Seen as pictures: the mask lets each row (a query position) look only at
@@ -1638,18 +1542,6 @@ if IN_NOTEBOOK:
 # mask, but their pattern is arbitrary.
 
 # %%
-def plot_attention_heatmap(ax, weights: torch.Tensor, tokens: list[str], title: str,
-                           fontsize: int = 10) -> None:
-    """Draw one (T, T) attention matrix on `ax`, with the tokens' text along both axes."""
-    T = len(tokens)
-    ax.imshow(weights.detach().cpu().numpy(), cmap="viridis", vmin=0)
-    labels = ["".join(visible(c) for c in token) for token in tokens]
-    ax.set_xticks(range(T), labels, fontsize=fontsize)
-    ax.set_yticks(range(T), labels, fontsize=fontsize)
-    ax.tick_params(length=0)
-    ax.set_title(title)
-
-
 def plot_mask_and_head(head: Head, embed: Embeddings, tokenizer: CharTokenizer, line: str):
     ids = torch.tensor([tokenizer.encode(line)])  # (1, T)
     with torch.no_grad():
@@ -1672,27 +1564,33 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **Attention after training.** Below is every head of every layer reading the first line of
-# the validation text, which the model has never seen. Each row is a query position and shows
-# where that character looked. Look for heads with a bright stripe just left of the diagonal:
-# they attend to the *previous* character, the most useful single fact for guessing the next
-# one. Other heads light up columns at spaces (␣) and line breaks (↵): they track where the
-# current word or line began. Which head does which job changes from run to run; the kinds
-# recur.
+# **Every layer's attention.** Section 10 drew the first block, whose input is simply the
+# embeddings. A deeper block's input is whatever the blocks below it wrote, so we *capture* it
+# while the model runs: PyTorch calls a **forward pre-hook**, a function registered on a module
+# with `register_forward_pre_hook`, with the module's input just before each call. The hook
+# keeps it; `attention_weights` then computes that block's weights from it, and the hooks are
+# removed. The model's code is untouched: this is how an appendix looks inside a Part I module.
+# Below is every head of every layer reading the same line as in section 10.
 
 # %%
-@contextmanager
-def keeping_attention_weights(model: nn.Module):
-    """Inside the block, every attention layer of `model` attends by hand and keeps its weights
-    in `.weights`; yields the list of those layers, in order."""
-    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    for layer in layers:
-        layer.keep_weights = True
+def attention_inputs(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
+    """What each block's attention receives (B, T, C) while the model reads idx (B, T)."""
+    inputs = []
+    hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+             for block in model.blocks]
     try:
-        yield layers
+        model(idx)
     finally:
-        for layer in layers:
-            layer.keep_weights, layer.weights = False, None
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+def attention_demo_line(val_text: str, block_size: int, max_chars: int = 40) -> str:
+    """The first whole line(s) of the validation text, short enough to label every character."""
+    start = val_text.find("\n") + 1  # skip the partial line the 90% cut may leave at the start
+    line = val_text[start:].lstrip("\n") or val_text  # (a text with no later line: use it all)
+    return line[:min(block_size, max_chars)]
 
 
 def plot_attention_maps(model: GPT, tokenizer, line: str):
@@ -1700,9 +1598,9 @@ def plot_attention_maps(model: GPT, tokenizer, line: str):
     token_ids = tokenizer.encode(line)[:model.cfg.block_size]
     tokens = [tokenizer.decode([i]) for i in token_ids]
     idx = torch.tensor([token_ids], device=model.device)  # (1, T)
-    with evaluating(model), keeping_attention_weights(model) as layers:
-        model(idx)
-        weights = [layer.weights[0] for layer in layers]  # n_layer x (H, T, T)
+    with evaluating(model):
+        weights = [attention_weights(block.attn, x)[0]  # n_layer x (H, T, T)
+                   for block, x in zip(model.blocks, attention_inputs(model, idx))]
     n_layer, n_head = len(weights), weights[0].shape[0]
     fig, axes = new_figure(n_layer, n_head, figsize=(4 * n_head, 4 * n_layer), squeeze=False)
     for layer in range(n_layer):
@@ -1714,16 +1612,9 @@ def plot_attention_maps(model: GPT, tokenizer, line: str):
     return fig
 
 
-def attention_demo_line(val_text: str, block_size: int, max_chars: int = 40) -> str:
-    """The first whole line(s) of the validation text, short enough to label every character."""
-    start = val_text.find("\n") + 1  # skip the partial line the 90% cut may leave at the start
-    line = val_text[start:].lstrip("\n") or val_text  # (a text with no later line: use it all)
-    return line[:min(block_size, max_chars)]
-
-
 # %%
 if IN_NOTEBOOK:
-    plot_attention_maps(model, tokenizer, attention_demo_line(val_text, notebook_cfg.block_size))
+    plot_attention_maps(model, tokenizer, first_line)
     plt.show()
 
 # %% [markdown]
@@ -1877,10 +1768,13 @@ class BPETokenizer:
 
     def __init__(self, merges: list[tuple[int, int]]):
         self.merges = [tuple(pair) for pair in merges]
-        self.ranks = {pair: 256 + i for i, pair in enumerate(self.merges)}  # pair -> its new id
+        self.merge_ranks = {pair: i for i, pair in enumerate(self.merges)}  # pair -> when learned
+        self.merge_ids = {pair: 256 + i for i, pair in enumerate(self.merges)}  # pair -> its id
+        self.byte_ids = list(range(256))  # byte -> its token's id
         self.vocab = [bytes([b]) for b in range(256)]  # token id -> the bytes it stands for
         for a, b in self.merges:
             self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.chunk_pattern = CHUNK_PATTERN
         self.cache = {}  # chunk -> token ids, filled as text is encoded
 
     @classmethod
@@ -1912,17 +1806,17 @@ class BPETokenizer:
         return len(self.vocab)
 
     def encode_chunk(self, chunk: str) -> list[int]:
-        ids = list(chunk.encode("utf-8"))
-        while len(ids) > 1:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))  # earliest
-            if pair not in self.ranks:
+        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        while len(ids) > 1:  # merge the pair learned earliest
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.merge_ranks.get(p, math.inf))
+            if pair not in self.merge_ranks:
                 break
-            ids = merge_pair(ids, pair, self.ranks[pair])
+            ids = merge_pair(ids, pair, self.merge_ids[pair])
         return ids
 
     def encode(self, text: str) -> list[int]:
         ids = []
-        for chunk in CHUNK_PATTERN.findall(text):
+        for chunk in self.chunk_pattern.findall(text):
             if chunk not in self.cache:
                 self.cache[chunk] = self.encode_chunk(chunk)
             ids.extend(self.cache[chunk])
@@ -1931,6 +1825,10 @@ class BPETokenizer:
     def decode(self, ids) -> str:
         # One token can end inside a multi-byte character; "replace" shows that as "�".
         return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    def state(self) -> dict:
+        """The merges, as plain values: all a checkpoint needs to rebuild this tokenizer."""
+        return {"kind": "bpe", "merges": [list(pair) for pair in self.merges]}
 
 
 # %%
@@ -2025,11 +1923,8 @@ Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
 
 def tokenizer_state(tokenizer: Tokenizer) -> dict:
     """Everything needed to rebuild a tokenizer, as plain values (saved with a model)."""
-    if isinstance(tokenizer, GPT2Tokenizer):  # GPT-2's own (Appendix H)
-        return {"kind": "gpt2", "vocab": tokenizer.token_ids,
-                "merges": [list(pair) for pair in tokenizer.merges]}
     if isinstance(tokenizer, BPETokenizer):
-        return {"kind": "bpe", "merges": [list(pair) for pair in tokenizer.merges]}
+        return tokenizer.state()
     return {"kind": "char", "chars": tokenizer.chars}
 
 
@@ -2040,12 +1935,12 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     return tokenizer.chars[token_id].encode("utf-8")
 
 
+TOKENIZER_KINDS = {"char": lambda state: CharTokenizer(state["chars"]),  # kind -> rebuild
+                   "bpe": lambda state: BPETokenizer(state["merges"])}  # (Appendix H adds one)
+
+
 def tokenizer_from_state(state: dict) -> Tokenizer:
-    if state["kind"] == "char":
-        return CharTokenizer(state["chars"])
-    if state["kind"] == "gpt2":  # (Appendix H)
-        return GPT2Tokenizer(state["vocab"], state["merges"])
-    return BPETokenizer(state["merges"])
+    return TOKENIZER_KINDS[state["kind"]](state)
 
 
 def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> Tokenizer:
@@ -2104,33 +1999,23 @@ def with_bits(row: dict, corpus: Corpus) -> dict:
 # %% [markdown]
 # ### Text as it is generated
 #
-# The command line prints text while it is being written. `stream_text` turns the token ids
-# of section 11's `generate` into text piece by piece. A byte-level token can end in the middle
-# of a multi-byte character, which is why it decodes through an incremental decoder.
+# The command line prints text while it is being written. `stream_text` turns the token ids of a
+# generator (section 11's `generate`, or Appendix D's faster `generate_fast`) into text, piece by
+# piece. A byte-level token can end in the middle of a multi-byte character, which is why it
+# decodes through an incremental decoder.
 
 # %%
-def seeded_generator(model: GPT, seed: int) -> torch.Generator:
-    """A random generator on the model's device, seeded: the same seed gives the same text."""
-    return torch.Generator(device=model.device).manual_seed(seed)
-
-
-def stream_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int = 1337,
-                **sampling) -> Iterator[str]:
+def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
+                generate_ids: Callable = generate, **sampling) -> Iterator[str]:
     """Yield the continuation of `prompt`, piece by piece, until it has `num_chars` characters.
 
     A byte-level token may end in the middle of a multi-byte character, so bytes go through
     an incremental UTF-8 decoder, which holds a partial character back until the rest
     arrives. Each token adds at least one byte and a character has at most 4, so 4 * num_chars
-    tokens always suffice; we stop as soon as there are enough characters. The arguments are
-    checked here, at the call, before any text comes out."""
-    if num_chars < 0:
-        raise UserError(f"--num-chars must not be negative, got {num_chars}")
-    new_ids = generate(model, tokenizer.encode(prompt), 4 * num_chars,
-                       generator=seeded_generator(model, seed), **sampling)
-    return decode_stream(tokenizer, new_ids, num_chars)
-
-
-def decode_stream(tokenizer: Tokenizer, new_ids: Iterator[int], num_chars: int) -> Iterator[str]:
+    tokens always suffice; we stop as soon as there are enough characters."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)  # same seed, same text
+    new_ids = generate_ids(model, tokenizer.encode(prompt), 4 * num_chars, generator=generator,
+                           **sampling)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     remaining = num_chars
     while remaining > 0:
@@ -2139,10 +2024,10 @@ def decode_stream(tokenizer: Tokenizer, new_ids: Iterator[int], num_chars: int) 
         yield piece
 
 
-def generate_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int = 1337,
-                  **sampling) -> str:
-    """The prompt followed by `num_chars` sampled characters (seeded)."""
-    return prompt + "".join(stream_text(model, tokenizer, prompt, num_chars, seed, **sampling))
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
+                  seed: int = 1337, **options) -> str:
+    """The prompt followed by `num_chars` sampled characters (seeded); options: stream_text's."""
+    return prompt + "".join(stream_text(model, tokenizer, prompt, num_chars, seed, **options))
 
 
 # %% [markdown]
@@ -2170,8 +2055,8 @@ def generate_text(model: GPT, tokenizer, prompt: str, num_chars: int, seed: int 
 #
 # **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps,
 # `python llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of
-# 1.70 and `llama` 1.61, in the same time (the README has the timings; `gpt2` reached 1.70 with
-# the exact GELU and with GPT-2's tanh formula alike). So `llama` is the default.
+# 1.70 and `llama` 1.61, in the same time (`gpt2` reached 1.70 with the exact GELU and with
+# GPT-2's tanh formula alike). So `llama` is the default.
 # Below, the notebook repeats the comparison on equal time and flips the switches one at a time.
 #
 # `--size` picks the model's shape: `cpu` is the quick run of Part I; `gpu` is a model about
@@ -2229,36 +2114,13 @@ if IN_NOTEBOOK:
               f"loss at initialisation {arch_loss.item():.2f}")
 
 # %% [markdown]
-# ### A third way to encode positions: fixed sine waves
+# ### The sine waves of section 6, drawn
 #
-# The original Transformer ("Attention Is All You Need", 2017) added to each token a fixed
-# vector of sine waves of different frequencies, with nothing to learn (`--pos-encoding
-# sinusoidal`). Pair $i$ of channels at position $p$ holds $\sin(p/10000^{2i/C})$ and
-# $\cos(p/10000^{2i/C})$: the angles of RoPE (section 7), written into the vector instead of
-# turning it. Fast waves tell neighbours apart, slow waves tell the start of a text from its
-# end, and the offset between two positions becomes a fixed rotation of each (sin, cos) pair,
-# which the model can learn to detect. Neither preset uses it; it is here for comparison.
-
-# %%
-def sinusoidal_positions(n_positions: int, dim: int) -> torch.Tensor:
-    """The fixed sinusoidal encodings of positions 0..n_positions-1, shape (n_positions, dim)."""
-    angle = position_angles(n_positions, dim)  # (T, ceil(C/2))
-    encoding = torch.zeros(n_positions, dim)
-    encoding[:, 0::2] = torch.sin(angle)  # even channels
-    encoding[:, 1::2] = torch.cos(angle[:, : dim // 2])  # odd channels
-    return encoding
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    print("sinusoidal encodings of positions 0-3, first 6 channels:")
-    print(sinusoidal_positions(8, 16)[:4, :6].numpy().round(3))
-
-# %% [markdown]
-# Drawn as a picture, each row of the sinusoidal table is the code of one position. The left
-# channels oscillate quickly from one position to the next, the right ones so slowly that they
-# barely change over 64 positions: together they give every position a distinct pattern.
+# Neither preset uses the original Transformer's fixed sine waves (`--pos-encoding
+# sinusoidal`); they are here for comparison. Each row of the table is the code of one position.
+# The left channels oscillate quickly from one position to the next, the right ones so slowly
+# that they barely change over 64 positions: together they give every position a distinct
+# pattern.
 
 # %%
 def plot_positional_encodings(n_positions: int = 64, dim: int = 64, channels=(0, 2, 10, 20, 40)):
@@ -2346,14 +2208,14 @@ def median_seconds(call: Callable, device: torch.device, repeats: int, warmup: i
 
 def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20,
                      device: torch.device = torch.device("cpu"),
-                     hooks: Hooks = Hooks()) -> tuple[float, GPT]:
+                     wrap: Callable = lambda model: model) -> tuple[float, GPT]:
     """Median time of one training step of `cfg` on `device` (random tokens of the real shapes:
-    speed does not depend on the text), and the model it was measured with. `hooks.wrap` gives
-    the module the steps run, as in `train`."""
+    speed does not depend on the text), and the model it was measured with. `wrap` gives the
+    module the steps run (Appendix E's `wrap_for_device`, say)."""
     set_seed(cfg.seed)
     model = GPT(cfg, vocab_size).to(device)
     optimizer = configure_optimizer(model, cfg)
-    stepped = hooks.wrap(model)
+    stepped = wrap(model)
     x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
     batches = [(x, x)] * cfg.grad_accum_steps
 
@@ -2377,10 +2239,14 @@ def train_for(cfg: Config, text: str, seconds: float, n_evals: int = 8) -> dict:
     cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=max(1, steps // 30),
                               eval_interval=max(1, steps // n_evals))
     set_seed(cfg.seed)
-    run = train(start_run(GPT(cfg, tokenizer.vocab_size), cfg), cfg, corpus.train_data,
-                corpus.val_data)
-    history = [with_bits(row, corpus) for row in run.history]
-    return {"parameters": run.model.num_parameters(), "steps": steps,
+    model = GPT(cfg, tokenizer.vocab_size)
+    batches = random_batches(corpus.train_data, cfg, torch.Generator().manual_seed(cfg.seed))
+    history, started = [], time.perf_counter()
+    for row in train(model, configure_optimizer(model, cfg), cfg, batches,
+                     evaluation_batches(corpus.train_data, corpus.val_data, cfg)):
+        if "val_loss" in row:  # an evaluation: keep it, with the time since the start
+            history.append(with_bits(row, corpus) | {"elapsed_s": time.perf_counter() - started})
+    return {"parameters": model.num_parameters(), "steps": steps,
             "tokens_per_s": tokens_per_step(cfg) / per_step,
             "val_loss": history[-1]["val_loss"], "val_bpb": history[-1]["val_bpb"],
             "history": history}
@@ -2455,85 +2321,174 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix D. Fast generation: the KV cache
 #
-# *Builds on sections 7 (attention, with its `cache` attribute), 9 (the model) and 11
-# (`generate`, with its `use_cache` switch). Adds a cache that makes each new token cost one
-# small step instead of a pass over the whole window. `python llm.py sample` uses it.*
+# *Builds on sections 6 to 9 (the model's layers, which it drives through their own weights)
+# and 11 (`generate`). Adds `generate_fast`, which makes each new token cost one small step
+# instead of a pass over the whole window. `python llm.py sample` uses it.*
 #
-# When the model writes, every new token attends to all the tokens before it, whose keys and
-# values never change: in a causal model, earlier positions never see later ones. So instead
-# of recomputing them at every step we keep them in a **KV cache** and compute queries, keys
-# and values for the one new token only. The prompt is run through the model once (the
-# *prefill*), filling the cache; after that each step runs only the new token, whose query
+# When section 11's `generate` writes, every new token runs the model over the whole window
+# again, although the keys and values of the earlier tokens never change: in a causal model,
+# earlier positions never see later ones. So we keep them in a **KV cache** and compute
+# queries, keys and values for the new token only. The prompt is run through the model once
+# (the *prefill*), filling the cache; after that each step runs only the new token, whose query
 # attends to all the cached keys. The projections and the MLP no longer grow with the context,
 # only the (small) attention does.
 #
-# A `LayerCache` holds one attention layer's keys and values, before grouped heads are
-# repeated (which is how grouped-query attention saves memory here). A `KVCache` holds one per
-# layer. `attached` lends each layer its cache for one forward pass: that layer's `cache`
-# attribute (section 7) then makes it start its positions after the cached tokens and attend
-# over cached and new keys together. The model is left exactly as it was afterwards, so a
-# paused generator never leaves a cache behind in a model that is used for something else.
+# **One cache, allocated once.** `KVCache` holds, for every layer, a key buffer and a value
+# buffer with room for a whole window: `block_size` *slots*, one per position, allocated when
+# generation starts. A step writes its tokens' keys and values into the slots of their
+# positions, in place, and its queries attend over the slots, with section 7's mask $M$ (0 where
+# a slot may be seen, $-\infty$ where not) added to the scores. One comparison builds $M$: a slot
+# after a query's position is hidden. The slots are kept before grouped heads are repeated,
+# which is how grouped-query attention saves memory here: each query head reads its group's
+# key/value head directly (its H / Hkv query heads become rows of one attention, so nothing is
+# repeated).
 #
-# **Past `block_size`.** The model knows positions 0 to `block_size − 1` only. When the window
-# is full, `generate` keeps its last half (section 11), and the cache starts afresh: the new
-# window is **prefilled again** from position 0, then continues step by step until it is full
-# again. Simply dropping the oldest cached entry would not be the same thing: every cached key
-# was computed while its token could still see tokens that have now left the window (through
-# the layers below), and with learned or sinusoidal positions every position would shift by
-# one. Re-prefilling is exact for every positional scheme, and costs one prefill per
-# `block_size / 2` tokens; a window that slid by one token would need a prefill per token and
-# undo the cache's gain. Without the cache the model recomputes the same windows; a test
-# checks that the two give the same logits at every position.
+# **A second forward pass, on the model's own weights.** The model's `forward` (section 9) knows
+# nothing of caches: it always starts at position 0. So `cached_forward` walks the same layers
+# itself, calling each module of the model (the token table, the norms, `qkv`, `proj`, the MLP,
+# the output layer), and adds only what a cache needs: positions that start after the tokens
+# already held, and attention over the slots. Two copies of a forward pass are two places to
+# keep right, so the cell below and the tests check that the cache gives the logits of a full
+# forward pass at every position, for every positional scheme and for grouped heads.
+#
+# **Past `block_size`: the window policy.** The model knows positions 0 to `block_size − 1`
+# only. Section 11's `generate` slides its window by one token per token, which here would mean
+# starting the cache afresh at every token: every cached key was computed while its token could
+# still see tokens that have now left the window (through the layers below), and with learned or
+# sinusoidal positions every position would shift by one. So `generate_fast` slides by half a
+# window at a time: when the window is full it keeps its last half, starts the cache afresh and
+# **prefills again** from position 0, then goes on token by token until the window is full again.
+# That costs one prefill per `block_size / 2` tokens, and right after each jump the model sees
+# only the last `block_size / 2` tokens instead of a full window: within the first `block_size`
+# tokens, `generate_fast` writes exactly what `generate` writes; past them, their texts differ.
+# What it claims, and the tests check, is that every token it writes is sampled from the logits a
+# full forward pass gives on its window.
 
 # %%
-class LayerCache:
-    """One attention layer's keys and values for every position seen so far."""
-
-    def __init__(self):
-        self.k = self.v = None  # (B, Hkv, T_seen, D) once filled
-        self.length = 0  # T_seen: the position the next token will have
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's keys and values (B, Hkv, T, D); return all of them so far."""
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v, self.length = k, v, k.shape[2]
-        return k, v
+CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
 
 
 class KVCache:
-    """The caches of all the model's attention layers."""
+    """Every layer's keys and values, in buffers allocated once for a whole window; on a CUDA
+    GPU, each number of tokens fed is recorded once as a CUDA graph (below) and replayed."""
 
     def __init__(self, model: GPT):
-        self.layers = [LayerCache() for _ in model.blocks]
+        attn, weight = model.blocks[0].attn, model.lm_head.weight
+        P, device = model.cfg.block_size, weight.device
+        with torch.inference_mode(False):  # ordinary tensors: written inside inference mode
+            # (`evaluating`, section 10) and outside it (PyTorch forbids changing a tensor made
+            # inside it anywhere else: the price of its speed)
+            shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
+            self.k = [weight.new_zeros(shape) for _ in model.blocks]
+            self.v = [weight.new_zeros(shape) for _ in model.blocks]
+            self.slots = torch.arange(P, device=device)  # (P,)
+            self.where = torch.zeros(1, dtype=torch.long, device=device)  # first new position
+        self.position = 0  # the same, as a Python number: how many tokens the cache holds
+        self.graphs = {} if CUDA_GRAPHS and device.type == "cuda" else None  # T -> recording
 
     def clear(self) -> None:
-        """Forget every token: the next call is a prefill (a new window, section 11)."""
-        self.layers = [LayerCache() for _ in self.layers]
-
-    @property
-    def position(self) -> int:
-        """How many tokens the cache holds: the position the next token will have."""
-        return self.layers[0].length
-
-    @contextmanager
-    def attached(self, model: GPT):
-        """Lend each attention layer of `model` its cache inside the block."""
-        for block, layer in zip(model.blocks, self.layers):
-            block.attn.cache = layer
-        try:
-            yield
-        finally:
-            for block in model.blocks:
-                block.attn.cache = None
+        """Forget every token: the next call is a prefill (old slots are hidden, then reused)."""
+        self.position = 0
 
     def logits_after(self, model: GPT, window: list[int]) -> torch.Tensor:
-        """Logits (1, V) for the token after `window`, running only the tokens the cache has
-        not seen (the whole window when the cache is empty: the prefill)."""
-        new = torch.tensor([window[self.position:]], device=model.device)  # (1, T_new)
-        with self.attached(model):
-            logits, _ = model(new)  # (1, T_new, V)
-        return logits[:, -1, :]
+        """Logits (1, V) for the token after `window`, feeding the tokens not yet held."""
+        new = window[self.position:]
+        self.where.fill_(self.position)  # in place: a recorded graph reads it from its memory
+        if self.graphs is not None:
+            logits = self.replay(model, new)
+        else:  # only the slots written so far: empty slots would cost time for nothing
+            tokens = torch.tensor([new], device=self.slots.device)  # (1, T)
+            logits = cached_forward(model, self, tokens, n_keys=self.position + len(new))
+        self.position += len(new)
+        return logits  # (1, V)
+
+    def replay(self, model: GPT, new: list[int]) -> torch.Tensor:
+        if len(new) not in self.graphs:  # the first time T tokens are fed
+            self.graphs[len(new)] = self.record(model, new)
+        graph, tokens, logits = self.graphs[len(new)]
+        tokens.copy_(torch.tensor([new]))
+        graph.replay()
+        return logits.clone()  # a copy: the next replay overwrites the recorded output
+
+    def record(self, model: GPT, new: list[int]) -> tuple:
+        """Warm up on a side stream, then record the step feeding len(new) tokens."""
+        tokens = torch.tensor([new], device=self.slots.device)  # (1, T): the graph's input
+        P = len(self.slots)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # these write what the replay writes: same tokens, same slots
+                cached_forward(model, self, tokens, P)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records, runs nothing
+            logits = cached_forward(model, self, tokens, P)  # (1, V): the graph's output
+        return graph, tokens, logits
+
+
+def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor,
+                   n_keys: int) -> torch.Tensor:
+    """Section 9's forward pass for `tokens` (1, T) at positions cache.where onwards, writing
+    their keys and values into the cache and attending over its first n_keys slots. Logits
+    (1, V) after the last token."""
+    assert not model.training, "a step for generation: no dropout"
+    positions = cache.where + cache.slots[:tokens.shape[1]]  # (T,)
+    x = model.embed.token(tokens)  # (1, T, C)
+    if model.embed.pos_encoding == "learned":
+        x = x + model.embed.position(positions)  # (T, C)
+    elif model.embed.pos_encoding == "sinusoidal":
+        x = x + model.embed.sinusoids[positions]  # (T, C)
+    seen = cache.slots[:n_keys] <= positions[:, None]  # (T, n_keys): written, and not after t
+    mask = torch.where(seen, 0.0, float("-inf")).to(x.dtype)  # section 7's M
+    group = model.cfg.n_head // model.cfg.kv_heads
+    mask = mask.repeat(group, 1)  # (group * T, n_keys): row g*T + t is query g of a group, token t
+    for block, k_slots, v_slots in zip(model.blocks, cache.k, cache.v):
+        h = block.norm1(x)  # (1, T, C)
+        x = x + cached_attention(block.attn, h, k_slots[:, :, :n_keys], v_slots[:, :, :n_keys],
+                                 positions, mask)
+        x = x + block.mlp(block.norm2(x))
+    return model.lm_head(model.norm(x[:, -1]))  # (1, V)
+
+
+def cached_attention(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Tensor,
+                     v_slots: torch.Tensor, positions: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Section 7's attention for T new tokens (1, T, C) -> (1, T, C), over the cache's slots
+    (1, Hkv, n_keys, D), after writing the new tokens' keys and values into them."""
+    T, Hkv, D = x.shape[1], attn.n_kv_head, attn.head_dim
+    heads = attn.qkv(x).view(1, T, -1, D).transpose(1, 2)  # (1, H + 2Hkv, T, D)
+    qk, v = heads.split([attn.n_head + Hkv, Hkv], dim=1)
+    if attn.rope:  # each token turned by the angles of its own position
+        qk = rope_rotate(qk, attn.rope_cos[positions], attn.rope_sin[positions])
+    q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, T, D), (1, Hkv, T, D)
+    k_slots.index_copy_(2, positions, k)  # k_slots[:, :, positions] = k, in place
+    v_slots.index_copy_(2, positions, v)
+    # Query head h = j * group + g belongs to k/v head j: the group's queries become its rows.
+    q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D), row g * T + t
+    out = F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=mask)
+    out = out.view(1, attn.n_head, T, D).transpose(1, 2).reshape(1, T, -1)  # (1, T, C)
+    return attn.proj(out)
+
+
+def generate_fast(model: GPT, prompt_ids: list[int], max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> Iterator[int]:
+    """Section 11's `generate` with a KV cache; past block_size tokens, the window keeps its
+    last half and is read again (above)."""
+    check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
+    if not prompt_ids:
+        raise UserError("the prompt is empty: give at least one token")
+    ids, block_size, cache = list(prompt_ids), model.cfg.block_size, KVCache(model)
+    start = max(0, len(ids) - block_size)  # the window is ids[start:]
+    for _ in range(max_new_tokens):
+        if len(ids) - start > block_size:  # the window is full: keep its last half
+            start = len(ids) - max(1, block_size // 2)
+            cache.clear()
+        with evaluating(model):  # per token: between tokens the caller gets its mode back
+            logits = cache.logits_after(model, ids[start:])  # (1, V)
+            next_id = sample_next(logits, temperature, top_k, top_p, generator).item()
+        ids.append(next_id)
+        yield next_id
 
 
 # %%
@@ -2553,215 +2508,41 @@ if IN_NOTEBOOK:
     print("tokens in the cache:", cache.position)
 
 # %% [markdown]
-# ### On a GPU: fixed shapes, replayed as a CUDA graph
+# ### On a GPU: the same steps, replayed as a CUDA graph
 #
 # A GPU is driven by the CPU: for every operation, the CPU tells the GPU which small program (a
 # *kernel*) to run on which tensors, it *launches* the kernel, and the GPU runs kernels in the
-# order they come (Appendix E has more on GPUs). One token of the gpu preset (Appendix C)
-# launches about 250 kernels. In a profile on one H100, before this section existed, the GPU
-# worked 0.41 ms per token, while the CPU spent 7.9 ms launching, about 30 µs per kernel for
-# PyTorch's own work and the driver's: the GPU waited most of the time, and the cache made
-# little difference (141 tokens/s with it, 133 without; the README has the run).
+# order they come (Appendix E has more on GPUs). One token of a small model is a few hundred
+# kernels, each a tiny amount of work, and launching one costs the CPU more time than the GPU
+# spends running it: without help, the GPU waits most of the time.
 #
 # A **CUDA graph** removes the launches: the GPU records a sequence of kernels once, then replays
-# all of them on one call. A recording is rigid: every replay runs the same kernels, on tensors
-# of the same shapes at the same memory addresses, and any Python number used while recording is
-# frozen into it. The cache above breaks these rules (its tensors grow by one position per
-# token, and the position is a Python number slicing the tables), so the GPU uses a **static
-# cache**, and a step that is the model's forward pass written a second time for it
-# (`static_step`, `attention_step`), in fixed shapes:
-#
-# * the key and value buffers are allocated once, for a whole window (`block_size` slots), and
-#   each step writes its tokens' keys and values into the slots of their positions, in place;
-# * the position is a one-number tensor on the GPU, which the step reads to pick its
-#   learned-position rows, its RoPE angles and its slots: replays at positions 7 and 70 (of the
-#   gpu preset's 256) run the same kernels on the same memory;
-# * the new queries attend over all the slots, with section 7's mask $M$ (0 where a slot may be
-#   seen, $-\infty$ where not) added to the scores. One comparison builds it: a slot after a
-#   query's position is hidden, and that covers the slots not written yet, as well as what an
-#   earlier window left there. Hidden slots get weight exactly 0: the same result as attending
-#   over the written ones only.
+# all of them on one call. A recording is rigid: every replay runs the same kernels, on tensors of
+# the same shapes at the same memory addresses, and any Python number used while recording is
+# frozen into it. That is why the cache is built as it is: the buffers are allocated once; the
+# position is a one-number tensor (`where`) that each step reads to pick its position rows, its
+# RoPE angles and its slots, so replays at positions 7 and 70 run the same kernels on the same
+# memory; and on a GPU the queries attend over all `block_size` slots, the mask hiding the ones
+# not written yet (or left over from an earlier window), which gives them weight exactly 0.
+# On a CPU there are no launches to save, so the step attends over the written slots only.
 #
 # A recording fixes the number T of tokens fed, so each T is recorded the first time it comes:
-# the prompt's length, then 1 for every new token, then half a window at each restart (section
-# 11): at most three recordings, replayed thousands of times. Before recording, the step runs
-# twice for real, to do the one-time work (choosing kernels, setting memory aside) that must not
-# end up in the recording; PyTorch's documentation prescribes doing that on a *side stream*, a
-# second queue of GPU work, and `wait_stream` makes each queue wait for the other's work so far.
-#
-# Fewer kernels also make a shorter replay, so the step uses PyTorch's fused norms and SiLU
-# (`F.rms_norm`, `F.layer_norm`, `F.silu`: one kernel each instead of several; section 8 and the
-# tests check that they compute the same), and turns RoPE's pairs as complex numbers: a pair
-# $(a, b)$ is $a + ib$, and multiplying it by $e^{ip\theta} = \cos p\theta + i \sin p\theta$ is
-# exactly section 7's rotation, one kernel instead of four. **Grouped keys and values** without
-# copies: each query's weights are its own softmax row, whatever the other queries are, so the
-# H queries of T tokens, (1, H, T, D), are regrouped as (1, Hkv, H/Hkv · T, D), each key/value
-# head with the rows of the H/Hkv query heads that share it, and the kernel sees plain attention.
-# (With section 7's `enable_gqa`, in float32 with a mask, the H100 profile shows PyTorch's slow
-# attention path, which first repeats the keys and values.)
-#
-# On a CPU there are no launches to save, and attending over empty slots costs time, so the CPU
-# keeps the plain cache (`make_cache`). A second copy of the forward pass is a second place to
-# keep right: the tests check that both caches give the logits of a full forward pass at every
-# position, for every positional scheme, on the CPU, and on a GPU whenever one runs them (none
-# has yet: the README lists what is not measured). The cell below checks it on the CPU.
-
-# %%
-def fused_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What `norm` (section 8) computes, in one fused PyTorch operation."""
-    if isinstance(norm, RMSNorm):
-        return F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
-    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
-
-
-def fused_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What `mlp` (section 8) computes; SwiGLU with PyTorch's one-operation SiLU."""
-    if isinstance(mlp, SwiGLU):
-        gate, up = mlp.gate_up(x).chunk(2, dim=-1)
-        return mlp.proj(F.silu(gate) * up)
-    return mlp(x)
-
-
-def rope_turns(n_positions: int, dim: int) -> torch.Tensor:
-    """e^(i p theta) for every position p and channel pair: RoPE's rotations as complex numbers
-    (n_positions, dim/2); a pair (a, b) is a + ib, and multiplying turns it."""
-    angles = position_angles(n_positions, dim)  # (P, D/2)
-    return torch.polar(torch.ones_like(angles), angles)  # cos + i sin
-
-
-class StaticKVCache:
-    """Keys and values in buffers allocated once for a whole window, so that a step feeding T
-    new tokens always has the same shapes and memory: on a CUDA GPU each T is recorded once
-    as a graph, then replayed."""
-
-    def __init__(self, model: GPT):
-        attn, weight = model.blocks[0].attn, model.lm_head.weight
-        P, device = model.cfg.block_size, weight.device
-        with torch.inference_mode(False):  # ordinary tensors: written inside inference mode
-            # by `generate` (section 10's `evaluating`), and outside it too (a tensor made in
-            # inference mode may not be changed outside it: PyTorch's price for its speed)
-            shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
-            self.k = [weight.new_zeros(shape) for _ in model.blocks]
-            self.v = [weight.new_zeros(shape) for _ in model.blocks]
-            self.slots = torch.arange(P, device=device)  # (P,)
-            self.turns = rope_turns(P, attn.head_dim).to(device) if attn.rope else None
-            self.where = torch.zeros(1, dtype=torch.long, device=device)  # first new position
-        self.position = 0  # the same position, as a Python number: the tokens held
-        self.use_graph = device.type == "cuda"
-        self.graphs = {}  # T -> (the recorded graph, its input tokens (1, T), its logits (1, V))
-
-    def clear(self) -> None:
-        self.position = 0  # old slots are hidden by the mask, then overwritten
-
-    def logits_after(self, model: GPT, window: list[int]) -> torch.Tensor:
-        """Logits (1, V) for the token after `window`, feeding the tokens not yet held."""
-        new = window[self.position:]
-        self.where.fill_(self.position)  # the inputs change in place: a recording reads them
-        if self.use_graph:
-            logits = self.replay(model, new)
-        else:
-            logits = static_step(model, self, torch.tensor([new], device=self.slots.device))
-        self.position += len(new)
-        return logits  # (1, V)
-
-    def replay(self, model: GPT, new: list[int]) -> torch.Tensor:
-        if len(new) not in self.graphs:  # the first time T tokens are fed
-            self.graphs[len(new)] = self.record(model, new)
-        graph, tokens, logits = self.graphs[len(new)]
-        if len(new) == 1:
-            tokens.fill_(new[0])
-        else:
-            tokens.copy_(torch.tensor([new]))
-        graph.replay()
-        return logits.clone()  # a copy: the next replay overwrites the recorded output
-
-    def record(self, model: GPT, new: list[int]) -> tuple:
-        """Warm up on a side stream, then record the step feeding len(new) tokens."""
-        tokens = torch.tensor([new], device=self.slots.device)  # (1, T): the graph's input
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # these write what the replay writes: same tokens, same slots
-                static_step(model, self, tokens)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records, runs nothing
-            logits = static_step(model, self, tokens)  # (1, V): the graph's output
-        return graph, tokens, logits
-
-
-def static_step(model: GPT, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """The model's forward pass for `tokens` (1, T) at positions cache.where onwards, in fixed
-    shapes, writing their keys and values into the cache. Logits (1, V) after the last one."""
-    assert not model.training, "a step for generation: no dropout"
-    positions = cache.where + cache.slots[:tokens.shape[1]]  # (T,)
-    x = model.embed.token(tokens)  # (1, T, C)
-    if model.embed.pos_encoding == "learned":
-        x = x + model.embed.position(positions)  # (T, C)
-    elif model.embed.pos_encoding == "sinusoidal":
-        x = x + model.embed.sinusoids[positions]  # (T, C)
-    turns = cache.turns[positions] if cache.turns is not None else None  # (T, D/2), or None
-    seen = cache.slots <= positions[:, None]  # (T, P): slots written before, and up to t
-    mask = torch.where(seen, 0.0, float("-inf")).to(x.dtype)  # section 7's M, added to scores
-    group = model.cfg.n_head // model.cfg.kv_heads
-    mask = mask.repeat(group, 1)  # (group * T, P): row g*T + t is query g of a group, token t
-    for block, k_slots, v_slots in zip(model.blocks, cache.k, cache.v):
-        h = fused_norm(block.norm1, x)  # (1, T, C)
-        x = x + attention_step(block.attn, h, k_slots, v_slots, positions, mask, turns)
-        x = x + fused_mlp(block.mlp, fused_norm(block.norm2, x))
-    return model.lm_head(fused_norm(model.norm, x[:, -1]))  # (1, V)
-
-
-def attention_step(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Tensor,
-                   v_slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                   turns: torch.Tensor | None) -> torch.Tensor:
-    """Attention of T new tokens (1, T, C) -> (1, T, C) over the filled slots of a cache."""
-    T, Hkv, D = x.shape[1], attn.n_kv_head, attn.head_dim
-    heads = attn.qkv(x).view(1, T, -1, D).transpose(1, 2)  # (1, H + 2Hkv, T, D)
-    qk, v = heads.split([attn.n_head + Hkv, Hkv], dim=1)
-    if turns is not None:  # RoPE as one complex product: (a + ib) e^(i p theta)
-        pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))  # (1, H + Hkv, T, D/2)
-        qk = torch.view_as_real(pairs * turns).flatten(-2)  # (1, H + Hkv, T, D)
-    q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, T, D), (1, Hkv, T, D)
-    k_slots.index_copy_(2, positions, k)  # k_slots[:, :, positions] = k, in place
-    v_slots.index_copy_(2, positions, v)
-    # Query head h = j * group + g belongs to k/v head j: the group's queries become its rows.
-    q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D), row g * T + t
-    out = F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=mask)
-    out = out.view(1, attn.n_head, T, D).transpose(1, 2).reshape(1, T, -1)  # (1, T, C)
-    return attn.proj(out)
-
-
-CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the plain cache on a GPU
-
-
-def make_cache(model: GPT) -> KVCache | StaticKVCache:
-    """The cache `generate` uses: the static one, recorded as CUDA graphs, on an NVIDIA GPU."""
-    if model.device.type == "cuda" and CUDA_GRAPHS:
-        return StaticKVCache(model)
-    return KVCache(model)
-
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    with evaluating(model):
-        static = StaticKVCache(model)  # on a CPU: the same steps, run one by one
-        by_static = {t: static.logits_after(model, ids[:t]) for t in range(n - 3, n + 1)}
-    print("static steps equal the full pass too:",
-          all(torch.allclose(by_static[t], full[:, t - 1], atol=1e-5) for t in range(n - 3, n + 1)))
+# the prompt's length, then 1 for every new token, then half a window at each restart: at most
+# three recordings, replayed thousands of times. Before recording, the step runs twice for real,
+# to do the one-time work (choosing kernels, setting memory aside) that must not end up in the
+# recording; PyTorch's documentation prescribes doing that on a *side stream*, a second queue of
+# GPU work, and `wait_stream` makes each queue wait for the other's work so far. The tests check
+# the graphs against full forward passes whenever a GPU runs them.
 
 # %% [markdown]
-# The cache's gain, measured on this machine: 1000 tokens written with and without it (on a CPU,
-# the plain cache; on a GPU, the static one).
+# The cache's gain, measured on this machine: 1000 tokens written with and without it.
 
 # %%
 if IN_NOTEBOOK:
-    for use_cache in (False, True):
+    for name, generate_ids in (("generate", generate), ("generate_fast", generate_fast)):
         started = time.perf_counter()
-        list(generate(model, [0], 1000, generator=seeded_generator(model, 0),
-                      use_cache=use_cache))
-        print(f"use_cache={use_cache}: {1000 / (time.perf_counter() - started):,.0f} tokens/s")
+        list(generate_ids(model, [0], 1000, generator=torch.Generator().manual_seed(0)))
+        print(f"{name}: {1000 / (time.perf_counter() - started):,.0f} tokens/s")
 
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
@@ -2801,9 +2582,11 @@ def pick_device(name: str = "auto") -> torch.device:
 # right choice on an idle machine. But if another program is using a thread's core, every
 # operation waits for that thread, and a step can take longer on two threads than on one.
 # Generating text is the extreme case: one token's operations are too small to gain much from
-# being split, yet each still waits for its slowest thread. So `sample` uses one thread, and
-# training one per core; `--threads` overrides both (the README has the measurements). It is a
-# property of the machine, not of the model, so it is not part of the configuration.
+# being split, yet each still waits for its slowest thread: on a 2-core CPU with one core busy
+# elsewhere, sampling ran about three times slower on two threads than on one, while on an idle
+# machine the two were within 2%. So `sample` uses one thread, and training one per core;
+# `--threads` overrides both. It is a property of the machine, not of the model, so it is not
+# part of the configuration.
 
 # %%
 SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
@@ -2828,7 +2611,7 @@ def using_threads(n: int):
 # %% [markdown]
 # ### On an NVIDIA GPU
 #
-# Three things change, none of which alters the maths:
+# Four things change, none of which alters the maths:
 #
 # * The forward pass runs under bfloat16 **autocast**: matrix multiplications use the GPU's
 #   tensor cores at many times the float32 rate, while the weights and the optimiser's
@@ -2838,10 +2621,9 @@ def using_threads(n: int):
 #   tensor (`configure_optimizer` in section 10 asks for it on a GPU).
 # * Batches are copied from **pinned** (page-locked) memory, which the GPU can read directly,
 #   without waiting for the copy to finish.
-# * **Evaluation** runs in bfloat16 too, on batches copied to the GPU once and kept there, and
-#   waits for the GPU once per split instead of once per batch (`.item()` makes the CPU wait
-#   for the answer). The first GPU run of this file, without these three, spent about as
-#   long evaluating as training (the README has the figures). The CPU's evaluation is unchanged.
+# * **Evaluation** runs through the same wrapper, so in bfloat16 too, on batches copied to the
+#   GPU once and kept there (section 10's `estimate_loss` already waits for the GPU once per
+#   split: `.item()` makes the CPU wait for the answer, and it is called once, on the mean).
 #
 # `--compile true` also hands the model to `torch.compile`, which fuses operations into fewer,
 # larger kernels. It is opt-in, because compiling takes tens of seconds before the first step;
@@ -2892,10 +2674,11 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 # that runs several batches per step all-reduces after each; DDP's `no_sync` could skip all but
 # the last, at the price of a branch in `train_step`: not done here.)
 #
-# `DeviceHooks` puts all of this into the training loop through two of its hooks: `wrap`
-# (compile, DDP, autocast) and `prepare` (this process's share of the batches, on its device).
-# Each process also gets its own dropout randomness (seeded from the seed, its rank and the
-# step it starts at); the weights start equal everywhere anyway, since DDP copies rank 0's.
+# All of this reaches section 10's loop from outside, through what the loop is given: the
+# module it steps (`wrap_for_device`: compiled, spread over processes, in bfloat16) and the
+# stream of batches (`process_batches`: this process's share, on its device). Each process also
+# gets its own dropout randomness (seeded from the seed, its rank and the step it starts at); the
+# weights start equal everywhere anyway, since DDP copies rank 0's.
 
 # %%
 @dataclass
@@ -2905,13 +2688,14 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+
+def is_rank_0() -> bool:
+    """True in a single process, and in the first of torchrun's processes (which sets RANK)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def start_distributed(cfg: Config) -> Distributed:
-    """Join the process group when launched by torchrun (which sets RANK); else one process."""
+    """Join the process group when launched by torchrun; else one process."""
     if "RANK" not in os.environ:
         return Distributed()
     import torch.distributed as dist
@@ -2933,37 +2717,31 @@ def process_device(cfg: Config, env: Distributed) -> torch.device:
     return device
 
 
-class DeviceHooks(Hooks):
-    """Training on `device`, compiled if asked, and among several processes under torchrun."""
+def wrap_for_device(model: GPT, cfg: Config, env: Distributed, device: torch.device) -> nn.Module:
+    """The module the training steps run: compiled if asked, spread over the processes under
+    torchrun, in bfloat16 on a CUDA GPU. Its weights are the model's."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if env.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if device.type == "cuda":
+        model = Autocast(model)
+    return model
 
-    def __init__(self, cfg: Config, env: Distributed, device: torch.device):
-        self.cfg, self.env, self.device = cfg, env, device
-        self.on_gpu = {}  # id of a list of evaluation batches -> (that list, its GPU copy)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        if self.cfg.compile:
-            model = torch.compile(model)
-        if self.env.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.device.type == "cuda":
-            model = Autocast(model)
-        return model
+def process_batches(batches: Iterator, env: Distributed, device: torch.device) -> Iterator:
+    """This process's share of a stream of batches, on its device: every process draws the same
+    batches, N at a time, and process r keeps the r-th of each N."""
+    while True:
+        x, y = [next(batches) for _ in range(env.world_size)][env.rank]
+        yield to_device(x, device), to_device(y, device)
 
-    def prepare(self, batches: list) -> list:
-        mine = batches[self.env.rank::self.env.world_size]  # every process drew them all
-        return [(to_device(x, self.device), to_device(y, self.device)) for x, y in mine]
 
-    def estimate_loss(self, model: GPT, batches: list) -> float:
-        if self.device.type != "cuda":
-            return estimate_loss(model, batches)  # section 10's, as it is
-        key = id(batches)  # the same fixed batches come back at every evaluation
-        if key not in self.on_gpu:
-            self.on_gpu[key] = batches, [(x.to(self.device), y.to(self.device))
-                                         for x, y in batches]
-        with evaluating(model), torch.autocast("cuda", dtype=torch.bfloat16):
-            losses = torch.stack([model(x, y)[1] for x, y in self.on_gpu[key][1]])  # (N,)
-        return losses.mean().item()  # one wait for the GPU per split
+def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
+    """The fixed evaluation batches, copied to the device once, to be reused there."""
+    return {split: [(x.to(device), y.to(device)) for x, y in batches]
+            for split, batches in eval_batches.items()}
 
 
 # %% [markdown]
@@ -2985,9 +2763,11 @@ class DeviceHooks(Hooks):
 # %%
 import array
 import csv
+import hashlib
 import io
 import json
 import signal
+import tempfile
 import threading
 
 
@@ -3057,17 +2837,20 @@ def check_switches(cfg: Config) -> None:
 #   continues.
 #
 # Each holds what is needed to use the model and everything a continuation needs to be
-# *exactly* the run that was interrupted: the `Run` of section 10 (the weights, the
-# optimiser's running averages, the step, and so the position in the learning-rate schedule,
-# the loss history, the batch generator), the configuration, the tokenizer, a checksum of the
-# training text, and the states of the other random generators: Python's, and PyTorch's on
-# the CPU and on CUDA GPUs (dropout draws from them). Nothing is saved before the first
-# training step: an untrained model is not worth replacing an older checkpoint with.
+# *exactly* the run that was interrupted, a `Run`: the weights, the optimiser's running
+# averages, the step (and so the position in the learning-rate schedule), the loss history, the
+# generator that draws the training batches, the configuration, the tokenizer, a checksum of the
+# training text, and the states of the other random generators: Python's, and PyTorch's on the
+# CPU and on CUDA GPUs (dropout draws from them). Nothing is saved before the first training
+# step: an untrained model is not worth replacing an older checkpoint with.
 #
-# > **Engineering note.** A checkpoint is written atomically (section 3), so a crash or a full
-# > disk during a save leaves the previous one intact; a failed write becomes one line naming
-# > the file. The file holds only tensors and plain Python values, so it is loaded with
-# > `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file.
+# > **Engineering note: atomic writes.** A checkpoint is written to a temporary file that is
+# > renamed into place only when complete (and flushed to the disk first, `fsync`). A rename
+# > happens entirely or not at all, so a crash or a full disk during a save leaves the previous
+# > checkpoint intact, never half a file; a failed write becomes one line naming the file. Every
+# > file a run writes goes this way. A checkpoint holds only tensors and plain Python values,
+# > so it is loaded with `torch.load(weights_only=True)`, which refuses to run code hidden in a
+# > malicious file.
 # > Anything wrong with a checkpoint (a truncated file, one from another version of this
 # > program, an edited one) is caught in one place and becomes one line saying what to do.
 
@@ -3075,20 +2858,19 @@ def check_switches(cfg: Config) -> None:
 TRAIN_AGAIN = "train again with `python llm.py train`"
 
 
-def rng_states(batch_generator: torch.Generator) -> dict:
-    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
-              "batches": batch_generator.get_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict, batch_generator: torch.Generator) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    batch_generator.set_state(states["batches"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def atomic_write(path: Path, write: Callable) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_output(path: Path, write: Callable) -> None:
@@ -3100,62 +2882,62 @@ def write_output(path: Path, write: Callable) -> None:
                         "untouched: free some disk space or choose another --out-dir") from None
 
 
-def save_checkpoint(path: Path, run: Run, tokenizer: Tokenizer, best_val: float,
-                    data_sha256: str = "") -> None:
+@dataclass
+class Run:
+    """A training run, as this appendix keeps it: everything a checkpoint holds."""
+    cfg: Config
+    model: GPT  # section 9's model itself (not the wrapper the steps run, Appendix E)
+    optimizer: torch.optim.Optimizer
+    batch_generator: torch.Generator  # draws the training batches
+    tokenizer: Tokenizer
+    data_sha256: str  # the training text's checksum
+    step: int = 0  # optimizer steps taken
+    history: list = field(default_factory=list)  # a row per evaluation
+    best_val: float = math.inf  # the lowest validation loss so far
+
+
+def rng_states(batch_generator: torch.Generator) -> dict:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "batches": batch_generator.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def save_checkpoint(path: Path, run: Run) -> None:
     """Write everything needed to sample from the model or to resume the run, atomically."""
     checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                  "step": run.step, "val_loss": best_val,
-                  "config": dataclasses.asdict(run.model.cfg),
-                  "tokenizer": tokenizer_state(tokenizer),
-                  "rng": rng_states(run.batch_generator), "history": list(run.history),
-                  "data_sha256": data_sha256}
+                  "step": run.step, "val_loss": run.best_val, "config": dataclasses.asdict(run.cfg),
+                  "tokenizer": tokenizer_state(run.tokenizer), "history": list(run.history),
+                  "rng": rng_states(run.batch_generator), "data_sha256": run.data_sha256}
     write_output(path, lambda f: torch.save(checkpoint, f))
 
 
-@contextmanager
-def checkpoint_errors(path: Path, fix: str = TRAIN_AGAIN):
-    """Any error inside the block means a damaged checkpoint, or one from another version:
-    it becomes one line naming the file and the fix."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{path} is not a readable llm.py checkpoint ({type(e).__name__}): "
-                        f"{fix}") from None
-
-
-def read_checkpoint(path: Path, device: torch.device | str = "cpu",
-                    fix: str = TRAIN_AGAIN) -> tuple[dict, Config, Tokenizer]:
-    """The raw checkpoint dictionary, its configuration and its tokenizer, checked."""
+def load_checkpoint(path: Path, device: torch.device | str = "cpu",
+                    fix: str = TRAIN_AGAIN) -> tuple[GPT, Tokenizer, dict]:
+    """The model (in eval mode), its tokenizer and the raw checkpoint dictionary. Anything
+    wrong with the file becomes one line naming it and the fix."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: run `python llm.py train` first "
                         "(or pass the --out-dir you trained with)")
-    with checkpoint_errors(path, fix):
+    try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-        cfg = Config(**checkpoint["config"])
+        cfg, weights = Config(**checkpoint["config"]), checkpoint["model"]
         tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-        model_vocab = checkpoint["model"]["embed.token.weight"].shape[0]
+        model_vocab = weights["embed.token.weight"].shape[0]
+    except Exception as e:  # truncated, foreign, or from another version
+        raise UserError(f"{path} is not a readable llm.py checkpoint ({type(e).__name__}): "
+                        f"{fix}") from None
     if tokenizer.vocab_size != model_vocab:
         raise UserError(f"{path} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
                         f"of {model_vocab}: the file was altered or mixed up; train again")
-    return checkpoint, cfg, tokenizer
-
-
-def load_weights(model: GPT, checkpoint: dict, path: Path, fix: str = TRAIN_AGAIN) -> None:
+    model = GPT(cfg, tokenizer.vocab_size).to(device)
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(weights)
     except RuntimeError:  # weights named or shaped for another version of the model
         raise UserError(f"{path} holds weights that do not fit this version of llm.py's "
                         f"model: {fix}") from None
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """The model (in eval mode), its tokenizer, and the raw checkpoint dictionary."""
-    checkpoint, cfg, tokenizer = read_checkpoint(path, device)
-    model = GPT(cfg, tokenizer.vocab_size).to(device)
-    load_weights(model, checkpoint, path)
     return model.eval(), tokenizer, checkpoint
 
 
@@ -3177,22 +2959,21 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def read_resume_checkpoint(out_dir: Path, data_sha256: str) -> tuple[dict, Config, Tokenizer]:
-    """The latest checkpoint of the run in out_dir, checked against the training text."""
-    checkpoint, cfg, tokenizer = read_checkpoint(Path(out_dir) / "latest.pt", fix=RESUME_FIX)
-    if checkpoint.get("data_sha256") != data_sha256:
-        raise UserError(f"the training text differs from the one the run in {out_dir} was "
-                        "trained on: pass the same --data, or start a new run without --resume")
-    return checkpoint, cfg, tokenizer
-
-
 def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
-    """Put a fresh run into the state the checkpoint saved."""
-    load_weights(run.model, checkpoint, path, RESUME_FIX)
-    with checkpoint_errors(path, RESUME_FIX):
+    """Put a new run, made from the checkpoint's model, into the state the checkpoint saved."""
+    try:
         run.optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_states(checkpoint["rng"], run.batch_generator)
-        run.history, run.step = checkpoint["history"], checkpoint["step"]
+        run.step, run.history, states = checkpoint["step"], checkpoint["history"], checkpoint["rng"]
+        random.setstate(states["python"])
+        torch.set_rng_state(states["torch"])
+        run.batch_generator.set_state(states["batches"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+    except Exception as e:
+        raise UserError(f"{path} is not a readable llm.py checkpoint ({type(e).__name__}): "
+                        f"{RESUME_FIX}") from None
+    run.best_val = min((row["val_loss"] for row in run.history if row["step"] > 0),
+                       default=math.inf)
 
 
 # %% [markdown]
@@ -3238,31 +3019,19 @@ EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's nu
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
-def is_rank_0() -> bool:
-    """True in a single process, and in the first of torchrun's processes."""
-    return os.environ.get("RANK", "0") == "0"
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended the command; `status` is its exit status, and the message (if
+    any) says what was saved."""
 
-
-class TrainingInterrupted(Exception):
-    """Raised when a signal stopped training after the latest checkpoint was saved."""
-
-    def __init__(self, message: str, status: int = 130):
+    def __init__(self, message: str = "", status: int = 130):
         super().__init__(message)
-        self.status = status  # the exit status the command line returns
-
-
-class StepAbandoned(KeyboardInterrupt):
-    """A second signal: the current step is abandoned at once."""
-
-    def __init__(self, status: int):
-        super().__init__()
         self.status = status
 
 
 @contextmanager
 def stop_flag_on_signals():
     """Inside the block, a first Ctrl-C or SIGTERM sets flag["stop"] (and flag["signal"])
-    instead of ending the program; a second raises StepAbandoned."""
+    instead of ending the program; a second raises Interrupted at once."""
     flag = {"stop": False, "signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -3270,7 +3039,7 @@ def stop_flag_on_signals():
 
     def request_stop(signum, frame):
         if flag["stop"]:
-            raise StepAbandoned(EXIT_STATUS[signum])  # a second signal: stop now
+            raise Interrupted("", EXIT_STATUS[signum])  # a second signal: stop now
         flag["stop"], flag["signal"] = True, signum
         if is_rank_0():  # (torchrun sends the signal to every process)
             print(f"\n{SIGNAL_NAMES[signum]}: finishing this step and saving "
@@ -3500,10 +3269,10 @@ def token_file_corpus(scan: TextScan, tokenizer: Tokenizer, out_dir: Path, env: 
     state = json.dumps(tokenizer_state(tokenizer), sort_keys=True)
     key = hashlib.sha256(f"{scan.sha256} {state} 0.9".encode("utf-8")).hexdigest()[:16]
     tokens_path, meta_path = out_dir / f"tokens-{key}.bin", out_dir / f"tokens-{key}.json"
-    if env.is_main and not meta_path.exists():
+    if env.rank == 0 and not meta_path.exists():
         write_output(meta_path, lambda f: f.write(json.dumps(
             write_tokens(scan, tokenizer, tokens_path, log)).encode("utf-8")))
-    elif env.is_main:
+    elif env.rank == 0:
         log(f"reusing the tokens of {scan.path} in {tokens_path}")
     if env.world_size > 1:  # the others wait until rank 0 has written the file
         import torch.distributed as dist
@@ -3537,78 +3306,104 @@ def write_tokens(scan: TextScan, tokenizer: Tokenizer, path: Path, log: Callable
 # %% [markdown]
 # ### The run
 #
-# `RunHooks` adds all of this to the hooks of Appendix E, and `run_training` sets up a run
-# (fresh or resumed) and hands it to section 10's `train`. The loop itself is unchanged.
+# `run_training` is `python llm.py train`. It sets up a run (fresh, resumed, or started from
+# given weights), then drives section 10's `train` through the module and the batches of
+# Appendix E, and does, after each row the loop yields, what a real run needs: a `Supervisor`
+# records each evaluation (bits per byte, `history.csv`, a progress line, checkpoints), checks
+# each step's loss (agreed across processes), and stops the run cleanly when a signal came. The
+# loop itself is section 10's, unchanged.
 
 # %%
-class RunHooks(DeviceHooks):
-    """Progress, history.csv, checkpoints, a clean stop on Ctrl-C, and the broken-loss guard."""
+@dataclass
+class Start:
+    """Weights to begin a new run from, instead of random ones (fine-tuning, Appendix H)."""
+    load_into: Callable  # fills a new model's weights
+    tokenizer: Tokenizer  # the tokenizer those weights were trained with
+    note: str  # the line that says where they come from
 
-    def __init__(self, cfg: Config, env: Distributed, device: torch.device, out_dir: Path,
-                 corpus: Corpus, data_sha256: str, log: Callable, stop: dict):
-        super().__init__(cfg, env, device)
-        self.out_dir, self.corpus, self.data_sha256, self.stop = out_dir, corpus, data_sha256, stop
-        self.log = log if env.is_main else quiet  # only rank 0 prints
-        self.best_val = math.inf
-        self.step_seconds, self.steps_timed, self.step_started = 0.0, 0, 0.0
+
+class Supervisor:
+    """What happens after each row section 10's loop yields: progress, history.csv,
+    checkpoints, the broken-loss guard, and a clean stop on Ctrl-C or SIGTERM."""
+
+    def __init__(self, run: Run, env: Distributed, out_dir: Path, corpus: Corpus, log: Callable,
+                 stop: dict):
+        self.run, self.env, self.out_dir, self.corpus, self.stop = run, env, out_dir, corpus, stop
+        self.log = log if env.rank == 0 else quiet  # only rank 0 prints
         self.agreed_signal = None  # under torchrun: the signal every process agreed to stop for
+        self.step_seconds, self.steps_timed = 0.0, 0
+        self.seconds_before = run.history[-1]["elapsed_s"] if run.history else 0.0  # (resumed)
+        self.started = self.last_row = time.perf_counter()
 
-    def save(self, run: Run, name: str) -> None:
-        save_checkpoint(self.out_dir / name, run, self.corpus.tokenizer, self.best_val,
-                        self.data_sha256)
+    def save(self, name: str) -> None:
+        save_checkpoint(self.out_dir / name, self.run)
 
-    def evaluated(self, run: Run) -> None:
-        row = with_bits(run.history[-1], self.corpus)
-        run.history[-1] = row
+    def __call__(self, row: dict) -> None:
+        now = time.perf_counter()
+        if "val_loss" in row:
+            self.evaluated(row, now)
+        else:
+            self.stepped(row, now - self.last_row)
+        self.stop_if_asked()
+        self.last_row = time.perf_counter()  # (what happens here is not the loop's time)
+
+    def evaluated(self, row: dict, now: float) -> None:
+        run = self.run
+        if run.history and run.history[-1]["step"] == row["step"]:
+            return  # a resumed run evaluates again where it was saved: nothing new
+        row = with_bits(row, self.corpus) | {"elapsed_s": self.seconds_before + now - self.started}
         if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
-            self.broken_loss(row["val_loss"], run.step)  # broken weights must not be saved
-        if not self.env.is_main:  # only rank 0 writes files
+            self.broken_loss(row["val_loss"])  # broken weights must not be saved
+        run.history.append(row)
+        if self.env.rank != 0:  # only rank 0 writes files
             return
         write_history(self.out_dir / "history.csv", run.history)
-        self.log(progress_line(row, self.cfg, self.step_seconds / max(1, self.steps_timed)))
+        self.log(progress_line(row, run.cfg, self.step_seconds / max(1, self.steps_timed)))
         if run.step > 0:
-            if row["val_loss"] < self.best_val:
-                self.best_val = row["val_loss"]
-                self.save(run, "ckpt.pt")
-            self.save(run, "latest.pt")
+            if row["val_loss"] < run.best_val:
+                run.best_val = row["val_loss"]
+                self.save("ckpt.pt")
+            self.save("latest.pt")
 
-    def before_step(self, run: Run) -> None:
-        signum = self.stop["signal"] if self.env.world_size == 1 else self.agreed_signal
-        if signum is not None:
-            if run.step == 0:
-                raise TrainingInterrupted("stopped before the first training step; nothing "
-                                          "was saved", EXIT_STATUS[signum])
-            just_saved = run.history[-1]["step"] == run.step  # an evaluation just saved it
-            if self.env.is_main and not just_saved:
-                self.save(run, "latest.pt")
-            raise TrainingInterrupted(f"stopped at step {run.step}; saved "
-                                      f"{self.out_dir / 'latest.pt'}. Continue with: "
-                                      f"python llm.py train --resume --out-dir {self.out_dir}",
-                                      EXIT_STATUS[signum])
-        self.step_started = time.perf_counter()
-
-    def after_step(self, run: Run, loss: float) -> None:
-        broken = not math.isfinite(loss)
+    def stepped(self, row: dict, seconds: float) -> None:
+        broken = not math.isfinite(row["loss"])
         if self.env.world_size > 1:  # every process must stop after the same step, or none
             broken, self.agreed_signal = self.agree(broken)
-        if broken:
-            self.broken_loss(loss if not math.isfinite(loss) else "not finite in another process",
-                             run.step)
-        self.step_seconds += time.perf_counter() - self.step_started
+        if broken:  # (run.step is still the number of the step that broke)
+            self.broken_loss(row["loss"] if not math.isfinite(row["loss"])
+                             else "not finite in another process")
+        self.run.step = row["step"]
+        self.step_seconds += seconds
         self.steps_timed += 1
 
-    def broken_loss(self, value, step: int) -> None:
+    def stop_if_asked(self) -> None:
+        signum = self.stop["signal"] if self.env.world_size == 1 else self.agreed_signal
+        if signum is None:
+            return
+        run = self.run
+        if run.step == 0:
+            raise Interrupted("stopped before the first training step; nothing was saved",
+                              EXIT_STATUS[signum])
+        just_saved = run.history and run.history[-1]["step"] == run.step  # by an evaluation
+        if self.env.rank == 0 and not just_saved:
+            self.save("latest.pt")
+        raise Interrupted(f"stopped at step {run.step}; saved {self.out_dir / 'latest.pt'}. "
+                          f"Continue with: python llm.py train --resume --out-dir {self.out_dir}",
+                          EXIT_STATUS[signum])
+
+    def broken_loss(self, value) -> None:
         latest = self.out_dir / "latest.pt"
         saved = (f"the last good checkpoint is {latest}" if latest.exists()
                  else "nothing was saved yet")
-        raise UserError(f"the training loss became {value} at step {step}; {saved}: "
+        raise UserError(f"the training loss became {value} at step {self.run.step}; {saved}: "
                         "lower --learning-rate or --grad-clip and train again")
 
     def agree(self, broken: bool) -> tuple[bool, int | None]:
         """One small all-reduce: did any process see a broken loss, or a signal (which)?"""
         import torch.distributed as dist
+        device = self.run.model.device
         flags = torch.tensor([float(broken), float(self.stop["signal"] or 0)],
-                             device=self.device if self.device.type == "cuda" else "cpu")
+                             device=device if device.type == "cuda" else "cpu")
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # SIGTERM (15) wins over Ctrl-C (2)
         return bool(flags[0]), (signal.Signals(int(flags[1])) if flags[1] else None)
 
@@ -3633,48 +3428,63 @@ class TrainResult:
 
 def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
                  log: Callable = print, resume: bool = False,
-                 start: Pretrained | None = None) -> TrainResult:
+                 start: Start | None = None) -> TrainResult:
     """Train a GPT on `text` (or on the big text file at that path, streamed), or continue the
     run in out_dir; writes history.csv, ckpt.pt and latest.pt there. `cfg` has been checked
-    (validate_config); a resumed run keeps its own. `start`: weights and tokenizer to begin a
-    new run from, instead of random weights (fine-tuning, Appendix H)."""
+    (validate_config); a resumed run keeps its own."""
     out_dir = prepare_out_dir(out_dir)
     scan = scan_text(text, log if is_rank_0() else quiet, out_dir if is_rank_0() else None) \
         if isinstance(text, Path) else None
     data_sha256 = scan.sha256 if scan else text_sha256(text)
-    checkpoint = tokenizer = None
+    checkpoint = model = None
+    tokenizer = start.tokenizer if start is not None else None
     if resume:
-        checkpoint, cfg, tokenizer = read_resume_checkpoint(out_dir, data_sha256)
-    elif start is not None:
-        tokenizer = start.tokenizer
+        model, tokenizer, checkpoint = load_checkpoint(out_dir / "latest.pt", fix=RESUME_FIX)
+        cfg = model.cfg
+        if checkpoint.get("data_sha256") != data_sha256:
+            raise UserError(f"the training text differs from the one the run in {out_dir} was "
+                            "trained on: pass the same --data, or start a new run without --resume")
     env = start_distributed(cfg)
     device = process_device(cfg, env)
     set_seed(cfg.seed)
     corpus = load_corpus(text, scan, cfg, tokenizer, out_dir, env, log)
-    tokenizer = corpus.tokenizer
-    model = GPT(cfg, tokenizer.vocab_size)
-    if start is not None and checkpoint is None:
-        start.load_into(model)  # a fine-tune's first start (a resumed one reads latest.pt)
-    run = start_run(model.to(device), cfg)
+    if model is None:
+        model = GPT(cfg, corpus.tokenizer.vocab_size)
+        if start is not None:
+            start.load_into(model)
+    model.to(device).train()
+    run = Run(cfg, model, configure_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed),
+              corpus.tokenizer, data_sha256)
+    if checkpoint is not None:
+        restore_run(run, checkpoint, out_dir / "latest.pt")
+    return supervise(run, corpus, env, device, out_dir, log,
+                     f"resuming {out_dir / 'latest.pt'} at step {run.step}" if resume
+                     else start.note if start is not None else "")
+
+
+def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, out_dir: Path,
+              log: Callable, note: str) -> TrainResult:
+    """Section 10's loop, on this process's device and share of the batches, supervised."""
+    cfg = run.cfg
+    if env.world_size > 1:  # each process its own dropout randomness (the weights are
+        torch.manual_seed(cfg.seed + 1000 * env.rank + run.step)  # rank 0's, through DDP)
+    batches = process_batches(random_batches(corpus.train_data, cfg, run.batch_generator), env,
+                              device)
+    eval_batches = evaluation_batches_on(
+        evaluation_batches(corpus.train_data, corpus.val_data, cfg), device)
+    share = dataclasses.replace(cfg, grad_accum_steps=cfg.grad_accum_steps // env.world_size)
     with stop_flag_on_signals() as stop:
-        hooks = RunHooks(cfg, env, device, out_dir, corpus, data_sha256, log, stop)
-        if checkpoint is not None:
-            restore_run(run, checkpoint, out_dir / "latest.pt")
-            hooks.best_val = min((row["val_loss"] for row in run.history if row["step"] > 0),
-                                 default=math.inf)
-            hooks.log(f"resuming {out_dir / 'latest.pt'} at step {run.step}")
-        elif start is not None:
-            hooks.log(f"starting from the weights in {start.folder}")
-        if env.world_size > 1:  # each process its own dropout randomness (the weights are
-            torch.manual_seed(cfg.seed + 1000 * env.rank + run.step)  # rank 0's, through DDP)
-        hooks.log(f"{run.model.num_parameters():,} parameters, vocabulary of "
-                  f"{tokenizer.vocab_size}, {len(corpus.train_data):,} training tokens, device "
-                  f"{device}" + processes_note(cfg, env))
-        started = time.perf_counter()
-        seconds_before = run.history[-1]["elapsed_s"] if run.history else 0.0
-        train(run, cfg, corpus.train_data, corpus.val_data, hooks)
-    return TrainResult(run.model, tokenizer, run.history,
-                       seconds_before + time.perf_counter() - started, corpus.val_sample)
+        supervisor = Supervisor(run, env, out_dir, corpus, log, stop)
+        for line in (note, f"{run.model.num_parameters():,} parameters, vocabulary of "
+                     f"{run.tokenizer.vocab_size}, {len(corpus.train_data):,} training tokens, "
+                     f"device {device}" + processes_note(cfg, env)):
+            if line:
+                supervisor.log(line)
+        for row in train(wrap_for_device(run.model, cfg, env, device), run.optimizer, share,
+                         batches, eval_batches, run.step):
+            supervisor(row)
+    seconds = supervisor.seconds_before + time.perf_counter() - supervisor.started
+    return TrainResult(run.model, run.tokenizer, run.history, seconds, corpus.val_sample)
 
 
 def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer: Tokenizer | None,
@@ -3686,7 +3496,7 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer:
                                                 split_train_val(text)[0])
         return encode_corpus(text, tokenizer, cfg.block_size)
     tokenizer = tokenizer or streamed_tokenizer(scan, cfg)
-    return token_file_corpus(scan, tokenizer, out_dir, env, log if env.is_main else quiet)
+    return token_file_corpus(scan, tokenizer, out_dir, env, log if env.rank == 0 else quiet)
 
 
 # %% [markdown]
@@ -3721,8 +3531,6 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer:
 # * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and
 #   the device with its thread counts.
 #
-# The README quotes the figures of the machine this file was written on.
-#
 # **Where the time of a sampled token goes.** A token's arithmetic is tiny: a forward pass of
 # the quick-run model costs about $2N \approx 1.5$ million floating-point operations, a few
 # microseconds at the matmul peak. The rest is overhead. One token passes through about 165
@@ -3730,11 +3538,11 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer:
 # one step): 17 matrix products, 4 attentions, and the small multiplications, additions,
 # reshapes and splits around them. PyTorch spends microseconds launching each one, plus
 # Python's cost for every module call. So generation gets faster by doing *fewer* operations,
-# not faster ones. Four details of Part I come from this; each was measured with `bench`, one
-# at a time (the README has the figures):
+# not faster ones, and three details of the book come from this, each measured with `bench`,
+# one at a time:
 #
-# * attention skips the mask for a single new query (section 7): about 8% more tokens/s;
-# * RoPE rotates queries and keys together, with precomputed tables (section 7): about 10%;
+# * RoPE rotates queries and keys together, with precomputed tables (section 7): about 10% more
+#   tokens/s than rotating them apart, pair by pair;
 # * dropout with probability 0 is an `nn.Identity` (section 6): about 8%, since even a
 #   `Dropout(0)` call costs microseconds, nine times per token;
 # * SwiGLU's two widening matrices are one layer (section 8): no measurable change on the
@@ -3742,12 +3550,10 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer:
 #
 # **Compiling.** `torch.compile` of the one-token step made sampling about twice as fast, but
 # its compile took longer than writing 2000 characters without it, so the sampler does not use
-# it. For training (`--compile true`), a step on the 2-core CPU became about 20% faster after
-# about 20 s of compiling, as much time as the quick run's 3000 steps then save: opt-in.
-# On one H100 (the first GPU run of this file, before Appendix D's CUDA graph), `--compile true`
-# took about 40 s to compile and then made a step of the gpu preset about 20 ms instead of 28:
-# it pays for itself after 40 s / 8 ms = 5000 steps, and the preset runs 2000. So it stays
-# opt-in on a GPU too. Its time to a target loss against eager was not measured.
+# it. For training (`--compile true`), a step on a 2-core CPU became about 20% faster after
+# about 20 s of compiling, as much time as the quick run's 3000 steps then save: opt-in. On a
+# GPU, compiling also costs tens of seconds before the first step, and pays only over a run long
+# enough to win them back; it stays opt-in there too.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
@@ -3785,11 +3591,11 @@ def peak_memory_mib(device: torch.device) -> float:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
 
 
-def sampling_speed(model: GPT, n_tokens: int, use_cache: bool) -> tuple[float, float]:
+def sampling_speed(model: GPT, n_tokens: int, generate_ids: Callable) -> tuple[float, float]:
     """Tokens per second generating `n_tokens` after a one-token prompt, counted after the
     second token, and the seconds until then (on a GPU: recording the first CUDA graphs)."""
-    tokens = generate(model, [0], n_tokens, generator=seeded_generator(model, 0),
-                      use_cache=use_cache)
+    tokens = generate_ids(model, [0], n_tokens,
+                          generator=torch.Generator(device=model.device).manual_seed(0))
     synchronize(model.device)
     start = second = time.perf_counter()
     for i, _ in enumerate(tokens):
@@ -3803,7 +3609,7 @@ def sampling_speed(model: GPT, n_tokens: int, use_cache: bool) -> tuple[float, f
 
 @contextmanager
 def plain_cache_on_gpu():
-    """Inside the block, `generate` uses the plain KV cache on a GPU too (no CUDA graph)."""
+    """Inside the block, `generate_fast` runs its steps one by one on a GPU too (no graph)."""
     global CUDA_GRAPHS
     before, CUDA_GRAPHS = CUDA_GRAPHS, False
     try:
@@ -3817,28 +3623,29 @@ def sampling_figures(model: GPT, n_tokens: int) -> dict:
     model.eval()  # as `sample` loads it
     figures = {}
     if model.device.type == "cuda":
-        graphed, startup = sampling_speed(model, n_tokens, True)
+        graphed, startup = sampling_speed(model, n_tokens, generate_fast)
         figures["sampling tokens/s, CUDA graph"] = f"{graphed:,.0f}"
         figures["CUDA graph: to the 2nd token"] = f"{1000 * startup:.0f} ms"
     with plain_cache_on_gpu():
-        cached, uncached = (sampling_speed(model, n_tokens, c)[0] for c in (True, False))
+        cached = sampling_speed(model, n_tokens, generate_fast)[0]
+    uncached = sampling_speed(model, n_tokens, generate)[0]
     figures |= {"sampling tokens/s, KV cache": f"{cached:,.0f}",
                 "sampling tokens/s, no cache": f"{uncached:,.0f}",
                 "KV cache speed-up": f"{cached / uncached:.1f}x"}
     return figures
 
 
-def evaluation_seconds(model: GPT, cfg: Config, hooks: Hooks, repeats: int = 3) -> float:
+def evaluation_seconds(stepped: nn.Module, cfg: Config, vocab_size: int, device: torch.device,
+                       repeats: int = 3) -> float:
     """Median time of one evaluation as `train` runs it: eval_iters batches of each split."""
-    x = torch.randint(model.lm_head.out_features, (cfg.batch_size, cfg.block_size))
+    x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
     splits = [[(x, x)] * cfg.eval_iters for _ in range(2)]  # random tokens: only speed counts
 
     def evaluation() -> None:
         for batches in splits:
-            hooks.estimate_loss(model, batches)
+            estimate_loss(stepped, batches)
 
-    # (the untimed first one also copies the batches to a GPU)
-    return median_seconds(evaluation, model.device, repeats, warmup=1)
+    return median_seconds(evaluation, device, repeats, warmup=1)
 
 
 def evaluations_per_run(cfg: Config) -> int:
@@ -3851,11 +3658,15 @@ def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int 
     """Training, evaluation and sampling speed of `cfg` on this machine; see the list above.
     With threads 0, each part runs on the threads its command uses by default."""
     device = pick_device(cfg.device)
-    hooks = DeviceHooks(dataclasses.replace(cfg, compile=False), Distributed(), device)
+    uncompiled = dataclasses.replace(cfg, compile=False)
+
+    def wrap(model: GPT) -> nn.Module:
+        return wrap_for_device(model, uncompiled, Distributed(), device)
+
     with using_threads(threads):
-        per_step, model = seconds_per_step(cfg, vocab_size, steps, device, hooks)
+        per_step, model = seconds_per_step(cfg, vocab_size, steps, device, wrap)
         training_threads = torch.get_num_threads()
-        per_eval = evaluation_seconds(model, cfg, hooks)
+        per_eval = evaluation_seconds(wrap(model), cfg, vocab_size, device)
     positions = cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0
     flops_per_token = (6 * (model.num_parameters() - positions)
                        + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
@@ -3962,8 +3773,9 @@ if IN_NOTEBOOK:
 # **Ids.** GPT-2's 256 one-byte tokens are numbered in the order of the characters that stand
 # for them: the 188 printable bytes first (`!` is 0), then the 68 others (`Ā`, byte 0, is 188),
 # not by byte value as in Appendix B; and a merged token's id is whatever `vocab.json` says. So
-# `GPT2Tokenizer` keeps two more tables, the id of each byte and the id each merge makes, and is
-# otherwise Appendix B's `BPETokenizer`: the same merging by rank, the same decoding.
+# `GPT2Tokenizer` fills Appendix B's tables (the id of each byte, the rank and the id of each
+# merge) from the files, and is otherwise Appendix B's `BPETokenizer`: the same merging by rank,
+# the same decoding.
 #
 # **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex`
 # package and tried left to right:
@@ -4068,6 +3880,7 @@ class GPT2Tokenizer(BPETokenizer):
         self.merge_ranks = {pair: rank for rank, pair in reversed(list(enumerate(pairs)))}
         self.merge_ids = {pair: vocab[a + b] for pair, (a, b) in zip(pairs, self.merges)}
         self.end_id = vocab.get(GPT2_END)
+        self.chunk_pattern = gpt2_chunk_pattern()
         self.cache = {}  # chunk -> token ids, as in Appendix B
 
     @classmethod
@@ -4087,26 +3900,21 @@ class GPT2Tokenizer(BPETokenizer):
             raise UserError(f"vocab.json and merges.txt in {folder} are not a GPT-2 tokenizer "
                             f"({problem}): download them again") from None
 
-    def encode_chunk(self, chunk: str) -> list[int]:
-        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
-        while len(ids) > 1:  # merge the pair learned earliest, as in Appendix B
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.merge_ranks.get(p, math.inf))
-            if pair not in self.merge_ranks:
-                break
-            ids = merge_pair(ids, pair, self.merge_ids[pair])
-        return ids
-
     def encode(self, text: str) -> list[int]:
         pieces = text.split(GPT2_END) if self.end_id is not None else [text]
         ids = []
         for n, piece in enumerate(pieces):
             if n > 0:
                 ids.append(self.end_id)  # the marker stood between this piece and the last
-            for chunk in gpt2_chunk_pattern().findall(piece):
-                if chunk not in self.cache:
-                    self.cache[chunk] = self.encode_chunk(chunk)
-                ids.extend(self.cache[chunk])
+            ids.extend(super().encode(piece))  # Appendix B's: chunks, then merges by rank
         return ids
+
+    def state(self) -> dict:
+        return {"kind": "gpt2", "vocab": self.token_ids,
+                "merges": [list(pair) for pair in self.merges]}
+
+
+TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["merges"])
 
 
 # %% [markdown]
@@ -4332,6 +4140,10 @@ class Pretrained:
         positions = self.weights["embed.position.weight"][:model.cfg.block_size]
         model.load_state_dict(self.weights | {"embed.position.weight": positions})
 
+    def start(self) -> Start:
+        """A run's start (Appendix F) from these weights and this tokenizer: fine-tuning."""
+        return Start(self.load_into, self.tokenizer, f"starting from the weights in {self.folder}")
+
     def model(self) -> GPT:
         """A GPT holding these weights, at the full context, in eval mode."""
         model = GPT(ModelConfig(**self.arch), self.weights["embed.token.weight"].shape[0])
@@ -4446,10 +4258,9 @@ if IN_NOTEBOOK:
         print("largest logit difference below 1e-5:", gap.item() < 1e-5)
         theirs = reference.generate(ids[:1, :8], max_new_tokens=20, do_sample=False,
                                     pad_token_id=0)[0, 8:].tolist()
-        for use_cache in (False, True):
-            ours = list(generate(tiny, ids[0, :8].tolist(), 20, temperature=0,
-                                 use_cache=use_cache))
-            print(f"greedy, use_cache={use_cache}: the same 20 tokens:", ours == theirs)
+        for generate_ids in (generate, generate_fast):
+            ours = list(generate_ids(tiny, ids[0, :8].tolist(), 20, temperature=0))
+            print(f"greedy, {generate_ids.__name__}: the same 20 tokens:", ours == theirs)
 
 # %% [markdown]
 # ### GPT-2 writes
@@ -4472,7 +4283,7 @@ if IN_NOTEBOOK:
               "The demonstration is skipped: no weights, no GPT-2 text.")
     if gpt2 is not None:
         print(generate_text(gpt2.model(), gpt2.tokenizer, "The meaning of a word is", 400,
-                            temperature=0.8, top_k=50, use_cache=True))
+                            temperature=0.8, top_k=50, generate_ids=generate_fast))
 
 # %% [markdown]
 # ### Fine-tuning GPT-2 on your text
@@ -4594,6 +4405,28 @@ import argparse
 from contextlib import nullcontext
 
 
+@contextmanager
+def naming(flag: str):
+    """A UserError inside the block is about the value of `flag`: its message says so."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{flag} {e}") from None
+
+
+@contextmanager
+def naming_options(parameters: dict):
+    """Part I's errors name a function's parameters (`top_k must be ...`); on the command line
+    they name the options (`--top-k must be ...`)."""
+    try:
+        yield
+    except UserError as e:
+        message = str(e)
+        for name in parameters:
+            message = re.sub(rf"\b{name}\b", option(name), message)
+        raise UserError(message) from None
+
+
 def parse_bool(text: str) -> bool:
     if text.lower() in ("true", "yes", "1", "on"):
         return True
@@ -4644,7 +4477,7 @@ def add_train_command(commands) -> None:
                                   description="Train a GPT; every Config field is an option.")
     train_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                          help=f"UTF-8 text file to learn from (default: {DEFAULT_DATA}, "
-                              "downloaded if missing)")
+                              "tiny Shakespeare)")
     train_p.add_argument("--out-dir", type=Path, default=Path("out"),
                          help="where ckpt.pt and history.csv are written (default: out)")
     train_p.add_argument("--resume", action="store_true",
@@ -4737,8 +4570,10 @@ def command_train(args: argparse.Namespace) -> None:
               "(--size cpu for the quick run)")
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
-        source = text_source(args.data)  # the text itself, or the path of a big one
-        result = run_training(cfg, source, out_dir, resume=args.resume, start=pretrained)
+        with naming("--data"):
+            source = text_source(args.data)  # the text itself, or the path of a big one
+        result = run_training(cfg, source, out_dir, resume=args.resume,
+                              start=pretrained.start() if pretrained is not None else None)
         if "RANK" in os.environ:  # under torchrun: leave the process group; rank 0 reports
             import torch.distributed as dist
             dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
@@ -4758,7 +4593,7 @@ def report_training(result: TrainResult, args: argparse.Namespace) -> None:
     print("a sample from the final model (temperature 0.8):")
     with using_threads(args.threads or SAMPLING_THREADS):
         print(generate_text(result.model, result.tokenizer, default_prompt(result.tokenizer), 200,
-                            temperature=0.8, use_cache=True))
+                            temperature=0.8, generate_ids=generate_fast))
 
 
 def write_training_plots(result: TrainResult, val_text: str, out_dir: Path) -> None:
@@ -4794,16 +4629,22 @@ def default_prompt(tokenizer: Tokenizer) -> str:
 
 
 def command_sample(args: argparse.Namespace) -> None:
+    if args.num_chars < 0:
+        raise UserError(f"--num-chars must not be negative, got {args.num_chars}")
+    if args.prompt == "":
+        raise UserError("--prompt is empty: give at least one character")
     pretrained = pretrained_from_args(args)  # GPT-2 (Appendix H), or None
     if pretrained is not None:
         model, tokenizer = pretrained.model().to(pick_device(args.device)), pretrained.tokenizer
     else:
         model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    with naming_options(sampling):  # checked here, before anything is printed
+        check_sampling_args(**sampling, vocab_size=tokenizer.vocab_size)
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     with using_threads(args.threads):
         pieces = stream_text(model, tokenizer, prompt, args.num_chars, args.seed,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             use_cache=True)
+                             generate_ids=generate_fast, **sampling)
         print(prompt, end="", flush=True)
         for piece in pieces:  # stream: print each piece of text as soon as it is sampled
             print(piece, end="", flush=True)
@@ -4815,7 +4656,9 @@ def command_tokenize(args: argparse.Namespace) -> None:
         _, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt")
     else:
         validate_config(Config(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
-        tokenizer = BPETokenizer.train(split_train_val(load_text(args.data))[0], args.vocab_size)
+        with naming("--data"):
+            text = load_text(args.data)
+        tokenizer = BPETokenizer.train(split_train_val(text)[0], args.vocab_size)
     ids = tokenizer.encode(args.text)
     print(" ".join(repr(tokenizer.decode([i])) for i in ids))
     print(f"{len(ids)} tokens for {len(args.text)} characters "
@@ -4847,15 +4690,12 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank_0():  # under torchrun every process stops with the same error: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as e:
-        if is_rank_0():
-            print(f"interrupted: {e}", file=sys.stderr)
-        return e.status
-    except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C while sampling
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Interrupted says what was saved
         latest = Path(args.out_dir) / "latest.pt" if args.command == "train" else None
-        saved = latest is not None and latest.exists()
-        where = f"; the latest checkpoint is {latest}" if saved else ""
-        print(f"\ninterrupted{where}", file=sys.stderr)
+        kept = f"the latest checkpoint is {latest}" if latest and latest.exists() else ""
+        if is_rank_0():  # (after streamed text, or the signal's own line: a new line first)
+            print(f"\ninterrupted: {e}" if str(e) else
+                  f"\ninterrupted{'; ' + kept if kept else ''}", file=sys.stderr)
         return getattr(e, "status", 130)
     return 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path, checked with one command on a machine with a CUDA GPU (about 5 minutes on one
-# H100; tiny Shakespeare must be in data/ or downloadable):
+# H100; tiny Shakespeare ships in data/):
 #
 #     bash tests/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to out/gpu-check
 #

@@ -98,7 +98,7 @@ def test_a_streamed_text_trains_and_resumes_exactly_as_in_memory(tmp_path, small
     in_memory = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "memory", log=quiet)
     streamed = llm.run_training(tiny_cfg(), path, tmp_path / "streamed", log=quiet)
     assert losses(streamed.history) == losses(in_memory.history)  # the same tokens, batches
-    with pytest.raises(llm.TrainingInterrupted):
+    with pytest.raises(llm.Interrupted):
         llm.run_training(tiny_cfg(), path, tmp_path / "resumed",
                          log=interrupt_when(lambda line: line.startswith("step    10/")))
     resumed = llm.run_training(tiny_cfg(), path, tmp_path / "resumed", log=quiet, resume=True)

@@ -114,14 +114,6 @@ def test_bad_train_options(tmp_path, tiny_text_file, options, fragments):
         assert (out / name).read_bytes() == content
 
 
-def test_offline_download_as_a_real_subprocess(tmp_path):
-    env = {**os.environ, "LLM_SHAKESPEARE_URL": "http://127.0.0.1:9/input.txt"}  # nothing listens on port 9
-    result = subprocess.run([sys.executable, str(ROOT / "llm.py"), "train"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert_clean_failure(result, "--data FILE")
-    assert not (tmp_path / "data" / "tinyshakespeare.txt").exists()
-
-
 def test_sample_with_a_checkpoint_whose_vocabulary_does_not_match(trained_dir, tmp_path):
     checkpoint = torch.load(trained_dir / "ckpt.pt", weights_only=True)
     checkpoint["tokenizer"]["chars"] = checkpoint["tokenizer"]["chars"][:-3]  # 3 characters fewer than the model
@@ -156,14 +148,12 @@ def test_unwritable_out_dir(tmp_path, tiny_text_file):
     assert_clean_failure(result, "--out-dir")
 
 
-def test_default_corpus_offline_names_the_data_option(tmp_path, monkeypatch, capsys):
-    # No data/ in this directory, and the download address points at a closed local port.
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(llm, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+def test_a_missing_default_corpus_is_one_line_naming_the_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/ in this directory
     assert llm.main(["train", "--max-iters", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--data FILE" in err and len(err.strip().splitlines()) == 2  # "downloading ..." + the error
-    assert not (tmp_path / "data" / "tinyshakespeare.txt").exists()
+    assert "--data data/tinyshakespeare.txt does not exist" in err and "git checkout" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_sample_without_a_checkpoint(tmp_path):

@@ -1,8 +1,5 @@
-"""Data loading, downloading, the tokenizer and the batch sampler."""
+"""Data loading, the shipped corpus, the tokenizer and the batch sampler."""
 import hashlib
-import http.server
-import socket
-import threading
 
 import pytest
 import torch
@@ -114,54 +111,20 @@ def test_load_text_bad_inputs(tmp_path, content, kind, expected):
         llm.load_text(path)
 
 
-# --- download ----------------------------------------------------------------------------------
+# --- the corpus ships with the program ------------------------------------------------------------
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    payload = b""
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.payload)))
-        self.end_headers()
-        self.wfile.write(self.payload)
-
-    def log_message(self, *args):
-        pass
+def test_the_default_corpus_is_tiny_shakespeare_as_published():
+    from conftest import ROOT
+    data = (ROOT / llm.DEFAULT_DATA).read_bytes()
+    assert len(data.decode("utf-8")) == 1_115_394
+    assert hashlib.sha256(data).hexdigest() == (
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")
 
 
-@pytest.fixture
-def http_server():
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/input.txt"
-    server.shutdown()
-    server.server_close()
-
-
-def test_download_writes_the_file_when_the_checksum_matches(tmp_path, http_server):
-    _Handler.payload = "First Citizen:\nBefore we proceed any further, hear me speak.\n".encode()
-    dest = tmp_path / "data" / "corpus.txt"
-    llm.download(http_server, dest, hashlib.sha256(_Handler.payload).hexdigest())
-    assert dest.read_bytes() == _Handler.payload
-    assert list(dest.parent.iterdir()) == [dest]  # no temporary file left behind
-
-
-def test_download_with_wrong_checksum_leaves_nothing(tmp_path, http_server):
-    _Handler.payload = b"not the file you are looking for"
-    dest = tmp_path / "corpus.txt"
-    with pytest.raises(llm.UserError, match="checksum"):
-        llm.download(http_server, dest, "0" * 64)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_refused_connection_gives_the_offline_message(tmp_path):
-    with socket.socket() as s:  # find a port, then close it so nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(llm.UserError, match="--data FILE"):
-        llm.download(f"http://127.0.0.1:{port}/input.txt", tmp_path / "c.txt", "0" * 64, timeout=5)
-    assert list(tmp_path.iterdir()) == []
+def test_a_missing_default_corpus_says_how_to_restore_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    with pytest.raises(llm.UserError, match="git checkout data"):
+        llm.load_text()
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -67,12 +67,12 @@ def test_logits_equal_the_reference(ours, reference):
     assert (logits - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_greedy_generation_equals_the_reference(ours, reference, use_cache):
+@pytest.mark.parametrize("generate_ids", [llm.generate, llm.generate_fast])
+def test_greedy_generation_equals_the_reference(ours, reference, generate_ids):
     prompt = torch.randint(VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
     theirs = reference.generate(prompt, max_new_tokens=20, do_sample=False,
                                 pad_token_id=0)[0, 8:].tolist()
-    mine = list(llm.generate(ours, prompt[0].tolist(), 20, temperature=0, use_cache=use_cache))
+    mine = list(generate_ids(ours, prompt[0].tolist(), 20, temperature=0))
     assert mine == theirs
 
 
@@ -198,15 +198,15 @@ def test_finetune_starts_from_the_weights(snapshot, tmp_path, tiny_text_file, mo
     pretrained = llm.read_gpt2(snapshot)
     real_train, seen = llm.train, {}
 
-    def train_and_look(run, cfg, *args):
-        seen["qkv"] = run.model.blocks[0].attn.qkv.weight.detach().clone()
-        seen["positions"] = run.model.embed.position.weight.shape
-        return real_train(run, cfg, *args)
+    def train_and_look(model, *args):
+        seen["qkv"] = model.blocks[0].attn.qkv.weight.detach().clone()
+        seen["positions"] = model.embed.position.weight.shape
+        return real_train(model, *args)
 
     monkeypatch.setattr(llm, "train", train_and_look)
     cfg = llm.finetune_config(pretrained, {"block_size": 16, "max_iters": 1, "eval_iters": 1,
                                            "device": "cpu"})
-    llm.run_training(cfg, TINY_TEXT, tmp_path, log=lambda *_: None, start=pretrained)
+    llm.run_training(cfg, TINY_TEXT, tmp_path, log=lambda *_: None, start=pretrained.start())
     assert torch.equal(seen["qkv"], pretrained.weights["blocks.0.attn.qkv.weight"])
     assert seen["positions"] == (16, 64)  # the first 16 of the 32 learned positions
 

@@ -105,10 +105,7 @@ def test_multi_head_attention_equals_pytorch_with_the_same_projections():
 def test_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
     torch.manual_seed(0)
     mha = llm.MultiHeadAttention(llm.Config(n_embd=16, n_head=2))
-    with llm.keeping_attention_weights(mha) as layers:
-        assert layers == [mha]
-        mha(torch.randn(2, 7, 16))
-        weights = mha.weights  # (B, H, T, T)
+    weights = llm.attention_weights(mha, torch.randn(2, 7, 16))  # (B, H, T, T)
     assert weights.shape == (2, 2, 7, 7)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 7))
     future = llm.causal_mask(7)
@@ -165,7 +162,7 @@ def test_weight_tying_shares_one_tensor_also_after_save_and_load(tmp_path, tiny_
     assert model.lm_head.weight is model.embed.token.weight
     optimizer = llm.configure_optimizer(model, tiny_cfg)
     path = tmp_path / "ckpt.pt"
-    llm.save_checkpoint(path, llm.Run(model, optimizer, torch.Generator()), tok, 1.0)
+    llm.save_checkpoint(path, llm.Run(tiny_cfg, model, optimizer, torch.Generator(), tok, ""))
     loaded, _, _ = llm.load_checkpoint(path)
     assert loaded.lm_head.weight is loaded.embed.token.weight
     torch.testing.assert_close(loaded.embed.token.weight, model.embed.token.weight)
@@ -225,52 +222,33 @@ def test_a_tiny_model_overfits_one_batch(tiny_cfg, device):
     assert losses[-1] < 0.1
 
 
-class RecordingHooks(llm.Hooks):
-    """Hooks that write down every call, with the step the run was at."""
-
-    def __init__(self):
-        self.calls = []
-
-    def wrap(self, model):
-        self.calls.append(("wrap", None))
-        return model
-
-    def prepare(self, batches):
-        self.calls.append(("prepare", len(batches)))
-        return batches
-
-    def evaluated(self, run):
-        self.calls.append(("evaluated", run.step))
-        assert run.history[-1]["step"] == run.step  # the row of this evaluation is already there
-
-    def before_step(self, run):
-        self.calls.append(("before_step", run.step))
-
-    def after_step(self, run, loss):
-        assert isinstance(loss, float) and math.isfinite(loss)
-        self.calls.append(("after_step", run.step))
-
-
-def test_the_training_loop_calls_its_hooks(tiny_cfg):
+def test_the_training_loop_yields_each_evaluation_and_each_step_in_order(tiny_cfg):
     tiny_cfg.max_iters, tiny_cfg.eval_interval, tiny_cfg.eval_iters, tiny_cfg.warmup_iters = 7, 3, 2, 2
     corpus = llm.encode_corpus(TINY_TEXT, llm.CharTokenizer.from_text(TINY_TEXT), tiny_cfg.block_size)
     llm.set_seed(0)
-    run = llm.start_run(llm.GPT(tiny_cfg, corpus.tokenizer.vocab_size), tiny_cfg)
-    hooks = RecordingHooks()
-    assert llm.train(run, tiny_cfg, corpus.train_data, corpus.val_data, hooks) is run
-    names = [name for name, _ in hooks.calls]
-    assert names.count("before_step") == names.count("after_step") == tiny_cfg.max_iters  # once a step
-    assert names.count("evaluated") == 4  # steps 0, 3, 6, and the last, 7
-    assert names.count("prepare") == tiny_cfg.max_iters and names.count("wrap") == 1
-    expected = [("wrap", None), ("evaluated", 0)]
-    for step in range(tiny_cfg.max_iters):
-        expected += [("before_step", step), ("prepare", tiny_cfg.grad_accum_steps), ("after_step", step)]
-        if (step + 1) % tiny_cfg.eval_interval == 0 or step + 1 == tiny_cfg.max_iters:
-            expected.append(("evaluated", step + 1))
-    assert hooks.calls == expected  # in this order, each with the step the run was at
-    assert run.step == tiny_cfg.max_iters
-    assert [row["step"] for row in run.history] == [0, 3, 6, 7]
-    assert all(math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]) for row in run.history)
+    model = llm.GPT(tiny_cfg, corpus.tokenizer.vocab_size)
+    batches = llm.random_batches(corpus.train_data, tiny_cfg, torch.Generator().manual_seed(0))
+    rows = list(llm.train(model, llm.configure_optimizer(model, tiny_cfg), tiny_cfg, batches,
+                          llm.evaluation_batches(corpus.train_data, corpus.val_data, tiny_cfg)))
+    kinds = [("evaluation" if "val_loss" in row else "step", row["step"]) for row in rows]
+    expected = [("evaluation", 0)]
+    for step in range(1, 8):
+        expected.append(("step", step))
+        if step % 3 == 0 or step == 7:
+            expected.append(("evaluation", step))
+    assert kinds == expected  # an evaluation at 0, 3, 6 and the last step; a row per step
+    assert all(math.isfinite(row["loss"]) for row in rows if "loss" in row)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+def test_a_run_continues_from_its_step(tiny_cfg):
+    tiny_cfg.max_iters, tiny_cfg.eval_interval, tiny_cfg.eval_iters = 6, 2, 1
+    data = torch.randint(20, (300,))
+    model = llm.GPT(tiny_cfg, 20)
+    batches = llm.random_batches(data, tiny_cfg, torch.Generator().manual_seed(0))
+    rows = list(llm.train(model, llm.configure_optimizer(model, tiny_cfg), tiny_cfg, batches,
+                          llm.evaluation_batches(data, data, tiny_cfg), step=4))
+    assert [row["step"] for row in rows] == [4, 5, 6, 6]  # evaluate at 4, two steps, evaluate
 
 
 def test_model_rejects_sequences_longer_than_block_size(tiny_cfg):

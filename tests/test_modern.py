@@ -232,14 +232,15 @@ def test_checkpoint_round_trip_records_the_architecture(tmp_path, arch):
     llm.set_seed(0)
     model = llm.GPT(cfg, tok.vocab_size)
     path = tmp_path / "ckpt.pt"
-    llm.save_checkpoint(path, llm.Run(model, llm.configure_optimizer(model, cfg), torch.Generator()), tok, 1.0)
+    llm.save_checkpoint(path, llm.Run(cfg, model, llm.configure_optimizer(model, cfg), torch.Generator(),
+                                      tok, "", best_val=1.0))
     loaded, _, checkpoint = llm.load_checkpoint(path)
     assert loaded.cfg == cfg and checkpoint["config"]["norm"] == cfg.norm
     assert checkpoint["step"] == 0 and checkpoint["val_loss"] == 1.0
     idx = torch.randint(tok.vocab_size, (1, 8))
     torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
-    for use_cache in (False, True):  # sampling works, past block_size too, on both paths
-        assert len(llm.generate_text(loaded, tok, "abc", 12, use_cache=use_cache)) == 15
+    for generate_ids in (llm.generate, llm.generate_fast):  # sampling works, past block_size too
+        assert len(llm.generate_text(loaded, tok, "abc", 12, generate_ids=generate_ids)) == 15
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

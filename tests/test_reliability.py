@@ -38,7 +38,7 @@ def interrupt_when(condition):
 
 def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
     straight = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
-    with pytest.raises(llm.TrainingInterrupted, match="--resume"):
+    with pytest.raises(llm.Interrupted, match="--resume"):
         llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed",
                          log=interrupt_when(lambda l: l.startswith("step    10/")))
     assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 10
@@ -62,7 +62,7 @@ def test_resume_after_ctrl_c_between_evaluations_is_bit_identical(tmp_path, monk
         return real_step(model, optimizer, batches, lr, grad_clip)
 
     monkeypatch.setattr(llm, "train_step", step_then_ctrl_c)
-    with pytest.raises(llm.TrainingInterrupted):
+    with pytest.raises(llm.Interrupted):
         llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet)
     monkeypatch.setattr(llm, "train_step", real_step)
     assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 7  # step 6 finished

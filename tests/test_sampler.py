@@ -58,8 +58,9 @@ def test_bad_sampling_arguments_raise_value_error(kwargs):
         llm.check_sampling_args(args["temperature"], args["top_k"], args["top_p"], vocab_size=4)
     llm.set_seed(0)
     model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=8, device="cpu"), len(PROBS))
-    with pytest.raises(llm.UserError):  # at the call, before the first token is asked for
-        llm.generate(model, [1, 2], 3, **kwargs)
+    for generate_ids in (llm.generate, llm.generate_fast):
+        with pytest.raises(llm.UserError):  # when the first token is asked for
+            next(generate_ids(model, [1, 2], 3, **kwargs))
     llm.check_sampling_args(1.0, 4, 1.0, vocab_size=4)  # the limits themselves are allowed
 
 
@@ -77,21 +78,21 @@ def tiny_model(tiny_cfg, device):
     return llm.GPT(tiny_cfg, tok.vocab_size).to(device), tok
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_generate_is_seeded_and_runs_past_block_size(tiny_model, use_cache):
+@pytest.mark.parametrize("generate_ids", [llm.generate, llm.generate_fast])
+def test_generate_is_seeded_and_runs_past_block_size(tiny_model, generate_ids):
     model, tok = tiny_model
-    a = llm.generate_text(model, tok, "abc", 40, seed=3, use_cache=use_cache)  # 43 > block_size of 16: cropped
-    b = llm.generate_text(model, tok, "abc", 40, seed=3, use_cache=use_cache)
-    c = llm.generate_text(model, tok, "abc", 40, seed=4, use_cache=use_cache)
+    a = llm.generate_text(model, tok, "abc", 40, seed=3, generate_ids=generate_ids)  # 43 > block_size of 16: cropped
+    b = llm.generate_text(model, tok, "abc", 40, seed=3, generate_ids=generate_ids)
+    c = llm.generate_text(model, tok, "abc", 40, seed=4, generate_ids=generate_ids)
     assert a == b and a != c
     assert a.startswith("abc") and len(a) == 43
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_greedy_generation_matches_argmax_of_the_full_forward(tiny_model, use_cache):
+@pytest.mark.parametrize("generate_ids", [llm.generate, llm.generate_fast])
+def test_greedy_generation_matches_argmax_of_the_full_forward(tiny_model, generate_ids):
     model, tok = tiny_model
     ids = tok.encode("abc")
-    new = list(llm.generate(model, ids, 5, temperature=0, use_cache=use_cache))
+    new = list(generate_ids(model, ids, 5, temperature=0))
     assert len(new) == 5
     model.eval()
     for token in new:
@@ -100,22 +101,22 @@ def test_greedy_generation_matches_argmax_of_the_full_forward(tiny_model, use_ca
         ids.append(token)
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_generate_restores_the_previous_mode(tiny_model, use_cache):
+@pytest.mark.parametrize("generate_ids", [llm.generate, llm.generate_fast])
+def test_generate_restores_the_previous_mode(tiny_model, generate_ids):
     model, tok = tiny_model
     model.train()
-    list(llm.generate(model, tok.encode("a"), 3, use_cache=use_cache))
+    list(generate_ids(model, tok.encode("a"), 3))
     assert model.training
     model.eval()
-    list(llm.generate(model, tok.encode("a"), 3, use_cache=use_cache))
+    list(generate_ids(model, tok.encode("a"), 3))
     assert not model.training
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model, use_cache):
+@pytest.mark.parametrize("generate_ids", [llm.generate, llm.generate_fast])
+def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model, generate_ids):
     model, tok = tiny_model
     model.train()
-    tokens = llm.generate(model, tok.encode("ab"), 5, use_cache=use_cache)
+    tokens = generate_ids(model, tok.encode("ab"), 5)
     next(tokens)  # paused between tokens
     assert model.training and not torch.is_inference_mode_enabled()
     _, loss = model(torch.tensor([[1, 2, 3]], device=model.device),
@@ -123,8 +124,8 @@ def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model, use_cache):
     loss.backward()  # training still works while the generator waits
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_generation_with_a_context_of_one_token(use_cache, device):
+@pytest.mark.parametrize("generate_ids", [llm.generate, llm.generate_fast])
+def test_generation_with_a_context_of_one_token(generate_ids, device):
     llm.set_seed(0)
     model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=1), 5).to(device)
-    assert len(list(llm.generate(model, [1, 2, 3], 6, use_cache=use_cache))) == 6
+    assert len(list(generate_ids(model, [1, 2, 3], 6))) == 6

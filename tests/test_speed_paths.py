@@ -18,50 +18,26 @@ def test_fused_attention_equals_the_hand_written_path(switches):
     torch.manual_seed(0)
     attn = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, **switches)).eval()
     x = torch.randn(3, 10, 32)
-    fused = attn(x)
-    assert attn.weights is None  # outside the block: the fused path, which keeps no weights
-    with llm.keeping_attention_weights(attn):
-        hand_written = attn(x)
-        assert attn.weights.shape == (3, 4, 10, 10)  # the hand-written path ran
-    torch.testing.assert_close(fused, hand_written)
+    weights = llm.attention_weights(attn, x)  # (B, H, T, T), by causal_attention
+    assert weights.shape == (3, 4, 10, 10)
+    _, _, v = attn.heads(x)  # (B, Hkv, T, D)
+    v = v.repeat_interleave(4 // attn.n_kv_head, dim=1)  # (B, H, T, D)
+    hand_written = attn.proj((weights @ v).transpose(1, 2).reshape(3, 10, 32))
+    torch.testing.assert_close(attn(x), hand_written)
 
 
-@pytest.mark.parametrize("switches", SCHEMES)
-def test_cached_logits_equal_a_full_forward_at_every_position(switches, device):
-    model = tiny_model(device, **switches)
-    idx = torch.randint(23, (1, 12), device=device)
-    full, _ = model(idx)  # (1, 12, V)
-    with torch.no_grad():
-        cache = llm.KVCache(model)
-        assert cache.position == 0 and len(cache.layers) == model.cfg.n_layer
-        with cache.attached(model):
-            prefill, _ = model(idx[:, :5])  # the first five positions at once
-        torch.testing.assert_close(prefill, full[:, :5], atol=1e-5, rtol=1e-5)
-        assert cache.position == 5
-        with cache.attached(model):
-            chunk, _ = model(idx[:, 5:8])  # three more after cached keys: the shifted mask
-        torch.testing.assert_close(chunk, full[:, 5:8], atol=1e-5, rtol=1e-5)
-        for t in range(8, 12):  # then one position at a time: no mask at all
-            with cache.attached(model):
-                step, _ = model(idx[:, t:t + 1])
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
-    assert cache.position == 12 and cache.layers[0].k.shape == (1, model.cfg.kv_heads, 12, 8)
-    assert all(layer.length == 12 and layer.v.shape == layer.k.shape for layer in cache.layers)
-    assert all(block.attn.cache is None for block in model.blocks)  # detached after each block
-    torch.testing.assert_close(model(idx)[0], full)  # and the model runs without a cache again
-    cache.clear()
-    assert cache.position == 0
-
-
-@pytest.mark.parametrize("cache_class", [llm.KVCache, llm.StaticKVCache])
 @pytest.mark.parametrize("switches", SCHEMES + [dict(n_head=4, n_kv_head=2)])
-def test_each_cache_gives_the_logits_of_a_full_forward_at_every_position(switches, cache_class, device):
+def test_the_cache_gives_the_logits_of_a_full_forward_at_every_position(switches, device):
     model = tiny_model(device, **switches)
     ids = torch.randint(23, (12,)).tolist()
     full, _ = model(torch.tensor([ids], device=device))  # (1, 12, V)
     with llm.evaluating(model):
-        cache = cache_class(model)
-        for t in range(1, 13):  # a prefill of one token, then one token at a time
+        cache = llm.KVCache(model)
+        logits = cache.logits_after(model, ids[:5])  # a prefill of five tokens at once
+        torch.testing.assert_close(logits, full[:, 4], atol=1e-5, rtol=1e-5)
+        logits = cache.logits_after(model, ids[:8])  # three more after cached keys
+        torch.testing.assert_close(logits, full[:, 7], atol=1e-5, rtol=1e-5)
+        for t in range(9, 13):  # then one token at a time
             logits = cache.logits_after(model, ids[:t])
             torch.testing.assert_close(logits, full[:, t - 1], atol=1e-5, rtol=1e-5)
             assert cache.position == t
@@ -71,83 +47,69 @@ def test_each_cache_gives_the_logits_of_a_full_forward_at_every_position(switche
         for t in range(3, 7):
             torch.testing.assert_close(cache.logits_after(model, window[:t]), full[:, t - 1],
                                        atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(torch.tensor([window], device=device))[0], full)  # untouched
 
 
-@pytest.mark.parametrize("switches", SCHEMES)
-def test_the_static_step_fills_the_slots_with_the_plain_caches_keys_and_values(switches):
-    model = tiny_model(**switches)
+def test_the_cache_writes_each_tokens_keys_into_the_slot_of_its_position():
+    model = tiny_model(n_head=4, n_kv_head=2)
     ids = torch.randint(23, (9,)).tolist()
     with llm.evaluating(model):
-        plain, static = llm.KVCache(model), llm.StaticKVCache(model)
-        plain.logits_after(model, ids)  # all nine at once
-        for t in range(3, 10):  # a prefill of three, then six static steps
-            static.logits_after(model, ids[:t])
-    for layer, k_slots, v_slots in zip(plain.layers, static.k, static.v):
-        torch.testing.assert_close(k_slots[:, :, :9], layer.k, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(v_slots[:, :, :9], layer.v, atol=1e-6, rtol=1e-5)
-        assert (k_slots[:, :, 9:] == 0).all()  # slots not reached stay as they were
+        cache = llm.KVCache(model)
+        for t in range(3, 10):  # a prefill of three, then six steps
+            cache.logits_after(model, ids[:t])
+        x = model.blocks[0].norm1(model.embed(torch.tensor([ids])))  # the first layer's input
+        _, k, v = model.blocks[0].attn.heads(x)  # (1, Hkv, 9, D): section 7's, all at once
+    assert cache.k[0].shape == (1, 2, 12, 4)  # block_size slots, before grouped heads repeat
+    torch.testing.assert_close(cache.k[0][:, :, :9], k, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cache.v[0][:, :, :9], v, atol=1e-6, rtol=1e-5)
+    assert (cache.k[0][:, :, 9:] == 0).all()  # slots not reached stay as they were
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_generate_records_one_cuda_graph_and_replays_it(monkeypatch):
+def test_on_a_gpu_the_cache_records_one_cuda_graph_per_number_of_fed_tokens():
     model = tiny_model("cuda")
-    made = []
-    real = llm.make_cache
-    monkeypatch.setattr(llm, "make_cache", lambda m: made.append(real(m)) or made[-1])
-    list(llm.generate(model, [1, 2, 3], 30, generator=llm.seeded_generator(model, 0), use_cache=True))
-    assert len(made) == 1 and isinstance(made[0], llm.StaticKVCache)
-    # one graph per number of new tokens: the prompt's 3, one token, and a restart's half window
-    assert sorted(made[0].graphs) == [1, 3, 6]
+    with llm.evaluating(model):
+        cache = llm.KVCache(model)
+        ids = [1, 2, 3] + [4] * 20
+        for t in range(3, 13):
+            cache.logits_after(model, ids[:t])
+        cache.clear()
+        cache.logits_after(model, ids[6:12])
+    assert sorted(cache.graphs) == [1, 3, 6]  # the prompt's 3, one token, a restart's half
 
 
 @pytest.mark.parametrize("switches", SCHEMES)
-def test_generation_with_and_without_the_cache_agree_past_block_size(switches, monkeypatch, device):
+def test_fast_generation_writes_what_generate_writes_within_one_window(switches, device):
     model = tiny_model(device, **switches)
-    seen = {}
-    real = llm.next_token_logits
-
-    def record(model, ids, window_start, cache):
-        logits = real(model, ids, window_start, cache)
-        seen.setdefault(cache is not None, []).append(logits)
-        return logits
-
-    monkeypatch.setattr(llm, "next_token_logits", record)
-    prompt = [1, 2, 3]
-    with_cache = list(llm.generate(model, prompt, 40, generator=llm.seeded_generator(model, 5), use_cache=True))
-    without = list(llm.generate(model, prompt, 40, generator=llm.seeded_generator(model, 5), use_cache=False))
-    assert with_cache == without  # seeded text identical, 43 tokens: several windows of block_size 12
-    assert len(seen[True]) == len(seen[False]) == 40
-    for a, b in zip(seen[True], seen[False]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    seed = lambda: torch.Generator(device=device).manual_seed(5)  # noqa: E731
+    fast = list(llm.generate_fast(model, [1, 2, 3], 9, temperature=1.5, generator=seed()))
+    plain = list(llm.generate(model, [1, 2, 3], 9, temperature=1.5, generator=seed()))
+    assert fast == plain  # 12 tokens: one window of block_size 12
+    assert len(set(fast)) > 3  # a varied text, not one token repeated
 
 
 @pytest.mark.parametrize("switches", SCHEMES)
-def test_seeded_sampling_writes_the_same_text_through_the_static_and_the_plain_cache(switches, monkeypatch, device):
-    model = tiny_model(device, **switches)
-    texts = {}
-    for cache_class in (llm.KVCache, llm.StaticKVCache):
-        monkeypatch.setattr(llm, "make_cache", cache_class)
-        texts[cache_class] = list(llm.generate(model, [4, 5], 60, temperature=1.5,
-                                               generator=llm.seeded_generator(model, 9), use_cache=True))
-    assert texts[llm.KVCache] == texts[llm.StaticKVCache]
-    assert len(set(texts[llm.KVCache])) > 5  # a varied text (temperature 1.5), not one token repeated
+def test_past_the_window_each_token_is_the_argmax_of_a_full_forward_on_its_window(switches):
+    model = tiny_model(**switches)  # block_size 12
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    new = list(llm.generate_fast(model, prompt, 30, temperature=0))
+    ids, start = prompt[:], 0
+    for token in new:  # the policy the appendix states: when full, keep the last half
+        if len(ids) - start > 12:
+            start = len(ids) - 6
+        window = torch.tensor([ids[start:]])
+        assert model(window)[0][0, -1].argmax().item() == token
+        ids.append(token)
+    assert start > 12  # several restarts happened
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_window_restarts_keep_the_last_half(monkeypatch, use_cache):
+def test_generate_crops_the_context_to_the_last_block_size_tokens(monkeypatch):
     model = tiny_model()
-    windows = []
-    real = llm.next_token_logits
-
-    def record(model, ids, window_start, cache):
-        assert (cache is not None) == use_cache
-        windows.append((len(ids), window_start))
-        return real(model, ids, window_start, cache)
-
-    monkeypatch.setattr(llm, "next_token_logits", record)
-    list(llm.generate(model, [1] * 10, 8, temperature=0, use_cache=use_cache))
-    assert all(0 < n - start <= 12 for n, start in windows)
-    assert (13, 13 - 6) in windows  # at 13 tokens the window of 12 was full: keep the last 6
+    lengths = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, *a: lengths.append(idx.shape[1]) or real_forward(idx, *a))
+    list(llm.generate(model, [1] * 10, 5, temperature=0))
+    assert lengths == [10, 11, 12, 12, 12]
 
 
 def test_bench_prints_every_figure(capsys):
@@ -164,20 +126,26 @@ def test_bench_prints_every_figure(capsys):
     assert flops == pytest.approx(expected / 1e6, abs=0.005)
 
 
-def test_device_hooks_evaluate_as_section_10_does(device):
+def test_the_wrapped_model_evaluates_as_section_10_does(device):
     model = tiny_model(device)
-    cfg = model.cfg
     data = torch.randint(23, (500,))
     batches = llm.fixed_batches(data, llm.Config(block_size=12, batch_size=4, eval_iters=3), 0)
-    hooks = llm.DeviceHooks(cfg, llm.Distributed(), device)
-    plain = llm.estimate_loss(model, batches)
-    first, again = hooks.estimate_loss(model, batches), hooks.estimate_loss(model, batches)
-    assert first == again  # the same fixed batches, copied to the device once
+    plain = llm.estimate_loss(model, [(x.to(device), y.to(device)) for x, y in batches])
+    on_device = llm.evaluation_batches_on({"val": batches}, device)["val"]
+    assert all(x.device.type == device.type for x, _ in on_device)
+    wrapped = llm.wrap_for_device(model, model.cfg, llm.Distributed(), device)
+    loss = llm.estimate_loss(wrapped, on_device)
     if device.type == "cpu":
-        assert first == plain  # the CPU's evaluation is section 10's, to the last bit
+        assert wrapped is model and loss == plain  # the CPU's evaluation is section 10's
     else:
-        assert first == pytest.approx(plain, abs=0.02)  # bfloat16 on a GPU
-        assert len(hooks.on_gpu) == 1
+        assert loss == pytest.approx(plain, abs=0.02)  # bfloat16 on a GPU
+
+
+def test_each_process_keeps_its_share_of_the_same_batches():
+    stream = lambda: iter([(torch.tensor([i]), torch.tensor([i])) for i in range(12)])  # noqa: E731
+    for rank in range(3):
+        share = llm.process_batches(stream(), llm.Distributed(rank, 3), torch.device("cpu"))
+        assert [int(next(share)[0]) for _ in range(4)] == [rank, rank + 3, rank + 6, rank + 9]
 
 
 def test_the_gpu_preset_spends_under_a_tenth_of_its_forward_passes_evaluating():
@@ -231,4 +199,4 @@ def test_on_a_gpu_train_without_size_says_first_that_it_took_the_gpu_preset(tmp_
     assert llm.main(["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path), *options]) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
     assert "gpu preset" in first_line and "--size cpu" in first_line
-    assert llm.read_checkpoint(tmp_path / "ckpt.pt")[1].block_size == 16  # options still win
+    assert llm.load_checkpoint(tmp_path / "ckpt.pt")[0].cfg.block_size == 16  # options win
