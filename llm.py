@@ -10,15 +10,10 @@
 #
 # **Part I, the story** (sections 1 to 11), builds a working language model and nothing else;
 # at its end you have trained a model and read its writing. **Part II, the appendices** (A to
-# I), makes the same model fast and trustworthy, and shows that it is GPT-2: analysis, subword
-# tokens, measurements, fast generation, GPUs, reliable runs, OpenAI's GPT-2 weights in our
-# model, the command line. The rule of the split: Part I holds what a model *is* and how it
-# *learns*; an appendix holds what only analysis or a long, large or unattended run needs.
-# That keeps the path from an empty file to a talking model short, and gives each piece of
-# machinery room to be explained instead of interrupting the story. Part I runs without Part II,
-# and its classes hold only the model: an appendix that needs more (a cache, a picture of the
-# attention, checkpoints, many processes) attaches from outside, by wrapping, hooking or driving
-# Part I's pieces, and says which.
+# I), makes the same model fast and trustworthy, and shows that it is GPT-2. Part I holds what a
+# model *is* and how it *learns*, and runs without Part II; an appendix that needs more (a cache,
+# checkpoints, many processes) attaches from outside, by wrapping, hooking or driving Part I's
+# pieces, and says which.
 #
 # **Notation** in shape comments such as `# (B, T, C)`: **B** batch size (sequences at once),
 # **T** time (tokens in a sequence), **C** channels (the numbers in one token's vector), **V**
@@ -59,10 +54,8 @@
 #
 # The code uses **PyTorch**, a library for computing with large arrays of numbers, which also
 # works out derivatives for us and runs on GPUs (graphics processors, fast at this arithmetic).
-# It is imported under three names: `torch`, `nn` (`torch.nn`, the building blocks of models)
-# and `F` (`torch.nn.functional`, the same operations as plain functions with nothing to learn).
-# The other imports are Python's standard library; each appendix imports what only it needs. A
-# few ideas are then enough.
+# It is imported as `torch`, `nn` (`torch.nn`, the building blocks of models) and `F`
+# (`torch.nn.functional`, the same operations as plain functions with nothing to learn).
 
 # %%
 from __future__ import annotations
@@ -83,13 +76,11 @@ import torch.nn.functional as F
 
 # %% [markdown]
 # > **Engineering note.** This file is imported by tests, run as a script and run as a
-# > notebook. Demonstration cells start with `if IN_NOTEBOOK:`, so `import llm` runs none. A
-# > notebook's `__name__` is `"__main__"`, as a script's, so we also ask IPython, the notebook's
-# > Python: a real kernel has a `kernel` attribute. A user's mistake (a missing file, a bad
-# > option) raises a `UserError`, a `ValueError` whose message names the problem and the fix;
-# > the command line (Appendix I) prints it as one line. matplotlib, for the pictures, is
-# > imported only when one is drawn. `# NBVAL_CHECK_OUTPUT` marks cells whose printed output the
-# > tests compare with the committed notebook's.
+# > notebook. Demonstration cells start with `if IN_NOTEBOOK:`, so `import llm` runs none (a
+# > notebook's `__name__` is `"__main__"`, as a script's, but only a notebook has a kernel). A
+# > user's mistake raises a `UserError` whose message names the problem and the fix.
+# > matplotlib is imported only when a picture is drawn. `# NBVAL_CHECK_OUTPUT` marks cells
+# > whose printed output the tests compare with the committed notebook's.
 
 # %%
 def running_in_notebook() -> bool:
@@ -144,7 +135,9 @@ if IN_NOTEBOOK:
 #   a classic source of silent bugs, one reason every tensor line here carries its shape.
 #
 # `torch.randn` draws random numbers (around 0), `torch.manual_seed` makes the draws
-# repeatable, and `torch.allclose` compares up to rounding errors.
+# repeatable, and `torch.allclose` compares up to rounding errors. Other operations are
+# explained where they are first used; a name ending in `_` (`nn.init.normal_(w)`) marks one
+# that changes its tensor in place.
 
 # %%
 if IN_NOTEBOOK:
@@ -218,26 +211,6 @@ if IN_NOTEBOOK:
         optimizer.step()
         if step % 5 == 0 or step == 19:
             print(f"step {step:2d}  loss {loss.item():.4f}  w after the step {w.item():.4f}")
-
-# %% [markdown]
-# ### A few more operations, met later
-#
-# | operation | what it does |
-# |---|---|
-# | `x.transpose(1, 2)`; `W.T` | swap two dimensions; swap a matrix's rows and columns |
-# | `x.split([a, b], dim)`; `x.chunk(2, dim)` | cut a dimension into sizes a and b; in halves |
-# | `x[None]`; `x[rows, cols]` | add a dimension of length 1; pick one element per (row, col) pair |
-# | `x.masked_fill(mask, v)` | a copy with `v` wherever the True/False tensor `mask` is True |
-# | `m.triu(1)` | keep what is above the diagonal of a matrix, zero the rest |
-# | `torch.topk(x, k)`; `torch.sort(x)` | the k largest; all sorted, with their old positions |
-# | `x.cumsum(-1)`; `x.scatter(-1, order, y)` | running sums; put y back where `order` came from |
-# | `x.repeat_interleave(n, dim)`; `x.flip(-1)` | repeat each slice n times; reverse a dimension |
-# | `x.flatten(0, 1)`; `x.unflatten(-1, (a, b))` | merge two dimensions into one; split one in two |
-# | `torch.stack([a, b], -1)`; `x.type_as(y)` | join along a new dimension; convert to y's dtype |
-# | `x.to(device)`; `opt.param_groups` | move to a device (CPU or GPU); an optimiser's settings |
-# | `nn.init.normal_(w)` | a trailing `_` marks an operation that changes w in place |
-# | `torch.no_grad()`; `torch.inference_mode()` | blocks whose operations autograd does not record |
-# | `model.apply(f)`; `p.numel()` | call f on every sub-module; the count of numbers in a tensor |
 
 # %% [markdown]
 # ## 3. Data
@@ -522,10 +495,8 @@ class ModelConfig:
 # **Dropout.** The embeddings end with **dropout** (Srivastava et al., 2014): in training it
 # zeroes a random fraction `dropout` of the numbers (and scales up the rest, keeping their
 # average), so that no part of the model can rely on another always being there. It fights
-# overfitting. The quick run reads each character of the text only about twice and does not
-# overfit, so its dropout is 0, and an `nn.Identity` (a layer that returns its input) stands in
-# its place: even a `Dropout(0)` costs time on every call (Appendix G). Outside training,
-# dropout is off (section 10).
+# overfitting. The quick run reads each character only about twice and does not overfit, so its
+# dropout is 0, and an `nn.Identity` (a layer that returns its input, at no cost) stands in.
 
 # %%
 def make_dropout(p: float) -> nn.Module:
@@ -599,13 +570,14 @@ if IN_NOTEBOOK:
 # $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{D}} + M\right) V$$
 #
 # **Why divide by $\sqrt{D}$.** A dot product of $D$ numbers is a sum of $D$ products, so
-# whatever the scale of $q$ and $k$, its *variance* (the mean squared distance from the mean;
-# its square root is the *standard deviation*, the typical distance) grows like $D$: with entries
-# of variance 1 it is $D$. Our default model splits its C = 128 channels among 4 heads (below), so D = 32: the scores
-# would spread over roughly ±11 (two standard deviations of $\sqrt{32} \approx 5.7$). The softmax
-# would then give one position almost all the weight, and a saturated softmax barely moves when its
-# scores move, so the gradient flowing back through it would all but vanish and attention would
-# learn slowly. Dividing by $\sqrt{D}$ makes the scale of the scores independent of the head width.
+# whatever the scale of $q$ and $k$, its *variance* (the mean squared distance from the mean; its
+# square root, the *standard deviation*, is the typical distance) grows like $D$: with entries of
+# variance 1 it is $D$. Our default model splits its C = 128 channels among 4 heads (below), so
+# D = 32: the scores would spread over roughly ±11 (two standard deviations of $\sqrt{32} \approx
+# 5.7$). The softmax would then give one position almost all the weight, and a saturated softmax
+# barely moves when its scores move, so the gradient flowing back through it would all but vanish
+# and attention would learn slowly. Dividing by $\sqrt{D}$ makes the scale of the scores
+# independent of the head width.
 #
 # **The causal mask $M$.** When predicting the token after position $t$, the model must not
 # see it, or any later token: it could copy the answer. $M$ is 0 where $s \le t$ and $-\infty$
@@ -613,14 +585,13 @@ if IN_NOTEBOOK:
 # softmax (and renormalise)? Because $e^{-\infty} = 0$, the softmax itself then gives the future
 # weight exactly zero and shares all the weight among the allowed positions, in one step. A
 # large finite number such as −1000 works only while every real score stays far above it; −∞
-# is exact whatever the scores. (Dropout, section 6, also zeroes some weights during training,
-# on purpose, scaling up the rest so rows still sum to one on average.) One function does this
-# for any number of heads: leading dimensions come along.
+# is exact whatever the scores. One function does this for any number of heads: leading
+# dimensions come along.
 
 # %%
 def causal_mask(T: int, device=None) -> torch.Tensor:
     """(T, T) boolean mask, True where a query would look into the future (key after query)."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)  # above diagonal
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor,
@@ -628,8 +599,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor,
     """Scaled dot-product attention with a causal mask; q, k, v: (..., T, D).
     Returns the outputs (..., T, D) and the attention weights (..., T, T)."""
     T, D = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T): query t vs key s
-    scores = scores.masked_fill(causal_mask(T, q.device), float("-inf"))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (..., T, T): k's last 2 dims swapped
+    scores = scores.masked_fill(causal_mask(T, q.device), float("-inf"))  # -inf where masked
     weights = F.softmax(scores, dim=-1)  # (..., T, T), each row sums to 1
     return weights @ v, weights  # (..., T, D), (..., T, T)
 
@@ -690,11 +661,9 @@ if IN_NOTEBOOK:
 #
 # $$(a, b) \mapsto (a, b)\cos p\theta_i + (b, a) \odot (-\sin p\theta_i,\; \sin p\theta_i)$$
 #
-# the vector times the cosines, plus the vector with each pair swapped times the signed sines.
-# Both tables are computed once for every position (each angle written twice, to width D), so
-# rotating is two products and a sum for all pairs, heads and positions together, instead of
-# a separate computation for each pair. Values are not rotated: position should shape *where*
-# attention looks, not *what* it carries.
+# the vector times the cosines, plus the vector with each pair swapped times the signed sines,
+# both tables computed once for every position. Values are not rotated: position should shape
+# *where* attention looks, not *what* it carries.
 
 # %%
 def rope_tables(n_positions: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -739,16 +708,15 @@ if IN_NOTEBOOK:
 # that of one C-wide head. A final linear layer mixes what the heads found (without it, each
 # head would only ever write to its own D channels). Instead of H small
 # `Head` modules, one matrix makes all queries, keys and values in a single product; the
-# channels are then reshaped into heads of width D, which ride along as a batch dimension.
+# channels are then reshaped into heads of width D, which ride along as a batch dimension
+# (`.transpose(1, 2)` swaps two dimensions; `.split(sizes, dim)` cuts one into pieces).
 #
 # **Grouped-query attention** (GQA; Ainslie et al., 2023; used by Llama 2's largest and Llama 3)
 # gives the H query heads only `n_kv_head` key/value heads, each shared by a group of
 # H / `n_kv_head` query heads. The projection shrinks from (C, 3C) to (C, C + 2·n_kv_head·D),
-# and so does the memory that fast generation spends on keeping every past key and value
-# (Appendix D): that matters in big models; ours keeps it as part of the modern recipe, at
-# no measurable cost (Appendix C). `n_kv_head = n_head` is ordinary
-# multi-head attention; `n_kv_head = 1` is *multi-query* attention (Shazeer, 2019). Before
-# attending, each key/value head is simply repeated for every query head in its group.
+# and so does the memory that fast generation spends on past keys and values (Appendix D): that
+# matters in big models. `n_kv_head = n_head` is ordinary multi-head attention; 1 is
+# *multi-query* attention (Shazeer, 2019).
 #
 # **Fused attention.** PyTorch's `F.scaled_dot_product_attention` computes what
 # `causal_attention` does, in one optimised *kernel* (a compiled routine; on a GPU, one that
@@ -1057,7 +1025,7 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         """Trainable parameters; the tied embedding/output matrix counts once."""
-        return sum(p.numel() for p in self.parameters())  # parameters() skips duplicates
+        return sum(p.numel() for p in self.parameters())  # (lists the tied matrix once)
 
     @property
     def device(self) -> torch.device:
@@ -1138,7 +1106,7 @@ if IN_NOTEBOOK:
 # ### The settings of training
 #
 # `Config` extends `ModelConfig` with the settings of training, so one object describes a whole
-# run; each is explained below, where it is used, and a few belong to the appendices. The batch
+# run; each is explained below, where it is used. The batch
 # size, the number of steps and the learning rate were chosen by measurement: given the same two
 # minutes on a laptop CPU, more and smaller steps won (12 sequences × 3000 steps ended about 0.1
 # nats below 32 × 1200), and a peak learning rate of 3e-3 did as well as 4e-3 while leaving a
@@ -1150,8 +1118,6 @@ class Config(ModelConfig):
     # --- batches (section 5) ---
     batch_size: int = param(12, "sequences per batch")
     grad_accum_steps: int = param(1, "batches averaged into each step (shared by processes)")
-    tokenizer: str = param("char", "'char' (a token per character) or 'bpe' (Appendix B)")
-    vocab_size: int = param(512, "vocabulary size of the bpe tokenizer (Appendix B)")
     # --- optimisation and measuring (this section) ---
     max_iters: int = param(3000, "number of training steps")
     learning_rate: float = param(3e-3, "peak learning rate, reached after the warmup")
@@ -1164,9 +1130,6 @@ class Config(ModelConfig):
     eval_interval: int = param(250, "evaluate (and save, Appendix F) every this many steps")
     eval_iters: int = param(20, "batches per split in each evaluation")
     seed: int = param(1337, "seed of every random number generator")
-    # --- hardware (Appendix E) ---
-    compile: bool = param(False, "compile the model with torch.compile (opt-in, Appendix E)")
-    device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
 
 
 # %% [markdown]
@@ -1443,15 +1406,15 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits in the last dimension (and any tied with the k-th)."""
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1): k-th largest
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability sums to at least p."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # order: old positions
     sorted_probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of all likelier tokens
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # running sum: all likelier tokens
     drop_sorted = mass_before >= p  # reached p without this token; never the first one
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
@@ -2066,6 +2029,16 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 # %%
 import dataclasses
 
+
+@dataclass
+class RunConfig(Config):
+    """Section 10's Config, and what a run needs beyond it: the tokenizer and the hardware."""
+    tokenizer: str = param("char", "'char' (a token per character) or 'bpe' (Appendix B)")
+    vocab_size: int = param(512, "vocabulary size of the bpe tokenizer (Appendix B)")
+    compile: bool = param(False, "compile the model with torch.compile (opt-in, Appendix E)")
+    device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
+
+
 ARCHITECTURES = {
     "gpt2": dict(pos_encoding="learned", norm="layernorm", mlp="gelu_tanh", n_kv_head=0,
                  bias=True),
@@ -2093,13 +2066,13 @@ SIZES = {
 }
 
 
-def preset(arch: str, size: str = "cpu", **overrides) -> Config:
+def preset(arch: str, size: str = "cpu", **overrides) -> RunConfig:
     """A Config with the switches of `arch` and the shape of `size`, then any overrides."""
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown --arch {arch!r}: use {' or '.join(ARCHITECTURES)}")
     if size not in SIZES:
         raise UserError(f"unknown --size {size!r}: use {' or '.join(SIZES)}")
-    return Config(**{**ARCHITECTURES[arch], **SIZES[size], **overrides})
+    return RunConfig(**{**ARCHITECTURES[arch], **SIZES[size], **overrides})
 
 
 # %%
@@ -2180,7 +2153,9 @@ if IN_NOTEBOOK:
 # for its slowness. So we first time a few training steps of each configuration, give it as many
 # steps as fit in the budget, and scale its learning-rate schedule to that length (warmup for
 # the first 1/30 of the steps, as in the quick run). The budget covers the training steps;
-# evaluations come on top.
+# evaluations come on top. To keep the notebook quick, each race here lasts seconds, not the
+# quick run's two minutes, so its losses are higher and closer together than those above (1.61
+# and 1.70): the early lead is what it can show.
 
 # %%
 def synchronize(device: torch.device) -> None:
@@ -2206,7 +2181,7 @@ def median_seconds(call: Callable, device: torch.device, repeats: int, warmup: i
     return sorted(times)[len(times) // 2]
 
 
-def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20,
+def seconds_per_step(cfg: RunConfig, vocab_size: int, probe_steps: int = 20,
                      device: torch.device = torch.device("cpu"),
                      wrap: Callable = lambda model: model) -> tuple[float, GPT]:
     """Median time of one training step of `cfg` on `device` (random tokens of the real shapes:
@@ -2225,12 +2200,12 @@ def seconds_per_step(cfg: Config, vocab_size: int, probe_steps: int = 20,
     return median_seconds(step, device, probe_steps, warmup=3), model
 
 
-def tokens_per_step(cfg: Config) -> int:
+def tokens_per_step(cfg: RunConfig) -> int:
     """How many tokens one optimizer step trains on (all processes together)."""
     return cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
 
 
-def train_for(cfg: Config, text: str, seconds: float, n_evals: int = 8) -> dict:
+def train_for(cfg: RunConfig, text: str, seconds: float, n_evals: int = 8) -> dict:
     """Train `cfg` on the CPU for about `seconds` of training steps; a summary row for a table."""
     tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
     corpus = encode_corpus(text, tokenizer, cfg.block_size)
@@ -2277,15 +2252,15 @@ def plot_val_curves(rows: dict, title: str, metric: str = "val_loss",
 
 # %%
 if IN_NOTEBOOK:
-    race = {arch: train_for(preset(arch), text, 15) for arch in ARCHITECTURES}
+    race = {arch: train_for(preset(arch), text, 8) for arch in ARCHITECTURES}
     print_table(race)
-    plot_val_curves(race, "gpt2 and llama presets, 15 seconds of training each")
+    plot_val_curves(race, "gpt2 and llama presets, 8 seconds of training each")
     plt.show()
 
 # %% [markdown]
 # **One switch at a time.** Which of the five changes matters? Starting from the classic
 # `gpt2` set, we flip one switch at a time and train each variant for the same short budget.
-# Eight seconds is only a couple of hundred steps, so this measures how fast each variant
+# Five seconds is only about a hundred steps, so this measures how fast each variant
 # learns early on, and differences of a few hundredths are within run-to-run noise; the full
 # quick run is the final word. In our runs, rotary positions gave the one consistent gain. The
 # other switches moved the loss up or down by about as much as the noise between runs; what
@@ -2299,7 +2274,7 @@ ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
 
 # %%
 if IN_NOTEBOOK:
-    ablation = {name: train_for(preset("gpt2", **switch), text, 8, n_evals=1)
+    ablation = {name: train_for(preset("gpt2", **switch), text, 5, n_evals=1)
                 for name, switch in ABLATION.items()}
     print_table(ablation)
 
@@ -2311,10 +2286,10 @@ if IN_NOTEBOOK:
 
 # %%
 if IN_NOTEBOOK:
-    tokenizers = {"char": train_for(Config(tokenizer="char"), text, 15),
-                  "bpe, 512 tokens": train_for(Config(tokenizer="bpe"), text, 15)}
+    tokenizers = {"char": train_for(RunConfig(tokenizer="char"), text, 8),
+                  "bpe, 512 tokens": train_for(RunConfig(tokenizer="bpe"), text, 8)}
     print_table(tokenizers)
-    plot_val_curves(tokenizers, "Character vs BPE tokenizer, 15 seconds of training each",
+    plot_val_curves(tokenizers, "Character vs BPE tokenizer, 8 seconds of training each",
                     metric="val_bpb", ylabel="validation bits per byte")
     plt.show()
 
@@ -2392,15 +2367,24 @@ class KVCache:
 
     def logits_after(self, model: GPT, window: list[int]) -> torch.Tensor:
         """Logits (1, V) for the token after `window`, feeding the tokens not yet held."""
-        new = window[self.position:]
-        self.where.fill_(self.position)  # in place: a recorded graph reads it from its memory
+        new, start, end = window[self.position:], self.position, len(window)
         if self.graphs is not None:
+            self.where.fill_(start)  # in place: a recorded graph reads it from its memory
             logits = self.replay(model, new)
-        else:  # only the slots written so far: empty slots would cost time for nothing
+        else:  # plain slices, and only the slots written so far: empty ones would cost time
             tokens = torch.tensor([new], device=self.slots.device)  # (1, T)
-            logits = cached_forward(model, self, tokens, n_keys=self.position + len(new))
-        self.position += len(new)
+            mask = None if len(new) == 1 else self.mask(model, self.slots[start:end], end)
+            logits = cached_forward(model, self, tokens, slice(start, end), mask, end)
+        self.position = end
         return logits  # (1, V)
+
+    def mask(self, model: GPT, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """Section 7's M for queries at `positions` (T,) over n_keys slots: 0 where a slot may
+        be seen (written, and not after the query), -inf where not; a row per grouped query."""
+        seen = self.slots[:n_keys] <= positions[:, None]  # (T, n_keys)
+        group = model.cfg.n_head // model.cfg.kv_heads
+        mask = torch.where(seen, 0.0, float("-inf")).to(model.lm_head.weight.dtype)
+        return mask.repeat(group, 1)  # (group * T, n_keys): row g*T + t is query g, token t
 
     def replay(self, model: GPT, new: list[int]) -> torch.Tensor:
         if len(new) not in self.graphs:  # the first time T tokens are fed
@@ -2413,59 +2397,59 @@ class KVCache:
     def record(self, model: GPT, new: list[int]) -> tuple:
         """Warm up on a side stream, then record the step feeding len(new) tokens."""
         tokens = torch.tensor([new], device=self.slots.device)  # (1, T): the graph's input
-        P = len(self.slots)
+
+        def step() -> torch.Tensor:  # positions and mask read `where`: replays follow it
+            positions = self.where + self.slots[:len(new)]  # (T,)
+            mask = self.mask(model, positions, len(self.slots))
+            return cached_forward(model, self, tokens, positions, mask, len(self.slots))
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # these write what the replay writes: same tokens, same slots
-                cached_forward(model, self, tokens, P)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # records, runs nothing
-            logits = cached_forward(model, self, tokens, P)  # (1, V): the graph's output
+            logits = step()  # (1, V): the graph's output
         return graph, tokens, logits
 
 
-def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor,
-                   n_keys: int) -> torch.Tensor:
-    """Section 9's forward pass for `tokens` (1, T) at positions cache.where onwards, writing
-    their keys and values into the cache and attending over its first n_keys slots. Logits
-    (1, V) after the last token."""
+def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor, positions,
+                   mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
+    """Section 9's forward pass for `tokens` (1, T) at `positions` (a slice, or a (T,) tensor),
+    writing their keys and values into the cache and attending over its first n_keys slots
+    with `mask` (None: all of them). Logits (1, V) after the last token."""
     assert not model.training, "a step for generation: no dropout"
-    positions = cache.where + cache.slots[:tokens.shape[1]]  # (T,)
     x = model.embed.token(tokens)  # (1, T, C)
     if model.embed.pos_encoding == "learned":
-        x = x + model.embed.position(positions)  # (T, C)
+        x = x + model.embed.position.weight[positions]  # (T, C)
     elif model.embed.pos_encoding == "sinusoidal":
         x = x + model.embed.sinusoids[positions]  # (T, C)
-    seen = cache.slots[:n_keys] <= positions[:, None]  # (T, n_keys): written, and not after t
-    mask = torch.where(seen, 0.0, float("-inf")).to(x.dtype)  # section 7's M
-    group = model.cfg.n_head // model.cfg.kv_heads
-    mask = mask.repeat(group, 1)  # (group * T, n_keys): row g*T + t is query g of a group, token t
     for block, k_slots, v_slots in zip(model.blocks, cache.k, cache.v):
         h = block.norm1(x)  # (1, T, C)
-        x = x + cached_attention(block.attn, h, k_slots[:, :, :n_keys], v_slots[:, :, :n_keys],
-                                 positions, mask)
+        x = x + cached_attention(block.attn, h, k_slots, v_slots, positions, mask, n_keys)
         x = x + block.mlp(block.norm2(x))
     return model.lm_head(model.norm(x[:, -1]))  # (1, V)
 
 
 def cached_attention(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Tensor,
-                     v_slots: torch.Tensor, positions: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
-    """Section 7's attention for T new tokens (1, T, C) -> (1, T, C), over the cache's slots
-    (1, Hkv, n_keys, D), after writing the new tokens' keys and values into them."""
+                     v_slots: torch.Tensor, positions, mask: torch.Tensor | None,
+                     n_keys: int) -> torch.Tensor:
+    """Section 7's attention for T new tokens (1, T, C) -> (1, T, C): their keys and values go
+    into the slots of their positions, and their queries attend over the first n_keys slots."""
     T, Hkv, D = x.shape[1], attn.n_kv_head, attn.head_dim
     heads = attn.qkv(x).view(1, T, -1, D).transpose(1, 2)  # (1, H + 2Hkv, T, D)
     qk, v = heads.split([attn.n_head + Hkv, Hkv], dim=1)
     if attn.rope:  # each token turned by the angles of its own position
         qk = rope_rotate(qk, attn.rope_cos[positions], attn.rope_sin[positions])
     q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, T, D), (1, Hkv, T, D)
-    k_slots.index_copy_(2, positions, k)  # k_slots[:, :, positions] = k, in place
-    v_slots.index_copy_(2, positions, v)
+    k_slots[:, :, positions] = k  # in place, into the slots of their positions
+    v_slots[:, :, positions] = v
     # Query head h = j * group + g belongs to k/v head j: the group's queries become its rows.
     q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D), row g * T + t
-    out = F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q, k_slots[:, :, :n_keys], v_slots[:, :, :n_keys],
+                                         attn_mask=mask)
     out = out.view(1, attn.n_head, T, D).transpose(1, 2).reshape(1, T, -1)  # (1, T, C)
     return attn.proj(out)
 
@@ -2547,9 +2531,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
 #
-# *Builds on sections 9 and 10 (the model and the training loop with its hooks). Adds the
-# choice of device, CPU threads, the GPU path and data parallelism under `torchrun`, as hooks
-# that the training loop calls; Appendix F puts them to work in real runs.*
+# *Builds on sections 9 and 10 (the model and the training loop). Adds the choice of device,
+# CPU threads, the GPU path and data parallelism under `torchrun`, as what the loop is given:
+# the module it steps and the stream of batches. Appendix F puts them to work in real runs.*
 #
 # ### Devices
 #
@@ -2694,7 +2678,7 @@ def is_rank_0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def start_distributed(cfg: Config) -> Distributed:
+def start_distributed(cfg: RunConfig) -> Distributed:
     """Join the process group when launched by torchrun; else one process."""
     if "RANK" not in os.environ:
         return Distributed()
@@ -2709,7 +2693,7 @@ def start_distributed(cfg: Config) -> Distributed:
     return env
 
 
-def process_device(cfg: Config, env: Distributed) -> torch.device:
+def process_device(cfg: RunConfig, env: Distributed) -> torch.device:
     device = pick_device(cfg.device)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)  # one GPU per process
@@ -2717,7 +2701,8 @@ def process_device(cfg: Config, env: Distributed) -> torch.device:
     return device
 
 
-def wrap_for_device(model: GPT, cfg: Config, env: Distributed, device: torch.device) -> nn.Module:
+def wrap_for_device(model: GPT, cfg: RunConfig, env: Distributed,
+                    device: torch.device) -> nn.Module:
     """The module the training steps run: compiled if asked, spread over the processes under
     torchrun, in bfloat16 on a CUDA GPU. Its weights are the model's."""
     if cfg.compile:
@@ -2747,8 +2732,8 @@ def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
 # %% [markdown]
 # ## Appendix F. A run you can trust
 #
-# *Builds on section 10 (the training loop and its hooks), Appendix B (the corpus and bits per
-# byte) and Appendix E (devices and processes). Adds what an unattended run needs: settings
+# *Builds on section 10 (the training loop, which it drives), Appendix B (the corpus and bits
+# per byte) and Appendix E (devices and processes). Adds what an unattended run needs: settings
 # checked once, checkpoints, exact resume, a clean stop on Ctrl-C or SIGTERM (agreed across
 # processes), one run per folder, a guard against a broken loss, a loss history on disk, and
 # texts bigger than memory. `python llm.py train` is `run_training`.*
@@ -2776,13 +2761,13 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def validate_config(cfg: Config) -> None:
+def validate_config(cfg: RunConfig) -> None:
     """Raise UserError naming the first setting that cannot work."""
     check_numbers(cfg)
     check_switches(cfg)
 
 
-def check_numbers(cfg: Config) -> None:
+def check_numbers(cfg: RunConfig) -> None:
     for name in ("block_size", "batch_size", "grad_accum_steps", "n_layer", "n_head", "n_embd",
                  "max_iters", "eval_interval", "eval_iters"):
         if getattr(cfg, name) <= 0:
@@ -2801,7 +2786,7 @@ def check_numbers(cfg: Config) -> None:
             raise UserError(f"{option(name)} must be in [0, 1), got {getattr(cfg, name)}")
 
 
-def check_switches(cfg: Config) -> None:
+def check_switches(cfg: RunConfig) -> None:
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"--n-embd ({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head}): "
                         "each head gets an equal slice of the channels")
@@ -2885,7 +2870,7 @@ def write_output(path: Path, write: Callable) -> None:
 @dataclass
 class Run:
     """A training run, as this appendix keeps it: everything a checkpoint holds."""
-    cfg: Config
+    cfg: RunConfig
     model: GPT  # section 9's model itself (not the wrapper the steps run, Appendix E)
     optimizer: torch.optim.Optimizer
     batch_generator: torch.Generator  # draws the training batches
@@ -2923,7 +2908,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu",
                         "(or pass the --out-dir you trained with)")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-        cfg, weights = Config(**checkpoint["config"]), checkpoint["model"]
+        cfg, weights = RunConfig(**checkpoint["config"]), checkpoint["model"]
         tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
         model_vocab = weights["embed.token.weight"].shape[0]
     except Exception as e:  # truncated, foreign, or from another version
@@ -3077,7 +3062,7 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-def progress_line(row: dict, cfg: Config, seconds_per_step: float) -> str:
+def progress_line(row: dict, cfg: RunConfig, seconds_per_step: float) -> str:
     """One line of progress: step, losses, learning rate, speed and time left."""
     losses = (f"step {row['step']:>5}/{cfg.max_iters} | train {row['train_loss']:.4f} | "
               f"val {row['val_loss']:.4f} ({row['val_bpb']:.3f} bits/byte) | lr {row['lr']:.2e}")
@@ -3250,7 +3235,7 @@ def safe_cut(text: str) -> int:
     return max(i, 0)
 
 
-def streamed_tokenizer(scan: TextScan, cfg: Config) -> Tokenizer:
+def streamed_tokenizer(scan: TextScan, cfg: RunConfig) -> Tokenizer:
     """The character tokenizer of the whole text, or BPE trained on a bounded sample of it."""
     if cfg.tokenizer != "bpe":
         return CharTokenizer(scan.chars)
@@ -3408,7 +3393,7 @@ class Supervisor:
         return bool(flags[0]), (signal.Signals(int(flags[1])) if flags[1] else None)
 
 
-def processes_note(cfg: Config, env: Distributed) -> str:
+def processes_note(cfg: RunConfig, env: Distributed) -> str:
     """How a step's batches are shared under torchrun (nothing for one process)."""
     if env.world_size == 1:
         return ""
@@ -3426,7 +3411,7 @@ class TrainResult:
     val_sample: str = ""  # the validation text's first characters (for the attention picture)
 
 
-def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
+def run_training(cfg: RunConfig, text: str | Path, out_dir: Path = Path("out"),
                  log: Callable = print, resume: bool = False,
                  start: Start | None = None) -> TrainResult:
     """Train a GPT on `text` (or on the big text file at that path, streamed), or continue the
@@ -3487,8 +3472,9 @@ def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, 
     return TrainResult(run.model, run.tokenizer, run.history, seconds, corpus.val_sample)
 
 
-def load_corpus(text: str | Path, scan: TextScan | None, cfg: Config, tokenizer: Tokenizer | None,
-                out_dir: Path, env: Distributed, log: Callable) -> Corpus:
+def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
+                tokenizer: Tokenizer | None, out_dir: Path, env: Distributed,
+                log: Callable) -> Corpus:
     """The corpus of a text in memory, or of a big text through its token file; the tokenizer
     is made here unless a resumed run brings its own."""
     if scan is None:
@@ -3635,7 +3621,7 @@ def sampling_figures(model: GPT, n_tokens: int) -> dict:
     return figures
 
 
-def evaluation_seconds(stepped: nn.Module, cfg: Config, vocab_size: int, device: torch.device,
+def evaluation_seconds(stepped: nn.Module, cfg: RunConfig, vocab_size: int, device: torch.device,
                        repeats: int = 3) -> float:
     """Median time of one evaluation as `train` runs it: eval_iters batches of each split."""
     x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
@@ -3648,12 +3634,12 @@ def evaluation_seconds(stepped: nn.Module, cfg: Config, vocab_size: int, device:
     return median_seconds(evaluation, device, repeats, warmup=1)
 
 
-def evaluations_per_run(cfg: Config) -> int:
+def evaluations_per_run(cfg: RunConfig) -> int:
     """Evaluations in a run of max_iters steps: every eval_interval steps, from 0, and the end."""
     return cfg.max_iters // cfg.eval_interval + 1 + (cfg.max_iters % cfg.eval_interval > 0)
 
 
-def benchmark(cfg: Config, vocab_size: int, steps: int = 20, sample_tokens: int = 2000,
+def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: int = 2000,
               threads: int = 0) -> dict:
     """Training, evaluation and sampling speed of `cfg` on this machine; see the list above.
     With threads 0, each part runs on the threads its command uses by default."""
@@ -4343,7 +4329,7 @@ PRETRAINED_FIELDS = ("n_layer", "n_head", "n_embd", "pos_encoding", "norm", "mlp
                      "bias", "tokenizer", "vocab_size")  # what GPT-2's files decide
 
 
-def finetune_config(pretrained: Pretrained, overrides: dict) -> Config:
+def finetune_config(pretrained: Pretrained, overrides: dict) -> RunConfig:
     """A fine-tune's Config: the model's switches and shape, FINETUNE, then the options given."""
     fixed = [option(name) for name in overrides if name in PRETRAINED_FIELDS]
     if fixed:
@@ -4351,7 +4337,7 @@ def finetune_config(pretrained: Pretrained, overrides: dict) -> Config:
                         "drop it")
     n_positions = pretrained.arch["block_size"]
     settings = FINETUNE | {"block_size": min(FINETUNE["block_size"], n_positions)}
-    cfg = Config(**{**pretrained.arch, **settings, "tokenizer": "bpe",  # (a byte-level BPE)
+    cfg = RunConfig(**{**pretrained.arch, **settings, "tokenizer": "bpe",  # (a byte-level BPE)
                     "vocab_size": pretrained.tokenizer.vocab_size, **overrides})
     if cfg.block_size > n_positions:
         raise UserError(f"--block-size {cfg.block_size} is longer than GPT-2's context of "
@@ -4387,7 +4373,7 @@ def pretrained_from_args(args) -> Pretrained | None:
 # %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
-    quick_run = Config()
+    quick_run = RunConfig()
     for name, value in FINETUNE.items():
         print(f"{name:14} quick run {getattr(quick_run, name):<7} fine-tune {value}")
 
@@ -4395,7 +4381,7 @@ if IN_NOTEBOOK:
 # ## Appendix I. The command line
 #
 # *Builds on everything: `python llm.py train`, `sample`, `tokenize` and `bench` drive the same
-# functions as the notebook.* Every `Config` field becomes an option of `train` (`n_layer` →
+# functions as the notebook.* Every `RunConfig` field becomes an option of `train` (`n_layer` →
 # `--n-layer`), typed like its default and documented by its one-line explanation, so the help
 # can never drift from the code. Options are checked once, here (`validate_config`), and any
 # `UserError` is printed as one line, with exit status 2.
@@ -4436,7 +4422,7 @@ def parse_bool(text: str) -> bool:
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(RunConfig):
         kind = type(f.default)
         parser.add_argument(option(f.name), dest=f.name, default=None,
                             type=parse_bool if kind is bool else kind,
@@ -4548,7 +4534,7 @@ def chosen_size(args: argparse.Namespace, overrides: dict) -> str:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The Config fields given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
             if getattr(args, f.name) is not None}
 
 
@@ -4655,7 +4641,7 @@ def command_tokenize(args: argparse.Namespace) -> None:
     if args.out_dir is not None:
         _, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt")
     else:
-        validate_config(Config(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
+        validate_config(RunConfig(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
         with naming("--data"):
             text = load_text(args.data)
         tokenizer = BPETokenizer.train(split_train_val(text)[0], args.vocab_size)

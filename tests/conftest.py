@@ -1,5 +1,9 @@
-"""Shared fixtures: the repository root on sys.path, a tiny corpus and a tiny configuration."""
+"""Shared fixtures and helpers: the repository root on sys.path, a tiny corpus, a tiny
+configuration, and the command line run in this process."""
+import contextlib
+import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,7 +36,7 @@ def tiny_text_file(tmp_path):
 
 @pytest.fixture
 def tiny_cfg():
-    return llm.Config(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, dropout=0.0,
+    return llm.RunConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, dropout=0.0,
                       device="cpu")
 
 
@@ -41,3 +45,31 @@ def tiny_cfg():
 def device(request):
     """Run the test on the CPU, and again on a CUDA GPU when there is one (ids end in [cuda])."""
     return torch.device(request.param)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args) -> Result:
+    """`python llm.py ARGS` in this process (no new Python, no new `import torch`): the exit
+    status and what it printed. An uncaught exception is a test failure, as a traceback would be."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = llm.main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, or an option it cannot parse
+            status = e.code
+    return Result(status, out.getvalue(), err.getvalue())
+
+
+def assert_one_clear_line(result: Result, *fragments, status: int = 2) -> None:
+    """A failure the user sees as one line on stderr, naming what the fragments name."""
+    assert result.returncode == status, (result.returncode, result.stderr)
+    message = result.stderr.strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    for fragment in fragments:
+        assert fragment in message, message

@@ -21,7 +21,7 @@ def test_the_token_file_holds_the_tokens_of_the_whole_text(tmp_path, small_chunk
     text = SHAKESPEARE.read_text(encoding="utf-8")
     scan = llm.scan_text(SHAKESPEARE, llm.quiet)
     assert (scan.sha256, scan.n_chars) == (llm.text_sha256(text), len(text))
-    cfg = llm.Config(tokenizer=kind)
+    cfg = llm.RunConfig(tokenizer=kind)
     tokenizer = llm.streamed_tokenizer(scan, cfg)
     in_memory = llm.encode_corpus(text, llm.make_tokenizer(kind, cfg.vocab_size, text,
                                                            llm.split_train_val(text)[0]), 64)

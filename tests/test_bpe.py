@@ -95,8 +95,8 @@ def test_vocab_size_below_256_is_rejected():
     with pytest.raises(AssertionError, match="256"):  # below the user-facing check: an invariant
         llm.BPETokenizer.train("abc", 100)
     with pytest.raises(llm.UserError, match="256"):
-        llm.validate_config(llm.Config(tokenizer="bpe", vocab_size=200))
-    llm.validate_config(llm.Config(tokenizer="bpe", vocab_size=256))  # the byte values alone are fine
+        llm.validate_config(llm.RunConfig(tokenizer="bpe", vocab_size=200))
+    llm.validate_config(llm.RunConfig(tokenizer="bpe", vocab_size=256))  # the byte values alone are fine
     assert llm.BPETokenizer.train("abc", 256).merges == []
 
 

@@ -9,14 +9,17 @@ import pytest
 import torch
 
 import llm
-from conftest import ROOT, TINY_TRAIN_OPTIONS
+from conftest import ROOT, TINY_TRAIN_OPTIONS, run_main
 
 
-def run_cli(*args, cwd=None):
+def run_process(*args, cwd=None):
     """Run `python llm.py ARGS` as a real process; returns the CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / "llm.py"), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, encoding="utf-8", timeout=300)
+
+
+run_cli = run_main  # the command line, in this process: what a user sees, without a new Python
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +67,10 @@ def test_sample_is_reproducible_with_a_seed(trained_dir, capsys):
 
 def test_train_and_sample_as_real_subprocesses(tmp_path, tiny_text_file):
     out = tmp_path / "out"
-    train = run_cli("train", "--data", tiny_text_file, "--out-dir", out, *TINY_TRAIN_OPTIONS)
+    train = run_process("train", "--data", tiny_text_file, "--out-dir", out, *TINY_TRAIN_OPTIONS)
     assert train.returncode == 0, train.stderr
     assert "done: final val loss" in train.stdout
-    sample = run_cli("sample", "--out-dir", out, "--prompt", "How", "--num-chars", "25")
+    sample = run_process("sample", "--out-dir", out, "--prompt", "How", "--num-chars", "25")
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("How") and len(sample.stdout) == 3 + 25 + 1
 

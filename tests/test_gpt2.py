@@ -257,7 +257,7 @@ def test_the_gpt2_preset_is_gpt2_and_the_default_is_unchanged():
     assert llm.preset("gpt2").mlp == "gelu_tanh" and llm.preset("gpt2").bias
     shape = llm.preset("gpt2", "gpt2")
     assert (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) == (12, 12, 768, 1024)
-    assert llm.preset(llm.DEFAULT_ARCH) == llm.Config()  # the quick run is untouched
+    assert llm.preset(llm.DEFAULT_ARCH) == llm.RunConfig()  # the quick run is untouched
     with torch.device("meta"):
         assert llm.GPT(shape, 50257).num_parameters() == 124_439_808
     mlp = llm.MLP(llm.ModelConfig(n_embd=16, mlp="gelu_tanh"))

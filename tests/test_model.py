@@ -104,7 +104,7 @@ def test_multi_head_attention_equals_pytorch_with_the_same_projections():
 
 def test_attention_rows_sum_to_one_and_masked_weights_are_exactly_zero():
     torch.manual_seed(0)
-    mha = llm.MultiHeadAttention(llm.Config(n_embd=16, n_head=2))
+    mha = llm.MultiHeadAttention(llm.RunConfig(n_embd=16, n_head=2))
     weights = llm.attention_weights(mha, torch.randn(2, 7, 16))  # (B, H, T, T)
     assert weights.shape == (2, 2, 7, 7)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 7))
@@ -133,7 +133,7 @@ def test_causality_future_tokens_do_not_change_past_logits(tiny_cfg, pos_encodin
 def test_loss_at_init_is_close_to_ln_vocab_size(pos_encoding):
     llm.set_seed(0)
     vocab_size = 65
-    model = llm.GPT(llm.Config(pos_encoding=pos_encoding), vocab_size)
+    model = llm.GPT(llm.RunConfig(pos_encoding=pos_encoding), vocab_size)
     idx = torch.randint(vocab_size, (8, 64))
     _, loss = model(idx, torch.randint(vocab_size, (8, 64)))
     assert abs(loss.item() - math.log(vocab_size)) < 0.3
@@ -200,7 +200,7 @@ def test_optimizer_decays_matrices_only(tiny_cfg):
 
 
 def test_learning_rate_schedule():
-    cfg = llm.Config(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    cfg = llm.RunConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
     lrs = [llm.lr_at(s, cfg) for s in range(cfg.max_iters)]
     assert lrs[0] == pytest.approx(1e-4)  # warmup starts at 1/warmup_iters of the peak
     assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
@@ -260,9 +260,9 @@ def test_model_rejects_sequences_longer_than_block_size(tiny_cfg):
 
 def test_config_validation():
     with pytest.raises(llm.UserError, match="divisible"):
-        llm.validate_config(llm.Config(n_embd=30, n_head=4))
+        llm.validate_config(llm.RunConfig(n_embd=30, n_head=4))
     with pytest.raises(llm.UserError, match="block-size"):
-        llm.validate_config(llm.Config(block_size=0))
+        llm.validate_config(llm.RunConfig(block_size=0))
     with pytest.raises(llm.UserError, match="learning-rate"):
-        llm.validate_config(llm.Config(learning_rate=float("nan")))
-    llm.validate_config(llm.Config())  # the defaults are valid
+        llm.validate_config(llm.RunConfig(learning_rate=float("nan")))
+    llm.validate_config(llm.RunConfig())  # the defaults are valid

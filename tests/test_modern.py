@@ -29,7 +29,7 @@ def test_layer_norm_without_bias_equals_pytorch():
 
 def test_swiglu_equals_its_formula_with_pytorch_silu():
     torch.manual_seed(0)
-    cfg = llm.Config(n_embd=24, mlp="swiglu", bias=True)
+    cfg = llm.RunConfig(n_embd=24, mlp="swiglu", bias=True)
     mlp = llm.SwiGLU(cfg)
     x = torch.randn(2, 5, 24)
     w_gate, w_up = mlp.gate_up.weight.split(64)  # the two stacked (8C/3, C) matrices
@@ -40,7 +40,7 @@ def test_swiglu_equals_its_formula_with_pytorch_silu():
 
 
 def test_swiglu_has_about_the_parameters_of_the_gelu_mlp():
-    cfg = llm.Config(n_embd=384, bias=False)
+    cfg = llm.RunConfig(n_embd=384, bias=False)
     gelu = sum(p.numel() for p in llm.MLP(cfg).parameters())
     swiglu = sum(p.numel() for p in llm.SwiGLU(cfg).parameters())
     assert gelu == 8 * 384 * 384 and swiglu == 3 * 384 * 1024 == gelu  # 8C/3 is exact when 3 | C
@@ -112,16 +112,16 @@ def test_rope_score_depends_only_on_the_relative_offset(m, n, shift):
 def test_n_kv_head_equal_to_n_head_is_plain_multi_head_attention():
     x = torch.randn(2, 7, 32)
     torch.manual_seed(0)
-    plain = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, n_kv_head=0))
+    plain = llm.MultiHeadAttention(llm.RunConfig(n_embd=32, n_head=4, n_kv_head=0))
     torch.manual_seed(0)
-    explicit = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, n_kv_head=4))
+    explicit = llm.MultiHeadAttention(llm.RunConfig(n_embd=32, n_head=4, n_kv_head=4))
     torch.testing.assert_close(plain(x), explicit(x))
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
 def test_grouped_query_attention_equals_pytorch_on_repeated_keys_and_values(n_kv_head):
     torch.manual_seed(0)
-    cfg = llm.Config(n_embd=32, n_head=4, n_kv_head=n_kv_head, pos_encoding="learned")
+    cfg = llm.RunConfig(n_embd=32, n_head=4, n_kv_head=n_kv_head, pos_encoding="learned")
     attn = llm.MultiHeadAttention(cfg)
     assert attn.qkv.out_features == 32 + 2 * n_kv_head * 8
     x = torch.randn(2, 9, 32)
@@ -139,7 +139,7 @@ def test_grouped_query_attention_equals_pytorch_on_repeated_keys_and_values(n_kv
 
 def test_rope_attention_equals_pytorch_on_rotated_queries_and_keys():
     torch.manual_seed(0)
-    attn = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, n_kv_head=0, pos_encoding="rope"))
+    attn = llm.MultiHeadAttention(llm.RunConfig(n_embd=32, n_head=4, n_kv_head=0, pos_encoding="rope"))
     x = torch.randn(2, 9, 32)
     B, T, C = x.shape
     q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in attn.qkv(x).split(C, dim=-1))
@@ -180,7 +180,7 @@ def test_parameter_counts_per_preset(arch):
     {"pos_encoding": "sinusoidal", "mlp": "swiglu", "n_kv_head": 2, "bias": False},
 ])
 def test_parameter_count_of_mixed_switches(overrides):
-    cfg = llm.Config(n_embd=48, n_head=4, n_layer=2, **overrides)
+    cfg = llm.RunConfig(n_embd=48, n_head=4, n_layer=2, **overrides)
     assert llm.GPT(cfg, 30).num_parameters() == expected_parameter_count(cfg, 30)
 
 
@@ -206,7 +206,7 @@ def test_loss_at_init_for_every_preset(arch):
 
 
 def test_default_config_is_the_default_preset():
-    assert llm.Config() == llm.preset(llm.DEFAULT_ARCH)
+    assert llm.RunConfig() == llm.preset(llm.DEFAULT_ARCH)
 
 
 def test_unknown_preset_is_a_clear_error():
@@ -222,7 +222,7 @@ def test_unknown_preset_is_a_clear_error():
 ])
 def test_invalid_switches(overrides, fragment):
     with pytest.raises(llm.UserError, match=fragment):
-        llm.validate_config(llm.Config(**overrides))
+        llm.validate_config(llm.RunConfig(**overrides))
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import llm
-from conftest import ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS
+from conftest import ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS, run_main
 
 
 def tiny_cfg(**overrides):
     settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=20,
                     eval_interval=5, eval_iters=2, warmup_iters=3, dropout=0.1, device="cpu")
-    return llm.Config(**{**settings, **overrides})
+    return llm.RunConfig(**{**settings, **overrides})
 
 
 def losses(history):
@@ -167,9 +167,7 @@ def test_ctrl_c_in_a_real_run_saves_and_exits_130(tmp_path, tiny_text_file):
 ])
 def test_more_bad_train_options(tmp_path, tiny_text_file, options, fragment):
     base = [] if "--resume" in options else TINY_TRAIN_OPTIONS  # --resume takes no configuration
-    result = subprocess.run([sys.executable, str(ROOT / "llm.py"), "train", "--data", str(tiny_text_file),
-                             "--out-dir", str(tmp_path), *base, *options],
-                            capture_output=True, text=True, timeout=120)
+    result = run_main("train", "--data", tiny_text_file, "--out-dir", tmp_path, *base, *options)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert fragment in result.stderr
 

@@ -57,7 +57,7 @@ def test_bad_sampling_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError):  # a UserError, which is a ValueError
         llm.check_sampling_args(args["temperature"], args["top_k"], args["top_p"], vocab_size=4)
     llm.set_seed(0)
-    model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=8, device="cpu"), len(PROBS))
+    model = llm.GPT(llm.RunConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, device="cpu"), len(PROBS))
     for generate_ids in (llm.generate, llm.generate_fast):
         with pytest.raises(llm.UserError):  # when the first token is asked for
             next(generate_ids(model, [1, 2], 3, **kwargs))
@@ -127,5 +127,5 @@ def test_a_paused_generator_leaks_no_mode_to_the_caller(tiny_model, generate_ids
 @pytest.mark.parametrize("generate_ids", [llm.generate, llm.generate_fast])
 def test_generation_with_a_context_of_one_token(generate_ids, device):
     llm.set_seed(0)
-    model = llm.GPT(llm.Config(n_layer=1, n_head=2, n_embd=8, block_size=1), 5).to(device)
+    model = llm.GPT(llm.RunConfig(n_layer=1, n_head=2, n_embd=8, block_size=1), 5).to(device)
     assert len(list(generate_ids(model, [1, 2, 3], 6))) == 6

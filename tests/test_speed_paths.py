@@ -9,14 +9,14 @@ SCHEMES = [dict(pos_encoding=p, n_kv_head=kv) for p in ("learned", "sinusoidal",
 
 def tiny_model(device="cpu", n_head=2, **overrides):
     llm.set_seed(0)
-    cfg = llm.Config(n_layer=2, n_head=n_head, n_embd=16, block_size=12, device=str(device), **overrides)
+    cfg = llm.RunConfig(n_layer=2, n_head=n_head, n_embd=16, block_size=12, device=str(device), **overrides)
     return llm.GPT(cfg, 23).to(device).eval()
 
 
 @pytest.mark.parametrize("switches", SCHEMES)
 def test_fused_attention_equals_the_hand_written_path(switches):
     torch.manual_seed(0)
-    attn = llm.MultiHeadAttention(llm.Config(n_embd=32, n_head=4, **switches)).eval()
+    attn = llm.MultiHeadAttention(llm.RunConfig(n_embd=32, n_head=4, **switches)).eval()
     x = torch.randn(3, 10, 32)
     weights = llm.attention_weights(attn, x)  # (B, H, T, T), by causal_attention
     assert weights.shape == (3, 4, 10, 10)
@@ -121,7 +121,7 @@ def test_bench_prints_every_figure(capsys):
                  "peak memory", "parameters", "evaluation s", "evaluation share", "--size cpu"):
         assert name in out
     flops = float(out.split("FLOPs per token (6N + 12LCT)")[1].split()[0])
-    cfg = llm.Config(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    cfg = llm.RunConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
     expected = 6 * llm.GPT(cfg, 65).num_parameters() + 12 * 1 * 16 * 16  # rope: no position table
     assert flops == pytest.approx(expected / 1e6, abs=0.005)
 
@@ -129,7 +129,7 @@ def test_bench_prints_every_figure(capsys):
 def test_the_wrapped_model_evaluates_as_section_10_does(device):
     model = tiny_model(device)
     data = torch.randint(23, (500,))
-    batches = llm.fixed_batches(data, llm.Config(block_size=12, batch_size=4, eval_iters=3), 0)
+    batches = llm.fixed_batches(data, llm.RunConfig(block_size=12, batch_size=4, eval_iters=3), 0)
     plain = llm.estimate_loss(model, [(x.to(device), y.to(device)) for x, y in batches])
     on_device = llm.evaluation_batches_on({"val": batches}, device)["val"]
     assert all(x.device.type == device.type for x, _ in on_device)
@@ -155,7 +155,7 @@ def test_the_gpu_preset_spends_under_a_tenth_of_its_forward_passes_evaluating():
     evaluation_passes = evaluations * 2 * cfg.eval_iters  # a forward pass per batch and split
     training_passes = cfg.max_iters * 3  # a forward and a backward (about two forwards) per step
     assert evaluation_passes / (evaluation_passes + training_passes) < 0.1
-    assert llm.evaluations_per_run(llm.Config(max_iters=1010, eval_interval=100)) == 12
+    assert llm.evaluations_per_run(llm.RunConfig(max_iters=1010, eval_interval=100)) == 12
 
 
 def test_without_size_train_picks_the_gpu_preset_only_on_a_cuda_gpu(monkeypatch):
@@ -184,7 +184,7 @@ def test_unknown_size_is_a_clear_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_training_uses_bf16_autocast_and_fused_adamw(tmp_path):
     from conftest import TINY_TEXT
-    cfg = llm.Config(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=20,
+    cfg = llm.RunConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=20,
                      eval_interval=10, eval_iters=2, device="cuda")
     result = llm.run_training(cfg, TINY_TEXT, tmp_path, log=lambda *_: None)
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
