@@ -4399,9 +4399,15 @@ if IN_NOTEBOOK:
 # `--n-layer`), typed like its default and documented by its one-line explanation, so the help
 # can never drift from the code. Options are checked once, here (`validate_config`), and any
 # `UserError` is printed as one line, with exit status 2.
+#
+# Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample`
+# stops quietly with status 141, what a shell expects of a program a closed pipe ended
+# (128 + SIGPIPE, as for `yes | head -1`). A `train` has more to do than print: it goes on
+# quietly, saves its checkpoints and plots as usual, and ends with its own status.
 
 # %%
 import argparse
+import errno
 from contextlib import nullcontext
 
 
@@ -4648,6 +4654,8 @@ def command_sample(args: argparse.Namespace) -> None:
         print(prompt, end="", flush=True)
         for piece in pieces:  # stream: print each piece of text as soon as it is sampled
             print(piece, end="", flush=True)
+            if output_gone():  # `sample | head -1`: nobody reads the rest
+                return
         print()
 
 
@@ -4679,13 +4687,60 @@ def command_bench(args: argparse.Namespace) -> None:
         print(f"{name:30} {value}")
 
 
+class ReaderGone(io.TextIOBase):
+    """sys.stdout or sys.stderr while a command runs: once nobody reads them any more (a pipe
+    closed by `head`, a terminal closed by a hangup), what is written is dropped, not raised,
+    and `gone` is set."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        self.quietly(self.stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.quietly(self.stream.flush)
+
+    def fileno(self) -> int:  # (for whatever asks the stream itself)
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def quietly(self, call: Callable, *args) -> None:
+        if self.gone:
+            return
+        try:
+            call(*args)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            self.gone = True
+            try:  # what is left in the stream's buffer goes nowhere, even at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):
+                pass
+
+
+def output_gone() -> bool:
+    return getattr(sys.stdout, "gone", False)
+
+
+CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE: the status of a program a closed pipe ended
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
     commands = {"train": command_train, "sample": command_sample,
                 "tokenize": command_tokenize, "bench": command_bench}
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ReaderGone(sys.stdout), ReaderGone(sys.stderr)
     try:
         commands[args.command](args)
+        if output_gone() and args.command != "train":  # its output is its work, cut short
+            return CLOSED_PIPE_STATUS
     except UserError as e:
         if is_rank_0():  # under torchrun every process stops with the same error: say it once
             print(f"error: {e}", file=sys.stderr)
@@ -4697,6 +4752,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ninterrupted: {e}" if str(e) else
                   f"\ninterrupted{'; ' + kept if kept else ''}", file=sys.stderr)
         return getattr(e, "status", 130)
+    finally:
+        sys.stdout, sys.stderr = streams
     return 0
 
 
