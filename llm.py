@@ -2986,9 +2986,11 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send, so
 # it is treated exactly as Ctrl-C: it only raises a flag; the loop finishes the current step,
 # saves `latest.pt`, and stops with a message saying how to resume, with the usual exit status
-# (130 after Ctrl-C, 143 after SIGTERM). A second signal abandons the current step at once, and
-# `latest.pt` keeps the state of the last evaluation. A loss that is not a finite number stops
-# the run at once, before the broken weights can reach a checkpoint.
+# (130 after Ctrl-C, 143 after SIGTERM). SIGHUP, sent when the terminal or the SSH connection
+# the run was started from closes, is treated the same way (status 129): what is printed after
+# it goes nowhere, but the checkpoint is saved. A second signal abandons the current step at
+# once, and `latest.pt` keeps the state of the last evaluation. A loss that is not a finite
+# number stops the run at once, before the broken weights can reach a checkpoint.
 #
 # **Under torchrun** a stop must be agreed: if one process stopped (or hit a broken loss) while
 # the others waited for its gradients, they would wait forever. So after every step the
@@ -3019,8 +3021,12 @@ EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's nu
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
+if hasattr(signal, "SIGHUP"):  # (not on Windows) the terminal, or the SSH connection, closed
+    EXIT_STATUS[signal.SIGHUP], SIGNAL_NAMES[signal.SIGHUP] = 129, "SIGHUP"
+
+
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM ended the command; `status` is its exit status, and the message (if
+    """Ctrl-C, SIGTERM or SIGHUP ended the command; `status` is its exit status, and the message (if
     any) says what was saved."""
 
     def __init__(self, message: str = "", status: int = 130):
@@ -3030,7 +3036,7 @@ class Interrupted(KeyboardInterrupt):
 
 @contextmanager
 def stop_flag_on_signals():
-    """Inside the block, a first Ctrl-C or SIGTERM sets flag["stop"] (and flag["signal"])
+    """Inside the block, a first Ctrl-C, SIGTERM or SIGHUP sets flag["stop"] (and flag["signal"])
     instead of ending the program; a second raises Interrupted at once."""
     flag = {"stop": False, "signal": None}
     if threading.current_thread() is not threading.main_thread():
@@ -3324,7 +3330,7 @@ class Start:
 
 class Supervisor:
     """What happens after each row section 10's loop yields: progress, history.csv,
-    checkpoints, the broken-loss guard, and a clean stop on Ctrl-C or SIGTERM."""
+    checkpoints, the broken-loss guard, and a clean stop on Ctrl-C, SIGTERM or SIGHUP."""
 
     def __init__(self, run: Run, env: Distributed, out_dir: Path, corpus: Corpus, log: Callable,
                  stop: dict):
@@ -4745,7 +4751,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank_0():  # under torchrun every process stops with the same error: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Interrupted says what was saved
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: Interrupted says what was saved
         latest = Path(args.out_dir) / "latest.pt" if args.command == "train" else None
         kept = f"the latest checkpoint is {latest}" if latest and latest.exists() else ""
         if is_rank_0():  # (after streamed text, or the signal's own line: a new line first)

@@ -133,7 +133,12 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 10
 
 
-def test_ctrl_c_in_a_real_run_saves_and_exits_130(tmp_path, tiny_text_file):
+@pytest.mark.parametrize("sig, status, name", [(signal.SIGINT, 130, "Ctrl-C"),
+                                               (getattr(signal, "SIGHUP", None), 129, "SIGHUP")])
+def test_ctrl_c_or_a_hangup_in_a_real_run_saves_and_exits(tmp_path, tiny_text_file, sig, status,
+                                                           name):
+    if sig is None:
+        pytest.skip("no SIGHUP on this system")
     options = [*TINY_TRAIN_OPTIONS, "--max-iters", "1000000", "--eval-interval", "50"]
     process = subprocess.Popen([sys.executable, str(ROOT / "llm.py"), "train", "--data", str(tiny_text_file),
                                 "--out-dir", str(tmp_path), *options], stdout=subprocess.PIPE,
@@ -145,10 +150,10 @@ def test_ctrl_c_in_a_real_run_saves_and_exits_130(tmp_path, tiny_text_file):
         seen.append(line)
         if line.startswith("step   100/"):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, (seen, err)
-    assert "Traceback" not in err
+    assert process.returncode == status, (seen, err)
+    assert "Traceback" not in err and name in err
     assert "python llm.py train --resume --out-dir" in err
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] >= 100
 
