@@ -2766,6 +2766,7 @@ import csv
 import hashlib
 import io
 import json
+import shlex
 import signal
 import tempfile
 import threading
@@ -2985,12 +2986,13 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # **Ctrl-C, and SIGTERM**, do not kill the run in the middle of an update. SIGTERM is what
 # `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send, so
 # it is treated exactly as Ctrl-C: it only raises a flag; the loop finishes the current step,
-# saves `latest.pt`, and stops with a message saying how to resume, with the usual exit status
-# (130 after Ctrl-C, 143 after SIGTERM). SIGHUP, sent when the terminal or the SSH connection
-# the run was started from closes, is treated the same way (status 129): what is printed after
-# it goes nowhere, but the checkpoint is saved. A second signal abandons the current step at
-# once, and `latest.pt` keeps the state of the last evaluation. A loss that is not a finite
-# number stops the run at once, before the broken weights can reach a checkpoint.
+# saves `latest.pt`, and stops with the command that resumes it (its paths quoted for the
+# shell, ready to paste), with the usual exit status (130 after Ctrl-C, 143 after SIGTERM).
+# SIGHUP, sent when the terminal or the SSH connection the run was started from closes, is
+# treated the same way (status 129): what is printed after it goes nowhere, but the checkpoint
+# is saved. A second signal abandons the current step at once, and `latest.pt` keeps the state
+# of the last evaluation. A loss that is not a finite number stops the run at once, before the
+# broken weights can reach a checkpoint.
 #
 # **Under torchrun** a stop must be agreed: if one process stopped (or hit a broken loss) while
 # the others waited for its gradients, they would wait forever. So after every step the
@@ -3333,8 +3335,9 @@ class Supervisor:
     checkpoints, the broken-loss guard, and a clean stop on Ctrl-C, SIGTERM or SIGHUP."""
 
     def __init__(self, run: Run, env: Distributed, out_dir: Path, corpus: Corpus, log: Callable,
-                 stop: dict):
+                 stop: dict, continue_with: str):
         self.run, self.env, self.out_dir, self.corpus, self.stop = run, env, out_dir, corpus, stop
+        self.continue_with = continue_with  # the command that resumes the run, ready to paste
         self.log = log if env.rank == 0 else quiet  # only rank 0 prints
         self.agreed_signal = None  # under torchrun: the signal every process agreed to stop for
         self.step_seconds, self.steps_timed = 0.0, 0
@@ -3394,8 +3397,7 @@ class Supervisor:
         if self.env.rank == 0 and not just_saved:
             self.save("latest.pt")
         raise Interrupted(f"stopped at step {run.step}; saved {self.out_dir / 'latest.pt'}. "
-                          f"Continue with: python llm.py train --resume --out-dir {self.out_dir}",
-                          EXIT_STATUS[signum])
+                          f"Continue with: {self.continue_with}", EXIT_STATUS[signum])
 
     def broken_loss(self, value) -> None:
         latest = self.out_dir / "latest.pt"
@@ -3433,11 +3435,12 @@ class TrainResult:
 
 
 def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
-                 log: Callable = print, resume: bool = False,
-                 start: Start | None = None) -> TrainResult:
+                 log: Callable = print, resume: bool = False, start: Start | None = None,
+                 continue_with: str | None = None) -> TrainResult:
     """Train a GPT on `text` (or on the big text file at that path, streamed), or continue the
     run in out_dir; writes history.csv, ckpt.pt and latest.pt there. `cfg` has been checked
-    (validate_config); a resumed run keeps its own."""
+    (validate_config); a resumed run keeps its own. `continue_with`, the command that resumes
+    the run (said after a stop), is made here unless the caller knows better."""
     out_dir = prepare_out_dir(out_dir)
     scan = scan_text(text, log if is_rank_0() else quiet, out_dir if is_rank_0() else None) \
         if isinstance(text, Path) else None
@@ -3463,13 +3466,23 @@ def run_training(cfg: Config, text: str | Path, out_dir: Path = Path("out"),
               corpus.tokenizer, data_sha256)
     if checkpoint is not None:
         restore_run(run, checkpoint, out_dir / "latest.pt")
+    if continue_with is None:
+        continue_with = resume_command(out_dir, text if isinstance(text, Path) else None)
     return supervise(run, corpus, env, device, out_dir, log,
                      f"resuming {out_dir / 'latest.pt'} at step {run.step}" if resume
-                     else start.note if start is not None else "")
+                     else start.note if start is not None else "", continue_with)
+
+
+def resume_command(out_dir: Path, data: Path | None, threads: int = 0) -> str:
+    """The command that continues the run in out_dir, quoted for a shell: ready to paste."""
+    words = ["python", "llm.py", "train", "--resume", "--out-dir", str(out_dir)]
+    words += ["--data", str(data)] if data is not None else []
+    words += ["--threads", str(threads)] if threads else []
+    return shlex.join(words)
 
 
 def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, out_dir: Path,
-              log: Callable, note: str) -> TrainResult:
+              log: Callable, note: str, continue_with: str) -> TrainResult:
     """Section 10's loop, on this process's device and share of the batches, supervised."""
     cfg = run.cfg
     if env.world_size > 1:  # each process its own dropout randomness (the weights are
@@ -3480,7 +3493,7 @@ def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, 
         evaluation_batches(corpus.train_data, corpus.val_data, cfg), device)
     share = dataclasses.replace(cfg, grad_accum_steps=cfg.grad_accum_steps // env.world_size)
     with stop_flag_on_signals() as stop:
-        supervisor = Supervisor(run, env, out_dir, corpus, log, stop)
+        supervisor = Supervisor(run, env, out_dir, corpus, log, stop, continue_with)
         for line in (note, f"{run.model.num_parameters():,} parameters, vocabulary of "
                      f"{run.tokenizer.vocab_size}, {len(corpus.train_data):,} training tokens, "
                      f"device {device}" + processes_note(cfg, env)):
@@ -4585,7 +4598,8 @@ def command_train(args: argparse.Namespace) -> None:
         with naming("--data"):
             source = text_source(args.data)  # the text itself, or the path of a big one
         result = run_training(cfg, source, out_dir, resume=args.resume,
-                              start=pretrained.start() if pretrained is not None else None)
+                              start=pretrained.start() if pretrained is not None else None,
+                              continue_with=resume_command(out_dir, args.data, args.threads))
         if "RANK" in os.environ:  # under torchrun: leave the process group; rank 0 reports
             import torch.distributed as dist
             dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint

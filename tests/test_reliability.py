@@ -2,6 +2,7 @@
 import csv
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -215,3 +216,25 @@ def test_weights_that_evaluate_to_nan_are_never_saved(tmp_path, monkeypatch):
         llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 5  # the good one
     assert "nan" not in (tmp_path / "history.csv").read_text(encoding="utf-8")
+
+
+def test_the_continue_command_works_when_pasted(tmp_path, monkeypatch, capsys):
+    data, out = tmp_path / "my texts" / "tiny's.txt", tmp_path / "my runs" / "first"
+    data.parent.mkdir()
+    data.write_text(TINY_TEXT, encoding="utf-8")
+    real_step, calls = llm.train_step, {"n": 0}
+
+    def stopped_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, mid-step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "train_step", stopped_at_step_3)
+    args = ["train", "--data", str(data), "--out-dir", str(out), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 143
+    hint = capsys.readouterr().err.split("Continue with: ")[1].strip()
+    python, script, *pasted = shlex.split(hint)
+    assert (python, script) == ("python", "llm.py") and pasted[:2] == ["train", "--resume"]
+    assert llm.main(pasted) == 0
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == 20
