@@ -2849,9 +2849,10 @@ def check_switches(cfg: Config) -> None:
 # > renamed into place only when complete (and flushed to the disk first, `fsync`). A rename
 # > happens entirely or not at all, so a crash or a full disk during a save leaves the previous
 # > checkpoint intact, never half a file; a failed write becomes one line naming the file. Every
-# > file a run writes goes this way. A checkpoint holds only tensors and plain Python values,
-# > so it is loaded with `torch.load(weights_only=True)`, which refuses to run code hidden in a
-# > malicious file.
+# > file a run writes goes this way, with the permissions a plain `open` would give it (the
+# > umask's, not the temporary file's private 0600). A checkpoint holds only tensors and plain
+# > Python values, so it is loaded with `torch.load(weights_only=True)`, which refuses to run
+# > code hidden in a malicious file.
 # > Anything wrong with a checkpoint (a truncated file, one from another version of this
 # > program, an edited one) is caught in one place and becomes one line saying what to do.
 
@@ -2865,6 +2866,7 @@ def atomic_write(path: Path, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())  # not mkstemp's 0600: what open() gives
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -2872,6 +2874,13 @@ def atomic_write(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (which can only be read by setting it, so it is set back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def write_output(path: Path, write: Callable) -> None:

@@ -238,3 +238,16 @@ def test_the_continue_command_works_when_pasted(tmp_path, monkeypatch, capsys):
     assert (python, script) == ("python", "llm.py") and pasted[:2] == ["train", "--resume"]
     assert llm.main(pasted) == 0
     assert torch.load(out / "latest.pt", weights_only=True)["step"] == 20
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        llm.write_history(tmp_path / "history.csv", [])
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "history.csv").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
