@@ -4093,6 +4093,13 @@ def gpt2_config(folder: Path) -> tuple[dict, int]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}): "
                         "download the snapshot again") from None
+    if not all(isinstance(n, int) and n > 0 for n in shape.values()):
+        raise UserError(f"{path} gives the model's shape as {shape}: these must be positive "
+                        "whole numbers; download the snapshot again")
+    if shape["n_embd"] % shape["n_head"] != 0:  # the file contradicts itself: say so first
+        raise UserError(f"{path} sets n_embd {shape['n_embd']}, which its n_head "
+                        f"{shape['n_head']} does not divide: no GPT-2 has that shape; download "
+                        "the snapshot again")
     for key, ours in GPT2_MUST.items():
         if config.get(key, ours) != ours:
             raise UserError(f"{path} sets {key} to {config[key]}, but llm.py's GPT-2 has "
