@@ -250,8 +250,10 @@ if IN_NOTEBOOK:
 #
 # The file ships with this program, in `data/`, so it works offline. Any UTF-8 text file can
 # replace it (the command line's `--data FILE`). It is read with an explicit `encoding="utf-8"`,
-# because the platform's default differs between machines. This is where text enters the
-# program, so this is where a bad file becomes one clear message, naming the problem and the fix.
+# because the platform's default differs between machines; `"utf-8-sig"`, precisely, which also
+# drops the byte-order mark some editors put at the start of a file: it is a marker, not text,
+# and would otherwise become a token. This is where text enters the program, so this is where
+# a bad file becomes one clear message, naming the problem and the fix.
 
 # %%
 DEFAULT_DATA = Path("data") / "tinyshakespeare.txt"
@@ -266,7 +268,7 @@ def load_text(path: Path = DEFAULT_DATA) -> str:
         restore = " (restore it with `git checkout data`)" if path == DEFAULT_DATA else ""
         raise UserError(f"{path} does not exist: give a UTF-8 text file{restore}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # "-sig": without a byte-order mark
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): "
                         "convert it to UTF-8 or choose another file") from None
@@ -3161,18 +3163,29 @@ TOKEN_CHUNK_BYTES = 16 * 2 ** 20  # bigger ones, 16 MiB at a time: memory stays 
 BPE_SAMPLE_CHARS = 50_000_000
 
 
-def text_source(path: Path) -> str | Path:
+def text_source(path: Path, log: Callable = quiet) -> str | Path:
     """The text itself when it is small (or missing, or not a file: load_text says why), else
-    the path of a text to be streamed."""
+    the path of a text to be streamed; `log` says when a byte-order mark is dropped."""
     path = Path(path)
+    if path.is_file() and starts_with_bom(path):
+        log(f"note: {path} begins with a byte-order mark (U+FEFF): it is dropped, not learned")
     if path.is_file() and path.stat().st_size > IN_MEMORY_BYTES:
         return path
     return load_text(path)
 
 
+def starts_with_bom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+    except OSError:  # reading the text will say what is wrong
+        return False
+
+
 def text_chunks(path: Path, progress: Callable = lambda done: None) -> Iterator[str]:
-    """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8 (without a
+    byte-order mark, as load_text)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
     done = 0
     with open(path, "rb") as f:
         while raw := f.read(TOKEN_CHUNK_BYTES):
@@ -4611,8 +4624,8 @@ def command_train(args: argparse.Namespace) -> None:
               "(--size cpu for the quick run)")
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
-        with naming("--data"):
-            source = text_source(args.data)  # the text itself, or the path of a big one
+        with naming("--data"):  # the text itself, or the path of a big one
+            source = text_source(args.data, print if rank_0 else quiet)
         result = run_training(cfg, source, out_dir, resume=args.resume,
                               start=pretrained.start() if pretrained is not None else None,
                               continue_with=resume_command(out_dir, args.data, args.threads))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llm
-from conftest import ROOT, TINY_TRAIN_OPTIONS
+from conftest import ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS
 
 SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
 
@@ -103,3 +103,16 @@ def test_a_streamed_text_trains_and_resumes_exactly_as_in_memory(tmp_path, small
                          log=interrupt_when(lambda line: line.startswith("step    10/")))
     resumed = llm.run_training(tiny_cfg(), path, tmp_path / "resumed", log=quiet, resume=True)
     assert losses(resumed.history) == losses(streamed.history)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_byte_order_mark_is_dropped_and_said(tmp_path, monkeypatch, capsys, streamed):
+    if streamed:
+        monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 100)
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + TINY_TEXT.encode("utf-8"))
+    out = tmp_path / "out"
+    assert llm.main(["train", "--data", str(path), "--out-dir", str(out), *TINY_TRAIN_OPTIONS]) == 0
+    assert "byte-order mark" in capsys.readouterr().out.splitlines()[0]
+    _, tokenizer, _ = llm.load_checkpoint(out / "ckpt.pt")
+    assert tokenizer.chars == sorted(set(TINY_TEXT))  # no U+FEFF token
