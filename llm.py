@@ -3145,13 +3145,13 @@ def write_history(path: Path, history: list) -> None:
 # **memory-maps** that file: the operating system reads from disk only the pages that batches
 # touch. Both results are kept in `--out-dir` under names made from the text's checksum (and the
 # tokenizer), so the next run on the same text only recomputes the checksum and starts in
-# seconds, while a text changed by even one byte gets new files. A small description written
-# last (`.json`) marks a token file complete. BPE learns its merges from the first
-# `BPE_SAMPLE_CHARS` characters of the training text only: its merge counting holds every
-# distinct chunk in memory, and 50 million characters (50 times tiny Shakespeare) give it far
-# more text than its 512 tokens need. Chunks are cut only before a line break that ends a word,
-# a place where BPE's pre-splitting cuts anyway, so the tokens are the same as for the whole
-# text at once.
+# seconds, while a text changed by even one byte gets new files (and the old token file, which
+# nothing would read again, is removed). A small description written last (`.json`) marks a
+# token file complete. BPE learns its merges from the first `BPE_SAMPLE_CHARS` characters of
+# the training text only: its merge counting holds every distinct chunk in memory, and 50
+# million characters (50 times tiny Shakespeare) give it far more text than its 512 tokens
+# need. Chunks are cut only before a line break that ends a word, a place where BPE's
+# pre-splitting cuts anyway, so the tokens are the same as for the whole text at once.
 
 # %%
 def quiet(*_) -> None:
@@ -3302,6 +3302,9 @@ def token_file_corpus(scan: TextScan, tokenizer: Tokenizer, out_dir: Path, env: 
     if env.rank == 0 and not meta_path.exists():
         write_output(meta_path, lambda f: f.write(json.dumps(
             write_tokens(scan, tokenizer, tokens_path, log)).encode("utf-8")))
+        for stale in out_dir.glob("tokens-*"):  # of an older version of the text (or tokenizer)
+            if stale not in (tokens_path, meta_path):
+                stale.unlink(missing_ok=True)
     elif env.rank == 0:
         log(f"reusing the tokens of {scan.path} in {tokens_path}")
     if env.world_size > 1:  # the others wait until rank 0 has written the file

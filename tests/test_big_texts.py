@@ -59,7 +59,9 @@ def test_the_token_file_is_reused_and_rebuilt_when_the_text_changes(tmp_path, sm
     path.write_text(text[:-1] + ("!" if text[-1] != "!" else "?"), encoding="utf-8")  # one byte
     changed = corpus()
     assert len(files) == 3  # the scan, the tokens and their description
-    assert len(list((tmp_path / "out").iterdir())) == 6  # new files, never the stale ones
+    now = {p.name for p in (tmp_path / "out").iterdir()}
+    assert len(now) == 4  # new files, never the stale ones, and the stale tokens are gone
+    assert [p.name for p in files if p.name.startswith("tokens-") and p.name in now] == []
     assert not torch.equal(changed.val_data, first.val_data)
     assert changed.val_data[-1] != first.val_data[-1]
 
