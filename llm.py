@@ -3051,7 +3051,7 @@ class Interrupted(KeyboardInterrupt):
 def stop_flag_on_signals():
     """Inside the block, a first Ctrl-C, SIGTERM or SIGHUP sets flag["stop"] (and flag["signal"])
     instead of ending the program; a second raises Interrupted at once."""
-    flag = {"stop": False, "signal": None}
+    flag = {"stop": False, "signal": None, "trained": False}  # "trained": there is a step to save
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -3061,8 +3061,10 @@ def stop_flag_on_signals():
             raise Interrupted("", EXIT_STATUS[signum])  # a second signal: stop now
         flag["stop"], flag["signal"] = True, signum
         if is_rank_0():  # (torchrun sends the signal to every process)
-            print(f"\n{SIGNAL_NAMES[signum]}: finishing this step and saving "
-                  "(send it again to abandon the step)", file=sys.stderr)
+            doing = ("finishing this step and saving" if flag["trained"] else  # honestly:
+                     "stopping after this step (nothing is saved before a training step)")
+            print(f"\n{SIGNAL_NAMES[signum]}: {doing} (send it again to abandon the step)",
+                  file=sys.stderr)
 
     previous = {s: signal.signal(s, request_stop) for s in EXIT_STATUS}
     try:
@@ -3363,6 +3365,7 @@ class Supervisor:
                  stop: dict, continue_with: str):
         self.run, self.env, self.out_dir, self.corpus, self.stop = run, env, out_dir, corpus, stop
         self.continue_with = continue_with  # the command that resumes the run, ready to paste
+        stop["trained"] = run.step > 0  # (a resumed run)
         self.log = log if env.rank == 0 else quiet  # only rank 0 prints
         self.agreed_signal = None  # under torchrun: the signal every process agreed to stop for
         self.step_seconds, self.steps_timed = 0.0, 0
@@ -3406,7 +3409,7 @@ class Supervisor:
         if broken:  # (run.step is still the number of the step that broke)
             self.broken_loss(row["loss"] if not math.isfinite(row["loss"])
                              else "not finite in another process")
-        self.run.step = row["step"]
+        self.run.step = self.stop["trained"] = row["step"]
         self.step_seconds += seconds
         self.steps_timed += 1
 

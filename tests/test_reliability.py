@@ -251,3 +251,21 @@ def test_written_files_follow_the_umask(tmp_path, umask):
         os.umask(previous)
     mode = (tmp_path / "history.csv").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_signal_during_the_first_evaluation_never_promises_a_save(tmp_path, tiny_text_file,
+                                                                    monkeypatch, capsys):
+    real_estimate, calls = llm.estimate_loss, {"n": 0}
+
+    def signalled(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a long first evaluation, stopped by `kill`
+        return real_estimate(*args)
+
+    monkeypatch.setattr(llm, "estimate_loss", signalled)
+    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 143
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "saving" not in err, err
+    assert not (tmp_path / "latest.pt").exists()
