@@ -3184,21 +3184,32 @@ def starts_with_bom(path: Path) -> bool:
         return False
 
 
+def raw_chunks(path: Path) -> Iterator[bytes]:
+    """The bytes of a big text, TOKEN_CHUNK_BYTES at a time. Every pass over it reads here, so
+    an error reading it is one line, load_text's, whatever the text's size."""
+    try:
+        with open(path, "rb") as f:
+            while raw := f.read(TOKEN_CHUNK_BYTES):
+                yield raw
+    except OSError as e:
+        raise UserError(f"--data cannot read {path} ({e.strerror or e}): "
+                        "check the file's permissions") from None
+
+
 def text_chunks(path: Path, progress: Callable = lambda done: None) -> Iterator[str]:
     """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8 (without a
     byte-order mark, as load_text)."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     done = 0
-    with open(path, "rb") as f:
-        while raw := f.read(TOKEN_CHUNK_BYTES):
-            try:
-                text = decoder.decode(raw, final=len(raw) < TOKEN_CHUNK_BYTES)
-            except UnicodeDecodeError as e:
-                raise UserError(f"--data {path} is not UTF-8 text (byte {done + e.start}): "
-                                "convert it to UTF-8 or choose another file") from None
-            done += len(raw)
-            progress(done)
-            yield text
+    for raw in raw_chunks(path):
+        try:
+            text = decoder.decode(raw, final=len(raw) < TOKEN_CHUNK_BYTES)
+        except UnicodeDecodeError as e:
+            raise UserError(f"--data {path} is not UTF-8 text (byte {done + e.start}): "
+                            "convert it to UTF-8 or choose another file") from None
+        done += len(raw)
+        progress(done)
+        yield text
 
 
 @dataclass
@@ -3214,9 +3225,8 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
     taken from the raw bytes (quick); the rest needs decoding, and is remembered in cache_dir
     under the checksum, so that a second run on the same text skips it."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while raw := f.read(TOKEN_CHUNK_BYTES):
-            digest.update(raw)
+    for raw in raw_chunks(path):
+        digest.update(raw)
     sha256 = digest.hexdigest()
     remembered = cache_dir / f"scan-{sha256[:16]}.json" if cache_dir else None
     if remembered and remembered.exists():

@@ -1,6 +1,9 @@
 """Texts bigger than memory: streamed, tokenised once into a file, memory-mapped."""
+import errno
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +121,24 @@ def test_a_byte_order_mark_is_dropped_and_said(tmp_path, monkeypatch, capsys, st
     assert "byte-order mark" in capsys.readouterr().out.splitlines()[0]
     _, tokenizer, _ = llm.load_checkpoint(out / "ckpt.pt")
     assert tokenizer.chars == sorted(set(TINY_TEXT))  # no U+FEFF token
+
+
+def test_an_unreadable_text_is_one_line_at_any_size(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "secret.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads it anyway: refuse it as the system would
+        real_open = open
+
+        def refusing(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(llm, "open", refusing, raising=False)
+    monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 100)  # a big text: the streamed path
+    args = ["train", "--data", str(path), "--out-dir", str(tmp_path / "out"), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --data cannot read {path} (Permission denied): check the file's " \
+                  "permissions\n"
