@@ -253,14 +253,16 @@ if IN_NOTEBOOK:
 # because the platform's default differs between machines; `"utf-8-sig"`, precisely, which also
 # drops the byte-order mark some editors put at the start of a file: it is a marker, not text,
 # and would otherwise become a token. This is where text enters the program, so this is where
-# a bad file becomes one clear message, naming the problem and the fix.
+# a bad file becomes one clear message, naming the problem and the fix. A caller may cap what is
+# read (`limit`, in characters): a device or a pipe has no size to check first, and one, like
+# `/dev/zero`, may never end.
 
 # %%
 DEFAULT_DATA = Path("data") / "tinyshakespeare.txt"
 
 
-def load_text(path: Path = DEFAULT_DATA) -> str:
-    """The text of the UTF-8 file at `path`."""
+def load_text(path: Path = DEFAULT_DATA, limit: int = -1) -> str:
+    """The text of the UTF-8 file at `path` (at most `limit` characters of it; -1: all)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a UTF-8 text file")
@@ -268,7 +270,8 @@ def load_text(path: Path = DEFAULT_DATA) -> str:
         restore = " (restore it with `git checkout data`)" if path == DEFAULT_DATA else ""
         raise UserError(f"{path} does not exist: give a UTF-8 text file{restore}")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # "-sig": without a byte-order mark
+        with open(path, encoding="utf-8-sig") as f:  # "-sig": without a byte-order mark
+            text = f.read(limit)
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): "
                         "convert it to UTF-8 or choose another file") from None
@@ -3173,7 +3176,20 @@ def text_source(path: Path, log: Callable = quiet) -> str | Path:
         log(f"note: {path} begins with a byte-order mark (U+FEFF): it is dropped, not learned")
     if path.is_file() and path.stat().st_size > IN_MEMORY_BYTES:
         return path
-    return load_text(path)
+    return text_in_memory(path)
+
+
+def text_in_memory(path: Path) -> str:
+    """load_text, but what is not a regular file (a device, a pipe: no size to check first) is
+    read only up to the size of a text held in memory, and refused if it goes on."""
+    path = Path(path)
+    if path.is_file() or path.is_dir() or not path.exists():
+        return load_text(path)
+    text = load_text(path, limit=IN_MEMORY_BYTES + 1)
+    if len(text) > IN_MEMORY_BYTES:
+        raise UserError(f"{path} is not a regular file and gives more than "
+                        f"{IN_MEMORY_BYTES // 2 ** 20} MiB: save the text to a file, and give that")
+    return text
 
 
 def starts_with_bom(path: Path) -> bool:
@@ -4730,7 +4746,7 @@ def command_tokenize(args: argparse.Namespace) -> None:
     else:
         validate_config(Config(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
         with naming("--data"):
-            text = load_text(args.data)
+            text = text_in_memory(args.data)
         tokenizer = BPETokenizer.train(split_train_val(text)[0], args.vocab_size)
     ids = tokenizer.encode(args.text)
     print(" ".join(repr(tokenizer.decode([i])) for i in ids))

@@ -3,6 +3,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,8 @@ def test_a_byte_order_mark_is_dropped_and_said(tmp_path, monkeypatch, capsys, st
     assert tokenizer.chars == sorted(set(TINY_TEXT))  # no U+FEFF token
 
 
-def test_an_unreadable_text_is_one_line_at_any_size(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_unreadable_text_is_one_line_at_any_size(tmp_path, monkeypatch, capsys, streamed):
     path = tmp_path / "secret.txt"
     path.write_text(TINY_TEXT, encoding="utf-8")
     path.chmod(0)
@@ -136,9 +138,43 @@ def test_an_unreadable_text_is_one_line_at_any_size(tmp_path, monkeypatch, capsy
             return real_open(file, *args, **kwargs)
 
         monkeypatch.setattr(llm, "open", refusing, raising=False)
-    monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 100)  # a big text: the streamed path
+    if streamed:
+        monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 100)  # a big text
     args = ["train", "--data", str(path), "--out-dir", str(tmp_path / "out"), *TINY_TRAIN_OPTIONS]
     assert llm.main(args) == 2
     err = capsys.readouterr().err
     assert err == f"error: --data cannot read {path} (Permission denied): check the file's " \
                   "permissions\n"
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero here")
+@pytest.mark.parametrize("command", [["train", *TINY_TRAIN_OPTIONS], ["tokenize", "some text"]])
+def test_a_device_that_never_ends_is_read_only_so_far(tmp_path, capsys, command):
+    args = [*command, "--data", "/dev/zero"] + (["--out-dir", str(tmp_path)]
+                                                if command[0] == "train" else [])
+    assert llm.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data /dev/zero is not a regular file and gives more than "
+                          "16 MiB")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_that_goes_on_is_read_only_so_far(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 10_000)
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)
+
+    def endless_writer():
+        with open(fifo, "w", encoding="utf-8") as f:
+            try:
+                while True:
+                    f.write(TINY_TEXT)
+            except BrokenPipeError:  # the reader has had enough
+                pass
+
+    writer = threading.Thread(target=endless_writer, daemon=True)
+    writer.start()
+    assert llm.main(["tokenize", "quick fox", "--data", str(fifo)]) == 2
+    assert "text.fifo is not a regular file and gives more than" in capsys.readouterr().err
+    writer.join(timeout=10)
