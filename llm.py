@@ -4478,7 +4478,9 @@ if IN_NOTEBOOK:
 # functions as the notebook.* Every `Config` field becomes an option of `train` (`n_layer` →
 # `--n-layer`), typed like its default and documented by its one-line explanation, so the help
 # can never drift from the code. Options are checked once, here (`validate_config`), and any
-# `UserError` is printed as one line, with exit status 2.
+# `UserError` is printed as one line, with exit status 2. A new `train` into a folder that
+# holds another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces
+# it.
 #
 # Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample`
 # stops quietly with status 141, what a shell expects of a program a closed pipe ended
@@ -4569,6 +4571,9 @@ def add_train_command(commands) -> None:
     train_p.add_argument("--resume", action="store_true",
                          help="continue the run saved in OUT_DIR/latest.pt "
                               "(its configuration is kept)")
+    train_p.add_argument("--overwrite", action="store_true",
+                         help="start a new run in OUT_DIR even though it holds another run's "
+                              "checkpoints, which the new ones replace")
     add_init_options(train_p)  # --init-from gpt2 (Appendix H)
     add_preset_options(train_p)
     add_threads_option(train_p, 0)
@@ -4643,6 +4648,9 @@ def command_train(args: argparse.Namespace) -> None:
     if args.resume and overrides:
         names = ", ".join(option(name) for name in overrides)
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out-dir, --overwrite replaces it: "
+                        "give one of them")
     if "WORLD_SIZE" in os.environ and "grad_accum_steps" not in overrides and not args.resume:
         overrides["grad_accum_steps"] = int(os.environ["WORLD_SIZE"])  # one batch per process
     size = chosen_size(args, overrides)
@@ -4656,6 +4664,8 @@ def command_train(args: argparse.Namespace) -> None:
               "(--size cpu for the quick run)")
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
+        if not (args.resume or args.overwrite):
+            refuse_to_replace_a_run(out_dir)
         with naming("--data"):  # the text itself, or the path of a big one
             source = text_source(args.data, print if rank_0 else quiet)
         result = run_training(cfg, source, out_dir, resume=args.resume,
@@ -4667,6 +4677,15 @@ def command_train(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
         if rank_0:
             report_training(result, args)
+
+
+def refuse_to_replace_a_run(out_dir: Path) -> None:
+    """A new run into a folder that holds another run's checkpoints would replace them: only
+    when --overwrite says so."""
+    for name in ("latest.pt", "ckpt.pt"):
+        if (out_dir / name).exists():
+            raise UserError(f"--out-dir {out_dir} holds another run ({name}): continue it with "
+                            "--resume, replace it with --overwrite, or choose another --out-dir")
 
 
 def report_training(result: TrainResult, args: argparse.Namespace) -> None:

@@ -92,7 +92,7 @@ def test_a_big_text_trains_in_bounded_memory(tmp_path):
     peak_mib = int(result.stderr.split("peak ")[-1].split()[0])  # the process's own, Linux KiB
     assert peak_mib < 650, peak_mib  # held in memory: 851 MiB here; streamed: 475 MiB
     assert list((tmp_path / "out").glob("tokens-*.bin"))
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing the tokens" in again.stdout
 
 

@@ -113,11 +113,24 @@ def test_disk_full_during_a_save_is_one_clear_line(tmp_path, tiny_text_file, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(llm.os, "fsync", disk_full)
-    assert llm.main(args) == 2
+    assert llm.main([*args, "--overwrite"]) == 2  # a new run, replacing the first
     err = capsys.readouterr().err.strip()
     assert "No space left on device" in err and "previous version is untouched" in err
     assert len(err.splitlines()) == 1
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_new_run_never_silently_replaces_another(tmp_path, tiny_text_file, capsys):
+    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 0
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert llm.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err and "--overwrite" in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert llm.main([*args, "--overwrite"]) == 0
+    assert (tmp_path / "ckpt.pt").read_bytes() != before
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
