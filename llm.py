@@ -3155,8 +3155,12 @@ def write_history(path: Path, history: list) -> None:
 # token file complete. BPE learns its merges from the first `BPE_SAMPLE_CHARS` characters of
 # the training text only: its merge counting holds every distinct chunk in memory, and 50
 # million characters (50 times tiny Shakespeare) give it far more text than its 512 tokens
-# need. Chunks are cut only before a line break that ends a word, a place where BPE's
-# pre-splitting cuts anyway, so the tokens are the same as for the whole text at once.
+# need. Chunks are cut only before a space, a tab or a line break that ends a word, a place
+# where BPE's pre-splitting (Appendix B's pattern, and GPT-2's) cuts anyway: a chunk that holds
+# anything but whitespace holds no whitespace except one leading space. So the tokens are the
+# same as for the whole text at once, and what is carried from one piece to the next is about a
+# word, whether the lines end in `\n`, in Windows' `\r\n`, or the text is one long line. (Only
+# a text without any whitespace would be carried whole.)
 
 # %%
 def quiet(*_) -> None:
@@ -3299,13 +3303,15 @@ def split_pieces(scan: TextScan, log: Callable) -> Iterator[tuple[str, str]]:
     yield split, carry
 
 
+SAFE_CUT = re.compile(r"[ \t\n\r\v\f](?=\S)")  # read backwards: whitespace after a non-space
+
+
 def safe_cut(text: str) -> int:
-    """The last index where text can be cut without changing BPE's chunks: just before a line
-    break that follows a non-space character (0 if there is none)."""
-    i = text.rfind("\n")
-    while i > 0 and text[i - 1].isspace():
-        i = text.rfind("\n", 0, i)
-    return max(i, 0)
+    """The last index where text can be cut without changing BPE's chunks (Appendix B's, or
+    GPT-2's): just before a space, a tab or a line break that follows a character that is not
+    whitespace (0 if there is none)."""
+    match = SAFE_CUT.search(text[::-1])  # the text backwards: the first match is the last cut
+    return len(text) - 1 - match.start() if match else 0
 
 
 def streamed_tokenizer(scan: TextScan, cfg: Config) -> Tokenizer:

@@ -178,3 +178,22 @@ def test_a_pipe_that_goes_on_is_read_only_so_far(tmp_path, monkeypatch, capsys):
     assert llm.main(["tokenize", "quick fox", "--data", str(fifo)]) == 2
     assert "text.fifo is not a regular file and gives more than" in capsys.readouterr().err
     writer.join(timeout=10)
+
+
+@pytest.mark.parametrize("pattern", ["ours", "gpt2"])
+@pytest.mark.parametrize("line_end", ["\r\n", " "])  # Windows' line ends; one long line
+def test_any_line_ends_are_cut_safely_with_a_bounded_carry(tmp_path, small_chunks, line_end,
+                                                            pattern):
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:300_000].replace("\n", line_end)
+    path = tmp_path / "text.txt"
+    path.write_bytes(text.encode("utf-8"))
+    scan = llm.scan_text(path, llm.quiet)
+    longest = max(len(piece) for _, piece in llm.split_pieces(scan, llm.quiet))
+    assert longest <= llm.TOKEN_CHUNK_BYTES + 100  # a chunk's text, and about a word carried
+    tokenizer = llm.BPETokenizer.train(text[:50_000], 300)
+    if pattern == "gpt2":
+        tokenizer.chunk_pattern = llm.gpt2_chunk_pattern()
+    corpus = llm.token_file_corpus(scan, tokenizer, tmp_path, llm.Distributed(), llm.quiet)
+    n_train = int(len(text) * 0.9)  # split_train_val's split
+    assert corpus.train_data.tolist() == tokenizer.encode(text[:n_train])
+    assert corpus.val_data.tolist() == tokenizer.encode(text[n_train:])
