@@ -223,15 +223,19 @@ if IN_NOTEBOOK:
 #
 # The file ships with this program, in `data/`, so it works offline. Any UTF-8 text file can
 # replace it (the command line's `--data FILE`). It is read with an explicit `encoding="utf-8"`,
-# because the platform's default differs between machines. This is where text enters the
-# program, so this is where a bad file becomes one clear message, naming the problem and the fix.
+# because the platform's default differs between machines; `"utf-8-sig"`, precisely, which also
+# drops the byte-order mark some editors put at the start of a file: it is a marker, not text,
+# and would otherwise become a token. This is where text enters the program, so this is where
+# a bad file becomes one clear message, naming the problem and the fix. A caller may cap what is
+# read (`limit`, in characters): a device or a pipe has no size to check first, and one, like
+# `/dev/zero`, may never end.
 
 # %%
 DEFAULT_DATA = Path("data") / "tinyshakespeare.txt"
 
 
-def load_text(path: Path = DEFAULT_DATA) -> str:
-    """The text of the UTF-8 file at `path`."""
+def load_text(path: Path = DEFAULT_DATA, limit: int = -1) -> str:
+    """The text of the UTF-8 file at `path` (at most `limit` characters of it; -1: all)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a UTF-8 text file")
@@ -239,7 +243,8 @@ def load_text(path: Path = DEFAULT_DATA) -> str:
         restore = " (restore it with `git checkout data`)" if path == DEFAULT_DATA else ""
         raise UserError(f"{path} does not exist: give a UTF-8 text file{restore}")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8-sig") as f:  # "-sig": without a byte-order mark
+            text = f.read(limit)
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): "
                         "convert it to UTF-8 or choose another file") from None
@@ -2751,6 +2756,7 @@ import csv
 import hashlib
 import io
 import json
+import shlex
 import signal
 import tempfile
 import threading
@@ -2833,9 +2839,10 @@ def check_switches(cfg: RunConfig) -> None:
 # > renamed into place only when complete (and flushed to the disk first, `fsync`). A rename
 # > happens entirely or not at all, so a crash or a full disk during a save leaves the previous
 # > checkpoint intact, never half a file; a failed write becomes one line naming the file. Every
-# > file a run writes goes this way. A checkpoint holds only tensors and plain Python values,
-# > so it is loaded with `torch.load(weights_only=True)`, which refuses to run code hidden in a
-# > malicious file.
+# > file a run writes goes this way, with the permissions a plain `open` would give it (the
+# > umask's, not the temporary file's private 0600). A checkpoint holds only tensors and plain
+# > Python values, so it is loaded with `torch.load(weights_only=True)`, which refuses to run
+# > code hidden in a malicious file.
 # > Anything wrong with a checkpoint (a truncated file, one from another version of this
 # > program, an edited one) is caught in one place and becomes one line saying what to do.
 
@@ -2849,6 +2856,7 @@ def atomic_write(path: Path, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())  # not mkstemp's 0600: what open() gives
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -2856,6 +2864,13 @@ def atomic_write(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (which can only be read by setting it, so it is set back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def write_output(path: Path, write: Callable) -> None:
@@ -2970,10 +2985,13 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # **Ctrl-C, and SIGTERM**, do not kill the run in the middle of an update. SIGTERM is what
 # `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send, so
 # it is treated exactly as Ctrl-C: it only raises a flag; the loop finishes the current step,
-# saves `latest.pt`, and stops with a message saying how to resume, with the usual exit status
-# (130 after Ctrl-C, 143 after SIGTERM). A second signal abandons the current step at once, and
-# `latest.pt` keeps the state of the last evaluation. A loss that is not a finite number stops
-# the run at once, before the broken weights can reach a checkpoint.
+# saves `latest.pt`, and stops with the command that resumes it (its paths quoted for the
+# shell, ready to paste), with the usual exit status (130 after Ctrl-C, 143 after SIGTERM).
+# SIGHUP, sent when the terminal or the SSH connection the run was started from closes, is
+# treated the same way (status 129): what is printed after it goes nowhere, but the checkpoint
+# is saved. A second signal abandons the current step at once, and `latest.pt` keeps the state
+# of the last evaluation. A loss that is not a finite number stops the run at once, before the
+# broken weights can reach a checkpoint.
 #
 # **Under torchrun** a stop must be agreed: if one process stopped (or hit a broken loss) while
 # the others waited for its gradients, they would wait forever. So after every step the
@@ -3004,8 +3022,12 @@ EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's nu
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
+if hasattr(signal, "SIGHUP"):  # (not on Windows) the terminal, or the SSH connection, closed
+    EXIT_STATUS[signal.SIGHUP], SIGNAL_NAMES[signal.SIGHUP] = 129, "SIGHUP"
+
+
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM ended the command; `status` is its exit status, and the message (if
+    """Ctrl-C, SIGTERM or SIGHUP ended the command; `status` is its exit status, and the message (if
     any) says what was saved."""
 
     def __init__(self, message: str = "", status: int = 130):
@@ -3015,9 +3037,9 @@ class Interrupted(KeyboardInterrupt):
 
 @contextmanager
 def stop_flag_on_signals():
-    """Inside the block, a first Ctrl-C or SIGTERM sets flag["stop"] (and flag["signal"])
+    """Inside the block, a first Ctrl-C, SIGTERM or SIGHUP sets flag["stop"] (and flag["signal"])
     instead of ending the program; a second raises Interrupted at once."""
-    flag = {"stop": False, "signal": None}
+    flag = {"stop": False, "signal": None, "trained": False}  # "trained": there is a step to save
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -3027,8 +3049,10 @@ def stop_flag_on_signals():
             raise Interrupted("", EXIT_STATUS[signum])  # a second signal: stop now
         flag["stop"], flag["signal"] = True, signum
         if is_rank_0():  # (torchrun sends the signal to every process)
-            print(f"\n{SIGNAL_NAMES[signum]}: finishing this step and saving "
-                  "(send it again to abandon the step)", file=sys.stderr)
+            doing = ("finishing this step and saving" if flag["trained"] else  # honestly:
+                     "stopping after this step (nothing is saved before a training step)")
+            print(f"\n{SIGNAL_NAMES[signum]}: {doing} (send it again to abandon the step)",
+                  file=sys.stderr)
 
     previous = {s: signal.signal(s, request_stop) for s in EXIT_STATUS}
     try:
@@ -3111,13 +3135,17 @@ def write_history(path: Path, history: list) -> None:
 # **memory-maps** that file: the operating system reads from disk only the pages that batches
 # touch. Both results are kept in `--out-dir` under names made from the text's checksum (and the
 # tokenizer), so the next run on the same text only recomputes the checksum and starts in
-# seconds, while a text changed by even one byte gets new files. A small description written
-# last (`.json`) marks a token file complete. BPE learns its merges from the first
-# `BPE_SAMPLE_CHARS` characters of the training text only: its merge counting holds every
-# distinct chunk in memory, and 50 million characters (50 times tiny Shakespeare) give it far
-# more text than its 512 tokens need. Chunks are cut only before a line break that ends a word,
-# a place where BPE's pre-splitting cuts anyway, so the tokens are the same as for the whole
-# text at once.
+# seconds, while a text changed by even one byte gets new files (and the old token file, which
+# nothing would read again, is removed). A small description written last (`.json`) marks a
+# token file complete. BPE learns its merges from the first `BPE_SAMPLE_CHARS` characters of
+# the training text only: its merge counting holds every distinct chunk in memory, and 50
+# million characters (50 times tiny Shakespeare) give it far more text than its 512 tokens
+# need. Chunks are cut only before a space, a tab or a line break that ends a word, a place
+# where BPE's pre-splitting (Appendix B's pattern, and GPT-2's) cuts anyway: a chunk that holds
+# anything but whitespace holds no whitespace except one leading space. So the tokens are the
+# same as for the whole text at once, and what is carried from one piece to the next is about a
+# word, whether the lines end in `\n`, in Windows' `\r\n`, or the text is one long line. (Only
+# a text without any whitespace would be carried whole.)
 
 # %%
 def quiet(*_) -> None:
@@ -3129,29 +3157,64 @@ TOKEN_CHUNK_BYTES = 16 * 2 ** 20  # bigger ones, 16 MiB at a time: memory stays 
 BPE_SAMPLE_CHARS = 50_000_000
 
 
-def text_source(path: Path) -> str | Path:
+def text_source(path: Path, log: Callable = quiet) -> str | Path:
     """The text itself when it is small (or missing, or not a file: load_text says why), else
-    the path of a text to be streamed."""
+    the path of a text to be streamed; `log` says when a byte-order mark is dropped."""
     path = Path(path)
+    if path.is_file() and starts_with_bom(path):
+        log(f"note: {path} begins with a byte-order mark (U+FEFF): it is dropped, not learned")
     if path.is_file() and path.stat().st_size > IN_MEMORY_BYTES:
         return path
-    return load_text(path)
+    return text_in_memory(path)
+
+
+def text_in_memory(path: Path) -> str:
+    """load_text, but what is not a regular file (a device, a pipe: no size to check first) is
+    read only up to the size of a text held in memory, and refused if it goes on."""
+    path = Path(path)
+    if path.is_file() or path.is_dir() or not path.exists():
+        return load_text(path)
+    text = load_text(path, limit=IN_MEMORY_BYTES + 1)
+    if len(text) > IN_MEMORY_BYTES:
+        raise UserError(f"{path} is not a regular file and gives more than "
+                        f"{IN_MEMORY_BYTES // 2 ** 20} MiB: save the text to a file, and give that")
+    return text
+
+
+def starts_with_bom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+    except OSError:  # reading the text will say what is wrong
+        return False
+
+
+def raw_chunks(path: Path) -> Iterator[bytes]:
+    """The bytes of a big text, TOKEN_CHUNK_BYTES at a time. Every pass over it reads here, so
+    an error reading it is one line, load_text's, whatever the text's size."""
+    try:
+        with open(path, "rb") as f:
+            while raw := f.read(TOKEN_CHUNK_BYTES):
+                yield raw
+    except OSError as e:
+        raise UserError(f"--data cannot read {path} ({e.strerror or e}): "
+                        "check the file's permissions") from None
 
 
 def text_chunks(path: Path, progress: Callable = lambda done: None) -> Iterator[str]:
-    """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8 (without a
+    byte-order mark, as load_text)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
     done = 0
-    with open(path, "rb") as f:
-        while raw := f.read(TOKEN_CHUNK_BYTES):
-            try:
-                text = decoder.decode(raw, final=len(raw) < TOKEN_CHUNK_BYTES)
-            except UnicodeDecodeError as e:
-                raise UserError(f"--data {path} is not UTF-8 text (byte {done + e.start}): "
-                                "convert it to UTF-8 or choose another file") from None
-            done += len(raw)
-            progress(done)
-            yield text
+    for raw in raw_chunks(path):
+        try:
+            text = decoder.decode(raw, final=len(raw) < TOKEN_CHUNK_BYTES)
+        except UnicodeDecodeError as e:
+            raise UserError(f"--data {path} is not UTF-8 text (byte {done + e.start}): "
+                            "convert it to UTF-8 or choose another file") from None
+        done += len(raw)
+        progress(done)
+        yield text
 
 
 @dataclass
@@ -3167,9 +3230,8 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
     taken from the raw bytes (quick); the rest needs decoding, and is remembered in cache_dir
     under the checksum, so that a second run on the same text skips it."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while raw := f.read(TOKEN_CHUNK_BYTES):
-            digest.update(raw)
+    for raw in raw_chunks(path):
+        digest.update(raw)
     sha256 = digest.hexdigest()
     remembered = cache_dir / f"scan-{sha256[:16]}.json" if cache_dir else None
     if remembered and remembered.exists():
@@ -3226,13 +3288,15 @@ def split_pieces(scan: TextScan, log: Callable) -> Iterator[tuple[str, str]]:
     yield split, carry
 
 
+SAFE_CUT = re.compile(r"[ \t\n\r\v\f](?=\S)")  # read backwards: whitespace after a non-space
+
+
 def safe_cut(text: str) -> int:
-    """The last index where text can be cut without changing BPE's chunks: just before a line
-    break that follows a non-space character (0 if there is none)."""
-    i = text.rfind("\n")
-    while i > 0 and text[i - 1].isspace():
-        i = text.rfind("\n", 0, i)
-    return max(i, 0)
+    """The last index where text can be cut without changing BPE's chunks (Appendix B's, or
+    GPT-2's): just before a space, a tab or a line break that follows a character that is not
+    whitespace (0 if there is none)."""
+    match = SAFE_CUT.search(text[::-1])  # the text backwards: the first match is the last cut
+    return len(text) - 1 - match.start() if match else 0
 
 
 def streamed_tokenizer(scan: TextScan, cfg: RunConfig) -> Tokenizer:
@@ -3257,6 +3321,9 @@ def token_file_corpus(scan: TextScan, tokenizer: Tokenizer, out_dir: Path, env: 
     if env.rank == 0 and not meta_path.exists():
         write_output(meta_path, lambda f: f.write(json.dumps(
             write_tokens(scan, tokenizer, tokens_path, log)).encode("utf-8")))
+        for stale in out_dir.glob("tokens-*"):  # of an older version of the text (or tokenizer)
+            if stale not in (tokens_path, meta_path):
+                stale.unlink(missing_ok=True)
     elif env.rank == 0:
         log(f"reusing the tokens of {scan.path} in {tokens_path}")
     if env.world_size > 1:  # the others wait until rank 0 has written the file
@@ -3309,11 +3376,13 @@ class Start:
 
 class Supervisor:
     """What happens after each row section 10's loop yields: progress, history.csv,
-    checkpoints, the broken-loss guard, and a clean stop on Ctrl-C or SIGTERM."""
+    checkpoints, the broken-loss guard, and a clean stop on Ctrl-C, SIGTERM or SIGHUP."""
 
     def __init__(self, run: Run, env: Distributed, out_dir: Path, corpus: Corpus, log: Callable,
-                 stop: dict):
+                 stop: dict, continue_with: str):
         self.run, self.env, self.out_dir, self.corpus, self.stop = run, env, out_dir, corpus, stop
+        self.continue_with = continue_with  # the command that resumes the run, ready to paste
+        stop["trained"] = run.step > 0  # (a resumed run)
         self.log = log if env.rank == 0 else quiet  # only rank 0 prints
         self.agreed_signal = None  # under torchrun: the signal every process agreed to stop for
         self.step_seconds, self.steps_timed = 0.0, 0
@@ -3357,7 +3426,7 @@ class Supervisor:
         if broken:  # (run.step is still the number of the step that broke)
             self.broken_loss(row["loss"] if not math.isfinite(row["loss"])
                              else "not finite in another process")
-        self.run.step = row["step"]
+        self.run.step = self.stop["trained"] = row["step"]
         self.step_seconds += seconds
         self.steps_timed += 1
 
@@ -3373,8 +3442,7 @@ class Supervisor:
         if self.env.rank == 0 and not just_saved:
             self.save("latest.pt")
         raise Interrupted(f"stopped at step {run.step}; saved {self.out_dir / 'latest.pt'}. "
-                          f"Continue with: python llm.py train --resume --out-dir {self.out_dir}",
-                          EXIT_STATUS[signum])
+                          f"Continue with: {self.continue_with}", EXIT_STATUS[signum])
 
     def broken_loss(self, value) -> None:
         latest = self.out_dir / "latest.pt"
@@ -3412,11 +3480,12 @@ class TrainResult:
 
 
 def run_training(cfg: RunConfig, text: str | Path, out_dir: Path = Path("out"),
-                 log: Callable = print, resume: bool = False,
-                 start: Start | None = None) -> TrainResult:
+                 log: Callable = print, resume: bool = False, start: Start | None = None,
+                 continue_with: str | None = None) -> TrainResult:
     """Train a GPT on `text` (or on the big text file at that path, streamed), or continue the
     run in out_dir; writes history.csv, ckpt.pt and latest.pt there. `cfg` has been checked
-    (validate_config); a resumed run keeps its own."""
+    (validate_config); a resumed run keeps its own. `continue_with`, the command that resumes
+    the run (said after a stop), is made here unless the caller knows better."""
     out_dir = prepare_out_dir(out_dir)
     scan = scan_text(text, log if is_rank_0() else quiet, out_dir if is_rank_0() else None) \
         if isinstance(text, Path) else None
@@ -3442,13 +3511,23 @@ def run_training(cfg: RunConfig, text: str | Path, out_dir: Path = Path("out"),
               corpus.tokenizer, data_sha256)
     if checkpoint is not None:
         restore_run(run, checkpoint, out_dir / "latest.pt")
+    if continue_with is None:
+        continue_with = resume_command(out_dir, text if isinstance(text, Path) else None)
     return supervise(run, corpus, env, device, out_dir, log,
                      f"resuming {out_dir / 'latest.pt'} at step {run.step}" if resume
-                     else start.note if start is not None else "")
+                     else start.note if start is not None else "", continue_with)
+
+
+def resume_command(out_dir: Path, data: Path | None, threads: int = 0) -> str:
+    """The command that continues the run in out_dir, quoted for a shell: ready to paste."""
+    words = ["python", "llm.py", "train", "--resume", "--out-dir", str(out_dir)]
+    words += ["--data", str(data)] if data is not None else []
+    words += ["--threads", str(threads)] if threads else []
+    return shlex.join(words)
 
 
 def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, out_dir: Path,
-              log: Callable, note: str) -> TrainResult:
+              log: Callable, note: str, continue_with: str) -> TrainResult:
     """Section 10's loop, on this process's device and share of the batches, supervised."""
     cfg = run.cfg
     if env.world_size > 1:  # each process its own dropout randomness (the weights are
@@ -3459,7 +3538,7 @@ def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, 
         evaluation_batches(corpus.train_data, corpus.val_data, cfg), device)
     share = dataclasses.replace(cfg, grad_accum_steps=cfg.grad_accum_steps // env.world_size)
     with stop_flag_on_signals() as stop:
-        supervisor = Supervisor(run, env, out_dir, corpus, log, stop)
+        supervisor = Supervisor(run, env, out_dir, corpus, log, stop, continue_with)
         for line in (note, f"{run.model.num_parameters():,} parameters, vocabulary of "
                      f"{run.tokenizer.vocab_size}, {len(corpus.train_data):,} training tokens, "
                      f"device {device}" + processes_note(cfg, env)):
@@ -4051,6 +4130,13 @@ def gpt2_config(folder: Path) -> tuple[dict, int]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}): "
                         "download the snapshot again") from None
+    if not all(isinstance(n, int) and n > 0 for n in shape.values()):
+        raise UserError(f"{path} gives the model's shape as {shape}: these must be positive "
+                        "whole numbers; download the snapshot again")
+    if shape["n_embd"] % shape["n_head"] != 0:  # the file contradicts itself: say so first
+        raise UserError(f"{path} sets n_embd {shape['n_embd']}, which its n_head "
+                        f"{shape['n_head']} does not divide: no GPT-2 has that shape; download "
+                        "the snapshot again")
     for key, ours in GPT2_MUST.items():
         if config.get(key, ours) != ours:
             raise UserError(f"{path} sets {key} to {config[key]}, but llm.py's GPT-2 has "
@@ -4384,10 +4470,18 @@ if IN_NOTEBOOK:
 # functions as the notebook.* Every `RunConfig` field becomes an option of `train` (`n_layer` →
 # `--n-layer`), typed like its default and documented by its one-line explanation, so the help
 # can never drift from the code. Options are checked once, here (`validate_config`), and any
-# `UserError` is printed as one line, with exit status 2.
+# `UserError` is printed as one line, with exit status 2. A new `train` into a folder that
+# holds another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces
+# it.
+#
+# Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample`
+# stops quietly with status 141, what a shell expects of a program a closed pipe ended
+# (128 + SIGPIPE, as for `yes | head -1`). A `train` has more to do than print: it goes on
+# quietly, saves its checkpoints and plots as usual, and ends with its own status.
 
 # %%
 import argparse
+import errno
 from contextlib import nullcontext
 
 
@@ -4469,6 +4563,9 @@ def add_train_command(commands) -> None:
     train_p.add_argument("--resume", action="store_true",
                          help="continue the run saved in OUT_DIR/latest.pt "
                               "(its configuration is kept)")
+    train_p.add_argument("--overwrite", action="store_true",
+                         help="start a new run in OUT_DIR even though it holds another run's "
+                              "checkpoints, which the new ones replace")
     add_init_options(train_p)  # --init-from gpt2 (Appendix H)
     add_preset_options(train_p)
     add_threads_option(train_p, 0)
@@ -4543,6 +4640,9 @@ def command_train(args: argparse.Namespace) -> None:
     if args.resume and overrides:
         names = ", ".join(option(name) for name in overrides)
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out-dir, --overwrite replaces it: "
+                        "give one of them")
     if "WORLD_SIZE" in os.environ and "grad_accum_steps" not in overrides and not args.resume:
         overrides["grad_accum_steps"] = int(os.environ["WORLD_SIZE"])  # one batch per process
     size = chosen_size(args, overrides)
@@ -4556,16 +4656,28 @@ def command_train(args: argparse.Namespace) -> None:
               "(--size cpu for the quick run)")
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
-        with naming("--data"):
-            source = text_source(args.data)  # the text itself, or the path of a big one
+        if not (args.resume or args.overwrite):
+            refuse_to_replace_a_run(out_dir)
+        with naming("--data"):  # the text itself, or the path of a big one
+            source = text_source(args.data, print if rank_0 else quiet)
         result = run_training(cfg, source, out_dir, resume=args.resume,
-                              start=pretrained.start() if pretrained is not None else None)
+                              start=pretrained.start() if pretrained is not None else None,
+                              continue_with=resume_command(out_dir, args.data, args.threads))
         if "RANK" in os.environ:  # under torchrun: leave the process group; rank 0 reports
             import torch.distributed as dist
             dist.barrier()  # wait until rank 0 has finished its last evaluation and checkpoint
             dist.destroy_process_group()
         if rank_0:
             report_training(result, args)
+
+
+def refuse_to_replace_a_run(out_dir: Path) -> None:
+    """A new run into a folder that holds another run's checkpoints would replace them: only
+    when --overwrite says so."""
+    for name in ("latest.pt", "ckpt.pt"):
+        if (out_dir / name).exists():
+            raise UserError(f"--out-dir {out_dir} holds another run ({name}): continue it with "
+                            "--resume, replace it with --overwrite, or choose another --out-dir")
 
 
 def report_training(result: TrainResult, args: argparse.Namespace) -> None:
@@ -4634,6 +4746,8 @@ def command_sample(args: argparse.Namespace) -> None:
         print(prompt, end="", flush=True)
         for piece in pieces:  # stream: print each piece of text as soon as it is sampled
             print(piece, end="", flush=True)
+            if output_gone():  # `sample | head -1`: nobody reads the rest
+                return
         print()
 
 
@@ -4643,7 +4757,7 @@ def command_tokenize(args: argparse.Namespace) -> None:
     else:
         validate_config(RunConfig(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
         with naming("--data"):
-            text = load_text(args.data)
+            text = text_in_memory(args.data)
         tokenizer = BPETokenizer.train(split_train_val(text)[0], args.vocab_size)
     ids = tokenizer.encode(args.text)
     print(" ".join(repr(tokenizer.decode([i])) for i in ids))
@@ -4665,24 +4779,73 @@ def command_bench(args: argparse.Namespace) -> None:
         print(f"{name:30} {value}")
 
 
+class ReaderGone(io.TextIOBase):
+    """sys.stdout or sys.stderr while a command runs: once nobody reads them any more (a pipe
+    closed by `head`, a terminal closed by a hangup), what is written is dropped, not raised,
+    and `gone` is set."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        self.quietly(self.stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.quietly(self.stream.flush)
+
+    def fileno(self) -> int:  # (for whatever asks the stream itself)
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def quietly(self, call: Callable, *args) -> None:
+        if self.gone:
+            return
+        try:
+            call(*args)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            self.gone = True
+            try:  # what is left in the stream's buffer goes nowhere, even at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):
+                pass
+
+
+def output_gone() -> bool:
+    return getattr(sys.stdout, "gone", False)
+
+
+CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE: the status of a program a closed pipe ended
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
     commands = {"train": command_train, "sample": command_sample,
                 "tokenize": command_tokenize, "bench": command_bench}
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ReaderGone(sys.stdout), ReaderGone(sys.stderr)
     try:
         commands[args.command](args)
+        if output_gone() and args.command != "train":  # its output is its work, cut short
+            return CLOSED_PIPE_STATUS
     except UserError as e:
         if is_rank_0():  # under torchrun every process stops with the same error: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Interrupted says what was saved
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: Interrupted says what was saved
         latest = Path(args.out_dir) / "latest.pt" if args.command == "train" else None
         kept = f"the latest checkpoint is {latest}" if latest and latest.exists() else ""
         if is_rank_0():  # (after streamed text, or the signal's own line: a new line first)
             print(f"\ninterrupted: {e}" if str(e) else
                   f"\ninterrupted{'; ' + kept if kept else ''}", file=sys.stderr)
         return getattr(e, "status", 130)
+    finally:
+        sys.stdout, sys.stderr = streams
     return 0
 
 

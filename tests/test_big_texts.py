@@ -1,12 +1,16 @@
 """Texts bigger than memory: streamed, tokenised once into a file, memory-mapped."""
+import errno
+import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 import llm
-from conftest import ROOT, TINY_TRAIN_OPTIONS
+from conftest import ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS
 
 SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
 
@@ -59,7 +63,9 @@ def test_the_token_file_is_reused_and_rebuilt_when_the_text_changes(tmp_path, sm
     path.write_text(text[:-1] + ("!" if text[-1] != "!" else "?"), encoding="utf-8")  # one byte
     changed = corpus()
     assert len(files) == 3  # the scan, the tokens and their description
-    assert len(list((tmp_path / "out").iterdir())) == 6  # new files, never the stale ones
+    now = {p.name for p in (tmp_path / "out").iterdir()}
+    assert len(now) == 4  # new files, never the stale ones, and the stale tokens are gone
+    assert [p.name for p in files if p.name.startswith("tokens-") and p.name in now] == []
     assert not torch.equal(changed.val_data, first.val_data)
     assert changed.val_data[-1] != first.val_data[-1]
 
@@ -86,7 +92,7 @@ def test_a_big_text_trains_in_bounded_memory(tmp_path):
     peak_mib = int(result.stderr.split("peak ")[-1].split()[0])  # the process's own, Linux KiB
     assert peak_mib < 650, peak_mib  # held in memory: 851 MiB here; streamed: 475 MiB
     assert list((tmp_path / "out").glob("tokens-*.bin"))
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing the tokens" in again.stdout
 
 
@@ -103,3 +109,91 @@ def test_a_streamed_text_trains_and_resumes_exactly_as_in_memory(tmp_path, small
                          log=interrupt_when(lambda line: line.startswith("step    10/")))
     resumed = llm.run_training(tiny_cfg(), path, tmp_path / "resumed", log=quiet, resume=True)
     assert losses(resumed.history) == losses(streamed.history)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_byte_order_mark_is_dropped_and_said(tmp_path, monkeypatch, capsys, streamed):
+    if streamed:
+        monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 100)
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + TINY_TEXT.encode("utf-8"))
+    out = tmp_path / "out"
+    assert llm.main(["train", "--data", str(path), "--out-dir", str(out), *TINY_TRAIN_OPTIONS]) == 0
+    assert "byte-order mark" in capsys.readouterr().out.splitlines()[0]
+    _, tokenizer, _ = llm.load_checkpoint(out / "ckpt.pt")
+    assert tokenizer.chars == sorted(set(TINY_TEXT))  # no U+FEFF token
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_unreadable_text_is_one_line_at_any_size(tmp_path, monkeypatch, capsys, streamed):
+    path = tmp_path / "secret.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads it anyway: refuse it as the system would
+        real_open = open
+
+        def refusing(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(llm, "open", refusing, raising=False)
+    if streamed:
+        monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 100)  # a big text
+    args = ["train", "--data", str(path), "--out-dir", str(tmp_path / "out"), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --data cannot read {path} (Permission denied): check the file's " \
+                  "permissions\n"
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero here")
+@pytest.mark.parametrize("command", [["train", *TINY_TRAIN_OPTIONS], ["tokenize", "some text"]])
+def test_a_device_that_never_ends_is_read_only_so_far(tmp_path, capsys, command):
+    args = [*command, "--data", "/dev/zero"] + (["--out-dir", str(tmp_path)]
+                                                if command[0] == "train" else [])
+    assert llm.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data /dev/zero is not a regular file and gives more than "
+                          "16 MiB")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_that_goes_on_is_read_only_so_far(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(llm, "IN_MEMORY_BYTES", 10_000)
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)
+
+    def endless_writer():
+        with open(fifo, "w", encoding="utf-8") as f:
+            try:
+                while True:
+                    f.write(TINY_TEXT)
+            except BrokenPipeError:  # the reader has had enough
+                pass
+
+    writer = threading.Thread(target=endless_writer, daemon=True)
+    writer.start()
+    assert llm.main(["tokenize", "quick fox", "--data", str(fifo)]) == 2
+    assert "text.fifo is not a regular file and gives more than" in capsys.readouterr().err
+    writer.join(timeout=10)
+
+
+@pytest.mark.parametrize("pattern", ["ours", "gpt2"])
+@pytest.mark.parametrize("line_end", ["\r\n", " "])  # Windows' line ends; one long line
+def test_any_line_ends_are_cut_safely_with_a_bounded_carry(tmp_path, small_chunks, line_end,
+                                                            pattern):
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:300_000].replace("\n", line_end)
+    path = tmp_path / "text.txt"
+    path.write_bytes(text.encode("utf-8"))
+    scan = llm.scan_text(path, llm.quiet)
+    longest = max(len(piece) for _, piece in llm.split_pieces(scan, llm.quiet))
+    assert longest <= llm.TOKEN_CHUNK_BYTES + 100  # a chunk's text, and about a word carried
+    tokenizer = llm.BPETokenizer.train(text[:50_000], 300)
+    if pattern == "gpt2":
+        tokenizer.chunk_pattern = llm.gpt2_chunk_pattern()
+    corpus = llm.token_file_corpus(scan, tokenizer, tmp_path, llm.Distributed(), llm.quiet)
+    n_train = int(len(text) * 0.9)  # split_train_val's split
+    assert corpus.train_data.tolist() == tokenizer.encode(text[:n_train])
+    assert corpus.val_data.tolist() == tokenizer.encode(text[n_train:])

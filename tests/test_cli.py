@@ -110,7 +110,7 @@ def test_bad_train_options(tmp_path, tiny_text_file, options, fragments):
     earlier = {name: f"an earlier run's {name}".encode() for name in ("ckpt.pt", "latest.pt", "history.csv")}
     for name, content in earlier.items():
         (out / name).write_bytes(content)
-    args = ["train", "--data", tiny_text_file, "--out-dir", out, *TINY_TRAIN_OPTIONS]
+    args = ["train", "--data", tiny_text_file, "--out-dir", out, "--overwrite", *TINY_TRAIN_OPTIONS]
     result = run_cli(*args, *options)  # later options override the tiny ones
     assert_clean_failure(result, *fragments)
     for name, content in earlier.items():  # no earlier file damaged

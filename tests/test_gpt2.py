@@ -156,6 +156,15 @@ def test_a_tensor_from_another_model_is_one_clear_line(snapshot, tmp_path, capsy
     assert "h.2.ln_1.weight" in err and "different models" in err
 
 
+def test_a_config_that_contradicts_itself_is_named_first(snapshot, tmp_path, capsys):
+    folder = copy_snapshot(snapshot, tmp_path, lambda tensors: None)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["n_head"] = 5  # 64 channels cannot be cut into 5 equal heads
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
+    assert "n_embd 64" in err and "n_head 5" in err and "different models" not in err
+
+
 def test_a_folder_without_the_files_is_one_clear_line(tmp_path, capsys):
     err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(tmp_path)])
     assert "model.safetensors" in err and "--weights DIR" in err

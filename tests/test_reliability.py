@@ -2,6 +2,7 @@
 import csv
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -112,11 +113,24 @@ def test_disk_full_during_a_save_is_one_clear_line(tmp_path, tiny_text_file, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(llm.os, "fsync", disk_full)
-    assert llm.main(args) == 2
+    assert llm.main([*args, "--overwrite"]) == 2  # a new run, replacing the first
     err = capsys.readouterr().err.strip()
     assert "No space left on device" in err and "previous version is untouched" in err
     assert len(err.splitlines()) == 1
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_new_run_never_silently_replaces_another(tmp_path, tiny_text_file, capsys):
+    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 0
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert llm.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err and "--overwrite" in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert llm.main([*args, "--overwrite"]) == 0
+    assert (tmp_path / "ckpt.pt").read_bytes() != before
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -133,7 +147,12 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 10
 
 
-def test_ctrl_c_in_a_real_run_saves_and_exits_130(tmp_path, tiny_text_file):
+@pytest.mark.parametrize("sig, status, name", [(signal.SIGINT, 130, "Ctrl-C"),
+                                               (getattr(signal, "SIGHUP", None), 129, "SIGHUP")])
+def test_ctrl_c_or_a_hangup_in_a_real_run_saves_and_exits(tmp_path, tiny_text_file, sig, status,
+                                                           name):
+    if sig is None:
+        pytest.skip("no SIGHUP on this system")
     options = [*TINY_TRAIN_OPTIONS, "--max-iters", "1000000", "--eval-interval", "50"]
     process = subprocess.Popen([sys.executable, str(ROOT / "llm.py"), "train", "--data", str(tiny_text_file),
                                 "--out-dir", str(tmp_path), *options], stdout=subprocess.PIPE,
@@ -145,10 +164,10 @@ def test_ctrl_c_in_a_real_run_saves_and_exits_130(tmp_path, tiny_text_file):
         seen.append(line)
         if line.startswith("step   100/"):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, (seen, err)
-    assert "Traceback" not in err
+    assert process.returncode == status, (seen, err)
+    assert "Traceback" not in err and name in err
     assert "python llm.py train --resume --out-dir" in err
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] >= 100
 
@@ -208,3 +227,56 @@ def test_weights_that_evaluate_to_nan_are_never_saved(tmp_path, monkeypatch):
         llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 5  # the good one
     assert "nan" not in (tmp_path / "history.csv").read_text(encoding="utf-8")
+
+
+def test_the_continue_command_works_when_pasted(tmp_path, monkeypatch, capsys):
+    data, out = tmp_path / "my texts" / "tiny's.txt", tmp_path / "my runs" / "first"
+    data.parent.mkdir()
+    data.write_text(TINY_TEXT, encoding="utf-8")
+    real_step, calls = llm.train_step, {"n": 0}
+
+    def stopped_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, mid-step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "train_step", stopped_at_step_3)
+    args = ["train", "--data", str(data), "--out-dir", str(out), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 143
+    hint = capsys.readouterr().err.split("Continue with: ")[1].strip()
+    python, script, *pasted = shlex.split(hint)
+    assert (python, script) == ("python", "llm.py") and pasted[:2] == ["train", "--resume"]
+    assert llm.main(pasted) == 0
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == 20
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        llm.write_history(tmp_path / "history.csv", [])
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "history.csv").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_signal_during_the_first_evaluation_never_promises_a_save(tmp_path, tiny_text_file,
+                                                                    monkeypatch, capsys):
+    real_estimate, calls = llm.estimate_loss, {"n": 0}
+
+    def signalled(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a long first evaluation, stopped by `kill`
+        return real_estimate(*args)
+
+    monkeypatch.setattr(llm, "estimate_loss", signalled)
+    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path), *TINY_TRAIN_OPTIONS]
+    assert llm.main(args) == 143
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "saving" not in err, err
+    assert not (tmp_path / "latest.pt").exists()

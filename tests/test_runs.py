@@ -163,3 +163,22 @@ def test_sample_checks_its_options_before_printing(tmp_path, tiny_text_file):
                              "--top-k", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--top-k" in result.stderr
     assert result.stdout == ""  # the prompt is not printed before the error
+
+
+def read_one_line_then_close(command):
+    """Run `command` as `command | head -1` would: read one line, close the pipe, wait."""
+    process = start(command)
+    first = process.stdout.readline()
+    process.stdout.close()
+    err = process.stderr.read()
+    return first, process.wait(timeout=120), err
+
+
+def test_a_closed_pipe_ends_sample_quietly_and_train_loses_nothing(tmp_path, tiny_text_file):
+    first, status, err = read_one_line_then_close(train_command(tiny_text_file, tmp_path))
+    assert first and status == 0 and "Traceback" not in err, err  # it trained on, quietly
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 20
+    assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "loss.png").exists()
+    first, status, err = read_one_line_then_close(
+        [sys.executable, LLM, "sample", "--out-dir", str(tmp_path), "--num-chars", "1000000"])
+    assert first == "\n" and status == 141 and err == "", err  # it stopped at once
