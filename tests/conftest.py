@@ -1,8 +1,12 @@
-"""Shared fixtures and helpers: the repository root on sys.path, a tiny corpus, a tiny
-configuration, and the command line run in this process."""
+"""Shared fixtures and helpers: the repository root on sys.path, a tiny corpus, tiny
+configurations, the command line run in this process, and the few real processes."""
 import contextlib
 import io
+import os
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +77,60 @@ def assert_one_clear_line(result: Result, *fragments, status: int = 2) -> None:
     assert "Traceback" not in message and len(message.splitlines()) == 1, message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def tiny_run_cfg(**overrides) -> "llm.RunConfig":
+    """A whole run's configuration, small enough to train 20 steps in well under a second, with
+    dropout (so that resuming must restore its random state too). Unlike the `tiny_cfg` fixture,
+    a function: tests call it with overrides, several times."""
+    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=20,
+                    eval_interval=5, eval_iters=2, warmup_iters=3, dropout=0.1, device="cpu")
+    return llm.RunConfig(**{**settings, **overrides})
+
+
+def losses(history):
+    """(step, train loss, val loss) of each evaluation: what two runs compare, exactly."""
+    return [(row["step"], row["train_loss"], row["val_loss"]) for row in history]
+
+
+def quiet(*_):
+    pass
+
+
+def interrupt_when(condition):
+    """A log function that presses Ctrl-C (a real SIGINT) when `condition(line)` holds."""
+    def log(line):
+        if condition(line):
+            signal.raise_signal(signal.SIGINT)
+    return log
+
+
+# --- real processes: only for what a process of its own is needed to show -----------------------
+
+LLM = str(ROOT / "llm.py")
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def train_command(data, out_dir, *options):
+    """`python llm.py train` on `data` into `out_dir`, tiny and on the CPU, as a command line."""
+    return [sys.executable, LLM, "train", "--data", str(data), "--out-dir", str(out_dir),
+            *TINY_TRAIN_OPTIONS, *options]
+
+
+def start(command, cwd=None):
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=UNBUFFERED, cwd=cwd)
+
+
+def wait_for_line(process, prefix, seconds=120):
+    """Read the process's output until a line starts with `prefix`; the lines read."""
+    seen, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError(f"no line starting with {prefix!r}: {seen[-5:]}")

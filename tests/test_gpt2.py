@@ -3,11 +3,8 @@
 here touches the network: the snapshots are tiny random GPT-2s written by the tests."""
 import csv
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +13,7 @@ import transformers  # the reference; in requirements.txt, so a missing one fail
 from safetensors.torch import load_file, save_file
 
 import llm
-from conftest import ROOT, TINY_TEXT
+from conftest import TINY_TEXT, run_main
 
 VOCAB = 300  # 256 bytes, 43 merges of our BPE, and <|endoftext|>
 FINETUNE_OPTIONS = ["--block-size", "16", "--batch-size", "4", "--max-iters", "20",
@@ -181,19 +178,22 @@ def test_without_huggingface_hub_one_line_says_what_to_do(monkeypatch):
         llm.find_gpt2_snapshot(download=True)
 
 
-def run_offline(tmp_path, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home"),
-           "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "llm.py"), *args], env=env,
-                          capture_output=True, text=True, encoding="utf-8", timeout=300)
-
-
-def test_offline_without_the_weights_one_line_says_how_to_get_them(tmp_path):
-    for extra, expected in (([], "add --download"), (["--download"], "could not download")):
-        result = run_offline(tmp_path, "sample", "--init-from", "gpt2", "--prompt", "Hi", *extra)
-        assert result.returncode == 2 and result.stdout == ""
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-        assert expected in result.stderr and "--weights DIR" in result.stderr
+def test_offline_without_the_weights_one_line_says_how_to_get_them(tmp_path, monkeypatch):
+    import huggingface_hub.constants  # (read from the environment when it was imported)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    by_hand = (f"put config.json, model.safetensors, vocab.json, merges.txt from "
+               f"https://huggingface.co/openai-community/gpt2 in a folder and pass --weights DIR")
+    result = run_main("sample", "--init-from", "gpt2", "--prompt", "Hi")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("error: GPT-2's weights are not on this machine: add --download to "
+                             "fetch them (about 500 MB) into the Hugging Face cache, or "
+                             f"{by_hand}\n")
+    result = run_main("sample", "--init-from", "gpt2", "--prompt", "Hi", "--download")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("error: could not download openai-community/gpt2 from "
+                                    "huggingface.co (")
+    assert result.stderr.endswith(f"); if you are offline, {by_hand}\n")
 
 
 def test_sample_init_from_gpt2_writes(snapshot, capsys):
@@ -235,38 +235,22 @@ def history(out_dir):
                 for row in csv.DictReader(f)]
 
 
-def test_finetune_resumes_exactly_and_lowers_bits_per_byte(snapshot, tmp_path, tiny_text_file,
-                                                          monkeypatch, capsys):
-    common = ["train", "--init-from", "gpt2", "--weights", str(snapshot),
-              "--data", str(tiny_text_file), *FINETUNE_OPTIONS]
-    assert llm.main([*common, "--out-dir", str(tmp_path / "straight")]) == 0
-    straight = history(tmp_path / "straight")
-    assert float(straight[-1][3]) < float(straight[0][3])  # bits per byte fell
-    real_step, calls = llm.train_step, {"n": 0}
-
-    def step_then_ctrl_c(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            signal.raise_signal(signal.SIGINT)  # arrives in the middle of step 6
-        return real_step(*args)
-
-    monkeypatch.setattr(llm, "train_step", step_then_ctrl_c)
-    assert llm.main([*common, "--out-dir", str(tmp_path / "resumed")]) == 130
-    monkeypatch.setattr(llm, "train_step", real_step)
-    assert llm.main(["train", "--resume", "--data", str(tiny_text_file),
-                     "--out-dir", str(tmp_path / "resumed")]) == 0
-    assert history(tmp_path / "resumed") == straight
+def test_finetune_lowers_bits_per_byte_and_sample_reads_gpt2s_tokenizer_back(snapshot, tmp_path,
+                                                                            tiny_text_file, capsys):
+    assert llm.main(["train", "--init-from", "gpt2", "--weights", str(snapshot), "--data",
+                     str(tiny_text_file), *FINETUNE_OPTIONS, "--out-dir", str(tmp_path)]) == 0
+    rows = history(tmp_path)
+    assert float(rows[-1][3]) < float(rows[0][3])  # bits per byte fell
     capsys.readouterr()
-    assert llm.main(["sample", "--out-dir", str(tmp_path / "resumed"), "--prompt", "The",
+    assert llm.main(["sample", "--out-dir", str(tmp_path), "--prompt", "The",
                      "--num-chars", "20"]) == 0  # GPT-2's tokenizer came back from the checkpoint
-    assert capsys.readouterr().out.startswith("The")
+    assert capsys.readouterr().out.startswith("The")  # (bit-exact resume: test_reliability)
 
 
-def test_the_gpt2_preset_is_gpt2_and_the_default_is_unchanged():
+def test_the_gpt2_preset_is_gpt2():
     assert llm.preset("gpt2").mlp == "gelu_tanh" and llm.preset("gpt2").bias
     shape = llm.preset("gpt2", "gpt2")
     assert (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) == (12, 12, 768, 1024)
-    assert llm.preset(llm.DEFAULT_ARCH) == llm.RunConfig()  # the quick run is untouched
     with torch.device("meta"):
         assert llm.GPT(shape, 50257).num_parameters() == 124_439_808
     mlp = llm.MLP(llm.ModelConfig(n_embd=16, mlp="gelu_tanh"))

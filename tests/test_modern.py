@@ -109,13 +109,23 @@ def test_rope_score_depends_only_on_the_relative_offset(m, n, shift):
 
 # --- grouped-query attention -----------------------------------------------------------------
 
-def test_n_kv_head_equal_to_n_head_is_plain_multi_head_attention():
+@pytest.mark.parametrize("n_kv_head, kv_head, query_heads", [
+    (0, 2, [2]), (4, 2, [2]),  # plain multi-head attention: each query head has its own keys
+    (2, 1, [2, 3]), (1, 0, [0, 1, 2, 3]),  # grouped: a key head serves its group of query heads
+])
+def test_a_key_head_serves_exactly_its_group_of_query_heads(n_kv_head, kv_head, query_heads):
+    torch.manual_seed(0)
+    attn = llm.MultiHeadAttention(llm.RunConfig(n_embd=32, n_head=4, n_kv_head=n_kv_head))
     x = torch.randn(2, 7, 32)
-    torch.manual_seed(0)
-    plain = llm.MultiHeadAttention(llm.RunConfig(n_embd=32, n_head=4, n_kv_head=0))
-    torch.manual_seed(0)
-    explicit = llm.MultiHeadAttention(llm.RunConfig(n_embd=32, n_head=4, n_kv_head=4))
-    torch.testing.assert_close(plain(x), explicit(x))
+    heads = []  # each head's output, (B, T, H, D): what goes into the output projection
+    attn.proj.register_forward_pre_hook(lambda _, args: heads.append(args[0].view(2, 7, 4, 8)))
+    with torch.no_grad():
+        attn(x)
+        attn.qkv.weight[32 + kv_head * 8:32 + (kv_head + 1) * 8] *= 3  # that key head's rows
+        attn(x)
+    before, after = heads
+    changed = [h for h in range(4) if not torch.allclose(before[:, 1:, h], after[:, 1:, h])]
+    assert changed == query_heads  # (position 0 attends to itself alone: it never changes)
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
@@ -184,23 +194,27 @@ def test_parameter_count_of_mixed_switches(overrides):
     assert llm.GPT(cfg, 30).num_parameters() == expected_parameter_count(cfg, 30)
 
 
-@pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_causality_for_every_preset(arch):
-    cfg = llm.preset(arch, n_layer=2, n_head=4, n_embd=32, block_size=16)
+# every preset, and the one positional scheme no preset uses
+MODELS = [(arch, {}) for arch in ALL_ARCHS] + [("gpt2", {"pos_encoding": "sinusoidal"})]
+
+
+@pytest.mark.parametrize("arch, switches", MODELS)
+def test_causality_future_tokens_do_not_change_past_logits(arch, switches, device):
+    cfg = llm.preset(arch, n_layer=2, n_head=4, n_embd=32, block_size=16, **switches)
     torch.manual_seed(0)
-    model = llm.GPT(cfg, 20).eval()
-    idx = torch.randint(20, (2, 16))
+    model = llm.GPT(cfg, 20).to(device).eval()
+    idx = torch.randint(20, (2, 16), device=device)
     changed = idx.clone()
     changed[:, 10:] = (idx[:, 10:] + 1) % 20
     a, b = model(idx)[0], model(changed)[0]
     torch.testing.assert_close(a[:, :10], b[:, :10])
-    assert not torch.allclose(a[:, 10:], b[:, 10:])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])  # the future did change
 
 
-@pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_loss_at_init_for_every_preset(arch):
+@pytest.mark.parametrize("arch, switches", MODELS)
+def test_loss_at_init_is_close_to_ln_vocab_size(arch, switches):
     llm.set_seed(0)
-    model = llm.GPT(llm.preset(arch), 65)
+    model = llm.GPT(llm.preset(arch, **switches), 65)
     _, loss = model(torch.randint(65, (8, 64)), torch.randint(65, (8, 64)))
     assert abs(loss.item() - math.log(65)) < 0.3
 

@@ -1,49 +1,24 @@
-"""Exact resume, Ctrl-C, crash-safe checkpoints, failing runs, and data parallelism."""
+"""Appendix F: exact resume, Ctrl-C, crash-safe checkpoints, runs that fail, one run per folder."""
 import csv
 import errno
 import os
 import shlex
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import llm
-from conftest import ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS, run_main
-
-
-def tiny_cfg(**overrides):
-    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=20,
-                    eval_interval=5, eval_iters=2, warmup_iters=3, dropout=0.1, device="cpu")
-    return llm.RunConfig(**{**settings, **overrides})
-
-
-def losses(history):
-    return [(row["step"], row["train_loss"], row["val_loss"]) for row in history]
-
-
-def quiet(*_):
-    pass
-
-
-def interrupt_when(condition):
-    """A log function that presses Ctrl-C (a real SIGINT) when `condition(line)` holds."""
-    def log(line):
-        if condition(line):
-            signal.raise_signal(signal.SIGINT)
-    return log
+from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS, interrupt_when, losses, quiet, tiny_run_cfg
 
 
 def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
-    straight = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
+    straight = llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
     with pytest.raises(llm.Interrupted, match="--resume"):
-        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed",
+        llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path / "resumed",
                          log=interrupt_when(lambda l: l.startswith("step    10/")))
     assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 10
-    resumed = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
+    resumed = llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
     assert losses(resumed.history) == losses(straight.history)  # exact: not approximately
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -52,7 +27,7 @@ def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
 
 
 def test_resume_after_ctrl_c_between_evaluations_is_bit_identical(tmp_path, monkeypatch):
-    straight = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
+    straight = llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path / "straight", log=quiet)
     calls = {"n": 0}
     real_step = llm.train_step
 
@@ -64,23 +39,21 @@ def test_resume_after_ctrl_c_between_evaluations_is_bit_identical(tmp_path, monk
 
     monkeypatch.setattr(llm, "train_step", step_then_ctrl_c)
     with pytest.raises(llm.Interrupted):
-        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet)
+        llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet)
     monkeypatch.setattr(llm, "train_step", real_step)
     assert torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)["step"] == 7  # step 6 finished
-    resumed = llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
+    resumed = llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path / "resumed", log=quiet, resume=True)
     assert losses(resumed.history) == losses(straight.history)
 
 
-def test_resume_refuses_other_data_and_a_missing_checkpoint(tmp_path):
-    with pytest.raises(llm.UserError, match="latest.pt"):
-        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet, resume=True)
-    llm.run_training(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+def test_resume_refuses_other_data(tmp_path):  # (and a folder without a checkpoint: test_cli)
+    llm.run_training(tiny_run_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
     with pytest.raises(llm.UserError, match="--data"):
-        llm.run_training(tiny_cfg(), TINY_TEXT.upper(), tmp_path, log=quiet, resume=True)
+        llm.run_training(tiny_run_cfg(), TINY_TEXT.upper(), tmp_path, log=quiet, resume=True)
 
 
 def test_sample_uses_the_best_checkpoint_and_resume_the_latest(tmp_path):
-    llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+    llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path, log=quiet)
     best = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     latest = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert latest["step"] == 20
@@ -88,7 +61,7 @@ def test_sample_uses_the_best_checkpoint_and_resume_the_latest(tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    llm.run_training(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+    llm.run_training(tiny_run_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
     before = (tmp_path / "ckpt.pt").read_bytes()
 
     def half_written(obj, f):
@@ -97,7 +70,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
 
     monkeypatch.setattr(llm.torch, "save", half_written)
     with pytest.raises(llm.UserError, match="previous version is untouched"):
-        llm.run_training(tiny_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
+        llm.run_training(tiny_run_cfg(max_iters=5), TINY_TEXT, tmp_path, log=quiet)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     llm.load_checkpoint(tmp_path / "ckpt.pt")  # still loads
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
@@ -143,76 +116,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
 
     monkeypatch.setattr(llm, "train_step", diverging)
     with pytest.raises(llm.UserError, match="became nan at step 12"):
-        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+        llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path, log=quiet)
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 10
-
-
-@pytest.mark.parametrize("sig, status, name", [(signal.SIGINT, 130, "Ctrl-C"),
-                                               (getattr(signal, "SIGHUP", None), 129, "SIGHUP")])
-def test_ctrl_c_or_a_hangup_in_a_real_run_saves_and_exits(tmp_path, tiny_text_file, sig, status,
-                                                           name):
-    if sig is None:
-        pytest.skip("no SIGHUP on this system")
-    options = [*TINY_TRAIN_OPTIONS, "--max-iters", "1000000", "--eval-interval", "50"]
-    process = subprocess.Popen([sys.executable, str(ROOT / "llm.py"), "train", "--data", str(tiny_text_file),
-                                "--out-dir", str(tmp_path), *options], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until training has passed its second evaluation
-        line = process.stdout.readline()
-        seen.append(line)
-        if line.startswith("step   100/"):
-            break
-    process.send_signal(sig)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == status, (seen, err)
-    assert "Traceback" not in err and name in err
-    assert "python llm.py train --resume --out-dir" in err
-    assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] >= 100
-
-
-@pytest.mark.parametrize("options, fragment", [
-    (["--resume", "--n-layer", "3"], "drop --n-layer"),
-    (["--resume"], "no checkpoint at"),
-    (["--beta2", "1.5"], "--beta2"),
-    (["--dropout", "1"], "--dropout"),
-    (["--eval-iters", "0"], "--eval-iters"),
-    (["--grad-accum-steps", "0"], "--grad-accum-steps"),
-    (["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size"),
-    (["--n-kv-head", "-1"], "--n-kv-head"),
-    (["--weight-decay", "nan"], "--weight-decay"),
-    (["--threads", "-1"], "--threads"),
-])
-def test_more_bad_train_options(tmp_path, tiny_text_file, options, fragment):
-    base = [] if "--resume" in options else TINY_TRAIN_OPTIONS  # --resume takes no configuration
-    result = run_main("train", "--data", tiny_text_file, "--out-dir", tmp_path, *base, *options)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert fragment in result.stderr
-
-
-def test_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path, tiny_text_file):
-    """2 CPU processes (gloo), each with 1 micro-batch, against 1 process accumulating 2."""
-    options = ["--data", str(tiny_text_file), *TINY_TRAIN_OPTIONS, "--grad-accum-steps", "2"]
-    single = subprocess.run([sys.executable, str(ROOT / "llm.py"), "train", "--out-dir", str(tmp_path / "one"),
-                             *options], capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "llm.py"), "train", "--out-dir", str(tmp_path / "two"), *options],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-6000:]
-    assert "2 processes" in double.stdout and double.stdout.count("done: final val loss") == 1  # rank 0 only
-
-    def read(name):
-        with open(tmp_path / name / "history.csv", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-
-    one, two = read("one"), read("two")
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two):  # same batches, same maths; only the summation order differs
-        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-4)
-        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-4)
 
 
 def test_weights_that_evaluate_to_nan_are_never_saved(tmp_path, monkeypatch):
@@ -224,7 +129,7 @@ def test_weights_that_evaluate_to_nan_are_never_saved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(llm, "estimate_loss", nan_from_the_third_evaluation)
     with pytest.raises(llm.UserError, match="became nan at step 10"):
-        llm.run_training(tiny_cfg(), TINY_TEXT, tmp_path, log=quiet)
+        llm.run_training(tiny_run_cfg(), TINY_TEXT, tmp_path, log=quiet)
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["step"] == 5  # the good one
     assert "nan" not in (tmp_path / "history.csv").read_text(encoding="utf-8")
 

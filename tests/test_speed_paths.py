@@ -1,8 +1,10 @@
-"""The fused attention path and the KV cache give the same results as the plain paths."""
+"""Appendices D, E and G: the fused attention path and the KV cache give the same results as the
+plain paths; devices, sizes and torchrun's shares; bench."""
 import pytest
 import torch
 
 import llm
+from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS, run_main
 
 SCHEMES = [dict(pos_encoding=p, n_kv_head=kv) for p in ("learned", "sinusoidal", "rope") for kv in (0, 1)]
 
@@ -148,14 +150,18 @@ def test_each_process_keeps_its_share_of_the_same_batches():
         assert [int(next(share)[0]) for _ in range(4)] == [rank, rank + 3, rank + 6, rank + 9]
 
 
-def test_the_gpu_preset_spends_under_a_tenth_of_its_forward_passes_evaluating():
-    cfg = llm.preset("llama", "gpu")
-    evaluations = llm.evaluations_per_run(cfg)
-    assert evaluations == cfg.max_iters // cfg.eval_interval + 1 == 9  # 0, 250, ..., 2000
-    evaluation_passes = evaluations * 2 * cfg.eval_iters  # a forward pass per batch and split
-    training_passes = cfg.max_iters * 3  # a forward and a backward (about two forwards) per step
-    assert evaluation_passes / (evaluation_passes + training_passes) < 0.1
-    assert llm.evaluations_per_run(llm.RunConfig(max_iters=1010, eval_interval=100)) == 12
+@pytest.mark.parametrize("rank, stderr", [
+    ("0", "error: --grad-accum-steps (3) must be a multiple of the number of processes (2), so "
+          "that each gets an equal share\n"),
+    ("1", ""),  # the same error, said once: by rank 0
+])
+def test_a_share_torchrun_cannot_split_is_one_line_from_rank_0(tmp_path, tiny_text_file,
+                                                               monkeypatch, rank, stderr):
+    for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)  # as torchrun sets them; stopped before any joining
+    result = run_main("train", "--data", tiny_text_file, "--out-dir", tmp_path,
+                      *TINY_TRAIN_OPTIONS, "--grad-accum-steps", "3")
+    assert (result.returncode, result.stderr) == (2, stderr)
 
 
 def test_without_size_train_picks_the_gpu_preset_only_on_a_cuda_gpu(monkeypatch):
@@ -183,7 +189,6 @@ def test_unknown_size_is_a_clear_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_training_uses_bf16_autocast_and_fused_adamw(tmp_path):
-    from conftest import TINY_TEXT
     cfg = llm.RunConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=20,
                      eval_interval=10, eval_iters=2, device="cuda")
     result = llm.run_training(cfg, TINY_TEXT, tmp_path, log=lambda *_: None)
@@ -194,7 +199,6 @@ def test_gpu_training_uses_bf16_autocast_and_fused_adamw(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_train_without_size_says_first_that_it_took_the_gpu_preset(tmp_path, tiny_text_file, capsys):
-    from conftest import TINY_TRAIN_OPTIONS
     options = [o for o in TINY_TRAIN_OPTIONS if o not in ("--device", "cpu")]  # device: auto
     assert llm.main(["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path), *options]) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
