@@ -18,6 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 import llm  # noqa: E402
 
+# The models here are tiny: one thread runs them as fast as several, and a machine shared with
+# other work (or with the real processes some tests start) is not oversubscribed.
+torch.set_num_threads(1)
+
 # A small text written for the tests (not the corpus): enough characters for both splits.
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog.\n"

@@ -121,12 +121,6 @@ def test_the_default_corpus_is_tiny_shakespeare_as_published():
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")
 
 
-def test_a_missing_default_corpus_says_how_to_restore_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no data/ here
-    with pytest.raises(llm.UserError, match="git checkout data"):
-        llm.load_text()
-
-
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(b"previous good contents")

@@ -77,7 +77,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
 
 
 def test_disk_full_during_a_save_is_one_clear_line(tmp_path, tiny_text_file, monkeypatch, capsys):
-    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path / "out"), *TINY_TRAIN_OPTIONS]
+    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path / "out"),
+            *TINY_TRAIN_OPTIONS, "--max-iters", "5"]
     assert llm.main(args) == 0
     before = (tmp_path / "out" / "ckpt.pt").read_bytes()
     capsys.readouterr()
@@ -94,7 +95,8 @@ def test_disk_full_during_a_save_is_one_clear_line(tmp_path, tiny_text_file, mon
 
 
 def test_a_new_run_never_silently_replaces_another(tmp_path, tiny_text_file, capsys):
-    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path), *TINY_TRAIN_OPTIONS]
+    args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path),
+            *TINY_TRAIN_OPTIONS, "--max-iters", "5"]
     assert llm.main(args) == 0
     before = (tmp_path / "ckpt.pt").read_bytes()
     capsys.readouterr()
