@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: the repository root on sys.path, a tiny corpus, tiny
 configurations, the command line run in this process, and the few real processes."""
 import contextlib
+import csv
 import io
 import os
 import signal
@@ -95,6 +96,12 @@ def tiny_run_cfg(**overrides) -> "llm.RunConfig":
 def losses(history):
     """(step, train loss, val loss) of each evaluation: what two runs compare, exactly."""
     return [(row["step"], row["train_loss"], row["val_loss"]) for row in history]
+
+
+def read_history(out_dir):
+    """The rows of a run's history.csv, as written: a dict of strings per evaluation."""
+    with open(out_dir / "history.csv", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def quiet(*_):

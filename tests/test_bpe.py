@@ -1,6 +1,5 @@
 """The byte-level BPE tokenizer, and bits per byte."""
 import collections
-import csv
 import math
 
 import pytest
@@ -9,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llm
-from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS
+from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS, read_history
 
 SEEN = TINY_TEXT + "Naïve café — 東京タワー! 🙂 e\u0301 \t tab\r\n"
 
@@ -129,11 +128,6 @@ def test_mismatched_tokenizer_is_a_clear_error(bpe_run, tmp_path):
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     with pytest.raises(llm.UserError, match="tokenizer of 266 tokens but a model of 300"):
         llm.load_checkpoint(tmp_path / "ckpt.pt")
-
-
-def read_history(out_dir):
-    with open(out_dir / "history.csv", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def test_bits_per_byte_for_bpe(bpe_run):

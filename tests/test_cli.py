@@ -1,16 +1,15 @@
 """Appendix I, the command line: in-process through llm.main (the exact lines a user sees and the
 exit status), and twice as a real process (train then sample; importing llm does nothing)."""
-import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import llm
-from conftest import ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS, assert_one_clear_line, run_main
+from conftest import (ROOT, TINY_TEXT, TINY_TRAIN_OPTIONS, assert_one_clear_line, read_history,
+                      run_main)
 
 
 def run_process(*args, cwd=None):
@@ -32,8 +31,7 @@ def trained_dir(tmp_path_factory):
 
 def test_train_writes_checkpoint_and_history(trained_dir):
     assert (trained_dir / "ckpt.pt").is_file()
-    with open(trained_dir / "history.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_history(trained_dir)
     assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
     assert [int(r["step"]) for r in rows] == [0, 10, 20]
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])  # it learned something

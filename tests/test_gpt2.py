@@ -1,7 +1,6 @@
 """Appendix H: GPT-2's weights and tokenizer in our model, equal to the reference implementation
 (`transformers`, a test-only dependency), and `--init-from gpt2` on the command line. Nothing
 here touches the network: the snapshots are tiny random GPT-2s written by the tests."""
-import csv
 import json
 import shutil
 import socket
@@ -13,7 +12,7 @@ import transformers  # the reference; in requirements.txt, so a missing one fail
 from safetensors.torch import load_file, save_file
 
 import llm
-from conftest import TINY_TEXT, run_main
+from conftest import TINY_TEXT, read_history, run_main
 
 VOCAB = 300  # 256 bytes, 43 merges of our BPE, and <|endoftext|>
 FINETUNE_OPTIONS = ["--block-size", "16", "--batch-size", "4", "--max-iters", "20",
@@ -229,18 +228,12 @@ def test_finetune_options_that_the_weights_decide_are_refused(snapshot):
     assert llm.finetune_config(pretrained, {}).block_size == 32  # FINETUNE's 256, capped
 
 
-def history(out_dir):
-    with open(out_dir / "history.csv", encoding="utf-8") as f:
-        return [(row["step"], row["train_loss"], row["val_loss"], row["val_bpb"])
-                for row in csv.DictReader(f)]
-
-
 def test_finetune_lowers_bits_per_byte_and_sample_reads_gpt2s_tokenizer_back(snapshot, tmp_path,
                                                                             tiny_text_file, capsys):
     assert llm.main(["train", "--init-from", "gpt2", "--weights", str(snapshot), "--data",
                      str(tiny_text_file), *FINETUNE_OPTIONS, "--out-dir", str(tmp_path)]) == 0
-    rows = history(tmp_path)
-    assert float(rows[-1][3]) < float(rows[0][3])  # bits per byte fell
+    rows = read_history(tmp_path)
+    assert float(rows[-1]["val_bpb"]) < float(rows[0]["val_bpb"])  # bits per byte fell
     capsys.readouterr()
     assert llm.main(["sample", "--out-dir", str(tmp_path), "--prompt", "The",
                      "--num-chars", "20"]) == 0  # GPT-2's tokenizer came back from the checkpoint

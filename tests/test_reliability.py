@@ -1,5 +1,4 @@
 """Appendix F: exact resume, Ctrl-C, crash-safe checkpoints, runs that fail, one run per folder."""
-import csv
 import errno
 import os
 import shlex
@@ -9,7 +8,8 @@ import pytest
 import torch
 
 import llm
-from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS, interrupt_when, losses, quiet, tiny_run_cfg
+from conftest import (TINY_TEXT, TINY_TRAIN_OPTIONS, interrupt_when, losses, quiet, read_history,
+                      tiny_run_cfg)
 
 
 def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
@@ -22,8 +22,7 @@ def test_resume_after_ctrl_c_at_an_evaluation_is_bit_identical(tmp_path):
     assert losses(resumed.history) == losses(straight.history)  # exact: not approximately
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
-    with open(tmp_path / "resumed" / "history.csv", encoding="utf-8") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 5, 10, 15, 20]
+    assert [int(r["step"]) for r in read_history(tmp_path / "resumed")] == [0, 5, 10, 15, 20]
 
 
 def test_resume_after_ctrl_c_between_evaluations_is_bit_identical(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 plain torchrun command, and stops coordinated across torchrun's processes. Each test here needs a
 process of its own (a signal from outside, a lock another process holds, a pipe its reader
 closes, torchrun's processes); everything else is tested in-process."""
-import csv
 import signal
 import subprocess
 import sys
@@ -10,18 +9,13 @@ import sys
 import pytest
 import torch
 
-from conftest import (LLM, ROOT, TINY_TRAIN_OPTIONS, TORCHRUN, UNBUFFERED, run_main, start,
-                      train_command, wait_for_line)
+from conftest import (LLM, ROOT, TINY_TRAIN_OPTIONS, TORCHRUN, UNBUFFERED, read_history, run_main,
+                      start, train_command, wait_for_line)
 
 pytestmark = pytest.mark.slow
 
 ENDLESS = ["--max-iters", "1000000", "--eval-interval", "5"]  # stopped by a signal, never done
 TRAINED = "step     5/1000000"  # the first progress line after step 0: it has trained
-
-
-def history(path):
-    with open(path / "history.csv", encoding="utf-8") as f:
-        return [(row["step"], row["train_loss"], row["val_loss"]) for row in csv.DictReader(f)]
 
 
 @pytest.mark.parametrize("sig, status, name", [
@@ -95,10 +89,10 @@ def test_the_plain_torchrun_command_matches_one_process_accumulating_two_batches
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     assert "2 processes" in two.stdout and "--grad-accum-steps 2" in two.stdout
     assert two.stdout.count("done: final val loss") == 1  # printed by rank 0 only
-    for (step_a, *a), (step_b, *b) in zip(history(tmp_path / "one"), history(tmp_path / "two"),
-                                          strict=True):
-        assert step_a == step_b  # same batches, same maths; only the summation order differs
-        assert all(abs(float(x) - float(y)) < 1e-4 for x, y in zip(a, b))
+    for a, b in zip(read_history(tmp_path / "one"), read_history(tmp_path / "two"), strict=True):
+        assert a["step"] == b["step"]  # same batches, same maths; only the summation order differs
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-4)
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-4)
 
 
 def test_sigterm_to_torchrun_stops_both_processes_after_the_same_step(tmp_path, tiny_text_file):

@@ -1,7 +1,6 @@
 """The sampling functions and generation."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import llm
 

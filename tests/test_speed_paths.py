@@ -9,7 +9,7 @@ from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS, run_main
 SCHEMES = [dict(pos_encoding=p, n_kv_head=kv) for p in ("learned", "sinusoidal", "rope") for kv in (0, 1)]
 
 
-def tiny_model(device="cpu", n_head=2, **overrides):
+def seeded_model(device="cpu", n_head=2, **overrides):
     llm.set_seed(0)
     cfg = llm.RunConfig(n_layer=2, n_head=n_head, n_embd=16, block_size=12, device=str(device), **overrides)
     return llm.GPT(cfg, 23).to(device).eval()
@@ -30,7 +30,7 @@ def test_fused_attention_equals_the_hand_written_path(switches):
 
 @pytest.mark.parametrize("switches", SCHEMES + [dict(n_head=4, n_kv_head=2)])
 def test_the_cache_gives_the_logits_of_a_full_forward_at_every_position(switches, device):
-    model = tiny_model(device, **switches)
+    model = seeded_model(device, **switches)
     ids = torch.randint(23, (12,)).tolist()
     full, _ = model(torch.tensor([ids], device=device))  # (1, 12, V)
     with llm.evaluating(model):
@@ -53,7 +53,7 @@ def test_the_cache_gives_the_logits_of_a_full_forward_at_every_position(switches
 
 
 def test_the_cache_writes_each_tokens_keys_into_the_slot_of_its_position():
-    model = tiny_model(n_head=4, n_kv_head=2)
+    model = seeded_model(n_head=4, n_kv_head=2)
     ids = torch.randint(23, (9,)).tolist()
     with llm.evaluating(model):
         cache = llm.KVCache(model)
@@ -69,7 +69,7 @@ def test_the_cache_writes_each_tokens_keys_into_the_slot_of_its_position():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_cache_records_one_cuda_graph_per_number_of_fed_tokens():
-    model = tiny_model("cuda")
+    model = seeded_model("cuda")
     with llm.evaluating(model):
         cache = llm.KVCache(model)
         ids = [1, 2, 3] + [4] * 20
@@ -82,7 +82,7 @@ def test_on_a_gpu_the_cache_records_one_cuda_graph_per_number_of_fed_tokens():
 
 @pytest.mark.parametrize("switches", SCHEMES)
 def test_fast_generation_writes_what_generate_writes_within_one_window(switches, device):
-    model = tiny_model(device, **switches)
+    model = seeded_model(device, **switches)
     seed = lambda: torch.Generator(device=device).manual_seed(5)  # noqa: E731
     fast = list(llm.generate_fast(model, [1, 2, 3], 9, temperature=1.5, generator=seed()))
     plain = list(llm.generate(model, [1, 2, 3], 9, temperature=1.5, generator=seed()))
@@ -92,7 +92,7 @@ def test_fast_generation_writes_what_generate_writes_within_one_window(switches,
 
 @pytest.mark.parametrize("switches", SCHEMES)
 def test_past_the_window_each_token_is_the_argmax_of_a_full_forward_on_its_window(switches):
-    model = tiny_model(**switches)  # block_size 12
+    model = seeded_model(**switches)  # block_size 12
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     new = list(llm.generate_fast(model, prompt, 30, temperature=0))
     ids, start = prompt[:], 0
@@ -106,7 +106,7 @@ def test_past_the_window_each_token_is_the_argmax_of_a_full_forward_on_its_windo
 
 
 def test_generate_crops_the_context_to_the_last_block_size_tokens(monkeypatch):
-    model = tiny_model()
+    model = seeded_model()
     lengths = []
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda idx, *a: lengths.append(idx.shape[1]) or real_forward(idx, *a))
@@ -129,7 +129,7 @@ def test_bench_prints_every_figure(capsys):
 
 
 def test_the_wrapped_model_evaluates_as_section_10_does(device):
-    model = tiny_model(device)
+    model = seeded_model(device)
     data = torch.randint(23, (500,))
     batches = llm.fixed_batches(data, llm.RunConfig(block_size=12, batch_size=4, eval_iters=3), 0)
     plain = llm.estimate_loss(model, [(x.to(device), y.to(device)) for x, y in batches])
