@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llm
-from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS, read_history
+from conftest import TINY_TEXT, TINY_TRAIN_OPTIONS, read_history, run_main
 
 SEEN = TINY_TEXT + "Naïve café — 東京タワー! 🙂 e\u0301 \t tab\r\n"
 
@@ -160,6 +160,7 @@ def test_tokenize_command(tmp_path, capsys):
     assert "' quick'" in out and "tokens for 15 characters (17 bytes)" in out
 
 
-def test_tokenize_rejects_a_small_vocabulary(tmp_path, capsys):
-    assert llm.main(["tokenize", "x", "--vocab-size", "10"]) == 2
-    assert "at least 256" in capsys.readouterr().err
+def test_tokenize_rejects_a_small_vocabulary_in_one_exact_line():
+    result = run_main("tokenize", "x", "--vocab-size", "10")
+    assert (result.returncode, result.stderr) == (
+        2, "error: --vocab-size must be at least 256 (the byte values), got 10\n")

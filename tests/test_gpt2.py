@@ -122,53 +122,62 @@ def copy_snapshot(snapshot, tmp_path, change):
     return folder
 
 
-def one_line_error(capsys, argv):
-    assert llm.main(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
-    return captured.err
+def sample_error(weights):
+    """What `sample --init-from gpt2 --weights DIR` says, run in-process: its one line."""
+    result = run_main("sample", "--init-from", "gpt2", "--weights", weights)
+    assert (result.returncode, result.stdout) == (2, "")
+    return result.stderr
 
 
-def test_a_missing_tensor_is_one_clear_line(snapshot, tmp_path, capsys):
+def test_a_missing_tensor_is_one_exact_line(snapshot, tmp_path):
     folder = copy_snapshot(snapshot, tmp_path,
                            lambda t: t.pop("transformer.h.1.mlp.c_fc.weight"))
-    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
-    assert "no tensor h.1.mlp.c_fc.weight" in err and "blocks.1.mlp.fc.weight" in err
+    assert sample_error(folder) == (
+        f"error: {folder / 'model.safetensors'} has no tensor h.1.mlp.c_fc.weight (llm.py's "
+        "blocks.1.mlp.fc.weight): the file is incomplete or not GPT-2's; download the snapshot "
+        "again\n")
 
 
-def test_a_tensor_of_the_wrong_shape_is_one_clear_line(snapshot, tmp_path, capsys):
+def test_a_tensor_of_the_wrong_shape_is_one_exact_line(snapshot, tmp_path):
     def shrink(tensors):
         tensors["transformer.h.0.attn.c_attn.weight"] = torch.zeros(64, 190)
     folder = copy_snapshot(snapshot, tmp_path, shrink)
-    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
-    assert "h.0.attn.c_attn.weight has shape (64, 190)" in err and "(64, 192)" in err
+    assert sample_error(folder) == (
+        f"error: {folder / 'model.safetensors'}: h.0.attn.c_attn.weight has shape (64, 190), but "
+        "config.json asks for (64, 192): the two files come from different models; download the "
+        "snapshot again\n")
 
 
-def test_a_tensor_from_another_model_is_one_clear_line(snapshot, tmp_path, capsys):
+def test_a_tensor_from_another_model_is_one_exact_line(snapshot, tmp_path):
     def extra_block(tensors):
         tensors["transformer.h.2.ln_1.weight"] = torch.ones(64)
     folder = copy_snapshot(snapshot, tmp_path, extra_block)
-    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
-    assert "h.2.ln_1.weight" in err and "different models" in err
+    assert sample_error(folder) == (
+        f"error: {folder / 'model.safetensors'} holds h.2.ln_1.weight, which a GPT-2 of "
+        "config.json's shape does not have: the two files come from different models\n")
 
 
-def test_a_config_that_contradicts_itself_is_named_first(snapshot, tmp_path, capsys):
+def test_a_config_that_contradicts_itself_is_named_first(snapshot, tmp_path):
     folder = copy_snapshot(snapshot, tmp_path, lambda tensors: None)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["n_head"] = 5  # 64 channels cannot be cut into 5 equal heads
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(folder)])
-    assert "n_embd 64" in err and "n_head 5" in err and "different models" not in err
+    assert sample_error(folder) == (
+        f"error: {folder / 'config.json'} sets n_embd 64, which its n_head 5 does not divide: no "
+        "GPT-2 has that shape; download the snapshot again\n")  # not "different models"
 
 
-def test_a_folder_without_the_files_is_one_clear_line(tmp_path, capsys):
-    err = one_line_error(capsys, ["sample", "--init-from", "gpt2", "--weights", str(tmp_path)])
-    assert "model.safetensors" in err and "--weights DIR" in err
+def test_a_folder_without_the_files_is_one_exact_line(tmp_path):
+    assert sample_error(tmp_path) == (
+        f"error: --weights {tmp_path} lacks config.json, model.safetensors, vocab.json, "
+        "merges.txt: put config.json, model.safetensors, vocab.json, merges.txt from "
+        "https://huggingface.co/openai-community/gpt2 in a folder and pass --weights DIR\n")
 
 
-def test_weights_without_init_from_is_one_clear_line(tmp_path, capsys):
-    err = one_line_error(capsys, ["sample", "--weights", str(tmp_path)])
-    assert "--init-from gpt2" in err
+def test_weights_without_init_from_is_one_exact_line(tmp_path):
+    result = run_main("sample", "--weights", tmp_path)
+    assert (result.returncode, result.stderr) == (
+        2, "error: --weights and --download go with --init-from gpt2: add it\n")
 
 
 def test_without_huggingface_hub_one_line_says_what_to_do(monkeypatch):
