@@ -75,7 +75,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
 
 
-def test_disk_full_during_a_save_is_one_clear_line(tmp_path, tiny_text_file, monkeypatch, capsys):
+def test_disk_full_during_a_save_is_one_exact_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_text_file, monkeypatch, capsys):
     args = ["train", "--data", str(tiny_text_file), "--out-dir", str(tmp_path / "out"),
             *TINY_TRAIN_OPTIONS, "--max-iters", "5"]
     assert llm.main(args) == 0
@@ -87,9 +87,9 @@ def test_disk_full_during_a_save_is_one_clear_line(tmp_path, tiny_text_file, mon
 
     monkeypatch.setattr(llm.os, "fsync", disk_full)
     assert llm.main([*args, "--overwrite"]) == 2  # a new run, replacing the first
-    err = capsys.readouterr().err.strip()
-    assert "No space left on device" in err and "previous version is untouched" in err
-    assert len(err.splitlines()) == 1
+    assert capsys.readouterr().err == (
+        f"error: could not write {tmp_path / 'out' / 'history.csv'} (No space left on device); the "
+        "previous version is untouched: free some disk space or choose another --out-dir\n")
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
 
 
@@ -100,8 +100,9 @@ def test_a_new_run_never_silently_replaces_another(tmp_path, tiny_text_file, cap
     before = (tmp_path / "ckpt.pt").read_bytes()
     capsys.readouterr()
     assert llm.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--resume" in err and "--overwrite" in err, err
+    assert capsys.readouterr().err == (
+        f"error: --out-dir {tmp_path} holds another run (latest.pt): continue it with --resume, "
+        "replace it with --overwrite, or choose another --out-dir\n")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert llm.main([*args, "--overwrite"]) == 0
     assert (tmp_path / "ckpt.pt").read_bytes() != before
