@@ -101,14 +101,14 @@ def test_load_text_reads_utf8(tmp_path):
     (None, "dir", "directory"),
     (None, "missing", "does not exist"),
 ])
-def test_load_text_bad_inputs(tmp_path, content, kind, expected):
+def test_a_bad_text_file_is_one_clear_message(tmp_path, content, kind, expected):
     path = tmp_path / "input"
     if kind == "file":
         path.write_bytes(content)
     elif kind == "dir":
         path.mkdir()
     with pytest.raises(llm.UserError, match=expected):
-        llm.load_text(path)
+        llm.read_text(path)
 
 
 # --- the corpus ships with the program ------------------------------------------------------------
