@@ -1634,8 +1634,7 @@ if IN_NOTEBOOK:
 #
 # The pictures above invite stories ("this head looks at the previous
 # character"), and a story is only as good as the measurement behind it. Interpretability
-# research has two findings that a small character model reproduces in seconds, each with a
-# plain test.
+# research has two findings, each with a plain test that takes seconds on a small model.
 #
 # **Induction heads** (Elhage et al., 2021; Olsson et al., 2022). A language model can predict
 # text it has never seen if the text repeats itself: after "Lady Capu" it can guess "let" if
@@ -1756,18 +1755,20 @@ if IN_NOTEBOOK:
 #   $t - L + 1$, the one just after the earlier occurrence of the current character (the
 #   current character sits at $t$ and at $t - L$), averaged over the second copy.
 #
-# A head that attended evenly to everything before it would score about $1/t$ on both, 0.02 to
-# 0.03 at the second copy's positions 32 to 63; a head that does the job scores near 1. Both
-# scores are measured on the same repeated random sequences, where nothing but the two rules
-# could place attention on those positions: no word or line structure to follow. A head is
-# *named* only when a score passes 0.3, ten times the uniform head's and below what the heads
-# of the tiny model below reach when they do the job (0.32 to 0.74).
+# A head that attended evenly to everything up to itself would give each position $1/(t+1)$:
+# about 0.06 on average as previous-token score (over positions 1 to 63), and 0.02 to 0.03 as
+# induction score (positions 32 to 63); a head that does the job scores near 1. Both scores
+# are measured on the same repeated random sequences, where nothing but the two rules could
+# place attention on those positions: no word or line structure to follow. A head is *named*
+# only when a score passes 0.3, five times the uniform head's previous-token score and more than
+# ten times its induction score.
 #
 # **In the notebook's model** no head earns a name. Every head puts 0.08 to 0.29 of its weight
 # on the previous character (on validation text, 0.13 to 0.45: Shakespeare's spelling rewards
 # it more), and none puts more than 0.02 on the induction position, the uniform head's share.
-# The quick run's table is the same picture: previous-token scores 0.10 to 0.35, induction
-# scores at most 0.02. The previous-token half of the circuit exists; its partner does not.
+# In the quick run (`python llm.py inspect`), previous-token scores reach 0.31 to 0.35 in three
+# heads, which earn the name, and induction scores stay at most 0.02: heads that look back one
+# character exist, their partner does not.
 
 # %%
 def head_scores(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1887,7 +1888,7 @@ if IN_NOTEBOOK:
 # guess about the next (2.53 already beats the 3.31 of a model that knows only how common each
 # character is, section 10), and each further block buys less: 0.37, 0.19, 0.17. Words form
 # late: where the line has "what", the guesses spell "tiat" after block 2 and "that" from block 3
-# on (a fair guess: the model has seen only "w").
+# on.
 
 # %%
 def residual_streams(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
@@ -1946,12 +1947,12 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### Watching copying form: a tiny attention-only model
 #
-# Where the papers' result must appear, it should appear in seconds. The smallest model that can
-# hold an induction circuit has two layers (the previous-token head must write before the
-# induction head reads) and nothing else: Part I's GPT with its MLPs taken out, so that every
-# change to the residual stream is a head's. `NoMLP` returns zeros, so a block's second
-# addition adds nothing. The model trains on nothing but random sequences written twice, with a
-# different length in every batch, so that no fixed distance back points at the answer: only
+# If the papers' result is real, it should appear where nothing else can be learned. The smallest
+# model that can hold an induction circuit has two layers (the previous-token head must write before
+# the induction head reads) and nothing else: Part I's GPT with its MLPs taken out, so that every
+# change to the residual stream is a head's. `NoMLP` returns zeros, so a block's second addition
+# adds nothing. The model trains on nothing but random sequences written twice, with a different
+# length in every batch, so that no fixed distance back points at the answer: only
 # matching content does.
 
 # %%
@@ -2120,11 +2121,12 @@ if IN_NOTEBOOK:
 #
 # Two measurements say why the Shakespeare models have not learned to copy. **The data pays
 # little for it within 64 characters.** A copier predicts the character that followed the last
-# earlier occurrence of the current few characters. On the validation text, with 64 characters
-# of context, the last three characters occur earlier at only 10% of positions, and the copied
-# character is right at 47% of those: copying could decide 5% of all predictions, most of which
-# the model gets from spelling anyway. With 256 characters, the last three characters occur
-# earlier at 30% of positions (right at 50% of them), and the last four at 17% (right at 60%).
+# earlier occurrence of the current few characters. On the validation text, with 64 characters of
+# context, the last three characters occur earlier at only 10% of positions, and the copied
+# character is right at 47% of those (counted on the validation text): copying could decide at most
+# 5% of all predictions, and spelling alone may already get many of those right. With 256
+# characters, the last three characters occur earlier at 30% of positions (right at 50% of them),
+# and the last four at 17% (right at 60%).
 # **And copying is slow to find even when it is the only thing to learn**: the tiny model needed
 # hundreds of steps on data where nothing else lowers the loss, and two seeds of three did not
 # find it in 1000. In the quick run, copying competes with spelling and grammar for a rare,
