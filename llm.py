@@ -2339,7 +2339,7 @@ if IN_NOTEBOOK:
 # merge saves less.
 
 # %%
-def plot_compression(train_text: str, val_text: str, sizes=(256, 384, 512, 768, 1024)):
+def plot_compression(train_text: str, val_text: str, sizes=(256, 512, 1024)):
     n_bytes = len(val_text.encode("utf-8"))
     ratios = [n_bytes / len(BPETokenizer.train(train_text, size).encode(val_text))
               for size in sizes]
@@ -2688,14 +2688,16 @@ def tokens_per_step(cfg: RunConfig) -> int:
     return cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
 
 
-def train_for(cfg: RunConfig, text: str, seconds: float, n_evals: int = 8) -> dict:
-    """Train `cfg` on the CPU for about `seconds` of training steps; a summary row for a table."""
+def train_for(cfg: RunConfig, text: str, seconds: float, n_evals: int = 4) -> dict:
+    """Train `cfg` on the CPU for about `seconds` of training steps; a summary row for a table.
+    Short races measure coarsely: 5 timed steps decide their length, and each evaluation reads
+    10 batches per split instead of the quick run's 20."""
     tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
     corpus = encode_corpus(text, tokenizer, cfg.block_size)
-    per_step, _ = seconds_per_step(cfg, tokenizer.vocab_size)
+    per_step, _ = seconds_per_step(cfg, tokenizer.vocab_size, probe_steps=5)
     steps = max(10, int(seconds / per_step))
     cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=max(1, steps // 30),
-                              eval_interval=max(1, steps // n_evals))
+                              eval_interval=max(1, steps // n_evals), eval_iters=10)
     set_seed(cfg.seed)
     model = GPT(cfg, tokenizer.vocab_size)
     batches = random_batches(corpus.train_data, cfg, torch.Generator().manual_seed(cfg.seed))
@@ -3003,14 +3005,14 @@ if IN_NOTEBOOK:
 # the graphs against full forward passes whenever a GPU runs them.
 
 # %% [markdown]
-# The cache's gain, measured on this machine: 1000 tokens written with and without it.
+# The cache's gain, measured on this machine: 500 tokens written with and without it.
 
 # %%
 if IN_NOTEBOOK:
     for name, generate_ids in (("generate", generate), ("generate_fast", generate_fast)):
         started = time.perf_counter()
-        list(generate_ids(model, [0], 1000, generator=torch.Generator().manual_seed(0)))
-        print(f"{name}: {1000 / (time.perf_counter() - started):,.0f} tokens/s")
+        list(generate_ids(model, [0], 500, generator=torch.Generator().manual_seed(0)))
+        print(f"{name}: {500 / (time.perf_counter() - started):,.0f} tokens/s")
 
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
