@@ -1074,11 +1074,10 @@ if IN_NOTEBOOK:
 # ### The settings of training
 #
 # `Config` extends `ModelConfig` with the settings of training, so one object describes a whole
-# run; each is explained below, where it is used. The batch
-# size, the number of steps and the learning rate were chosen by measurement: given the same two
-# minutes on a laptop CPU, more and smaller steps won (12 sequences × 3000 steps ended about 0.1
-# nats below 32 × 1200), and a peak learning rate of 3e-3 did as well as 4e-3 while leaving a
-# margin against blowing up.
+# run; each is explained below, where it is used. The batch size, the number of steps and the
+# learning rate were chosen by measurement: given the same two minutes on a laptop CPU, more and
+# smaller steps won (12 sequences × 3000 steps ended about 0.1 nats below 32 × 1200), and a peak
+# learning rate of 3e-3 did as well as 4e-3 while leaving a margin against blowing up.
 
 # %%
 @dataclass
@@ -1221,13 +1220,13 @@ def estimate_loss(model: nn.Module, batches: list) -> float:
 # Everything comes together in one loop: evaluate every `eval_interval` steps (and after the
 # last), otherwise draw `grad_accum_steps` batches and take a step. The loop is a Python
 # *generator* (a function with `yield`; nothing to do with section 5's `torch.Generator` of
-# random numbers): after each evaluation it hands its caller the losses,
-# after each step that step's loss, and waits until the caller asks for more. What to do with
-# them (print, keep, draw, stop early) is the caller's business, so the loop holds nothing but
-# learning; the appendices drive the very same loop for real runs (Appendix F). `step` counts the
-# steps already taken: 0 for a new model. Training batches come from an endless stream,
-# `random_batches`. The notebook trains for 1000 steps, a third of the command line's quick run,
-# so that it runs in about a minute; the full 3000 steps reach a validation loss of about 1.61.
+# random numbers): after each evaluation it hands its caller the losses (and the learning rate
+# of the next step), after each step that step's loss, and waits until the caller asks for more.
+# What to do with them (print, keep, draw, stop early) is the caller's business, so the loop
+# holds nothing but learning; the appendices drive the very same loop for real runs (Appendix
+# F). `step` counts the steps already taken: 0 for a new model. Training batches come from an
+# endless stream, `random_batches`. The notebook trains for 1000 steps, a third of the command
+# line's quick run, so that it runs in about a minute; the full 3000 steps reach about 1.61.
 
 # %%
 def random_batches(data: torch.Tensor, cfg: Config,
