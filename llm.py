@@ -10,7 +10,7 @@
 #
 # **Part I, the story** (sections 1 to 11), builds a working language model and nothing else;
 # at its end you have trained a model and read its writing. **Part II, the appendices** (A to
-# I), makes the same model fast and trustworthy, and shows that it is GPT-2. Part I holds what a
+# J), makes the same model fast and trustworthy, and shows that it is GPT-2. Part I holds what a
 # model *is* and how it *learns*, and runs without Part II; an appendix that needs more (a cache,
 # checkpoints, many processes) attaches from outside, by wrapping, hooking or driving Part I's
 # pieces, and says which.
@@ -1449,8 +1449,8 @@ if IN_NOTEBOOK:
 # # Part II: the appendices
 #
 # Part I built a model that learns and writes. The appendices look inside it, and make the
-# same model fast and trustworthy, one concern each. None of them changes what the model
-# computes; each says what it adds and which pieces of Part I it builds on.
+# same model fast and trustworthy, one concern each; only the speedrun (Appendix I) changes
+# how the model computes. Each says what it adds and which pieces of Part I it builds on.
 
 # %% [markdown]
 # ## Appendix A. Inside the trained model
@@ -2514,11 +2514,35 @@ import dataclasses
 
 @dataclass
 class RunConfig(Config):
-    """Section 10's Config, and what a run needs beyond it: the tokenizer and the hardware."""
+    """Section 10's Config, and what a run needs beyond it: the tokenizer, the hardware, and
+    the optimiser and tricks of the speedrun (Appendix I)."""
     tokenizer: str = param("char", "'char' (a token per character) or 'bpe' (Appendix B)")
     vocab_size: int = param(512, "vocabulary size of the bpe tokenizer (Appendix B)")
     compile: bool = param(False, "compile the model with torch.compile (opt-in, Appendix E)")
     device: str = param("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'")
+    optimizer: str = param("adamw", "'adamw' (section 10) or 'muon' (Appendix I)")
+    tricks: str = param("", "changes to the model, comma-separated (Appendix I); '': none")
+
+
+# A run names its optimiser and its tricks, so that a checkpoint can rebuild the same model:
+OPTIMIZERS = {"adamw": configure_optimizer}  # name -> (model, cfg) -> its optimiser
+MODEL_TRICKS = {}  # name -> a change made to a new model, in place (Appendix I fills it)
+
+
+def trick_names(cfg: RunConfig) -> list[str]:
+    return [name for name in cfg.tricks.split(",") if name]
+
+
+def build_model(cfg: RunConfig, vocab_size: int) -> GPT:
+    """Section 9's model, changed by the tricks the configuration lists (Appendix I)."""
+    model = GPT(cfg, vocab_size)
+    for name in trick_names(cfg):
+        MODEL_TRICKS[name](model, cfg)
+    return model
+
+
+def build_optimizer(model: GPT, cfg: RunConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer](model, cfg)
 
 
 ARCHITECTURES = {
@@ -2670,8 +2694,8 @@ def seconds_per_step(cfg: RunConfig, vocab_size: int, probe_steps: int = 20,
     speed does not depend on the text), and the model it was measured with. `wrap` gives the
     module the steps run (Appendix E's `wrap_for_device`, say)."""
     set_seed(cfg.seed)
-    model = GPT(cfg, vocab_size).to(device)
-    optimizer = configure_optimizer(model, cfg)
+    model = build_model(cfg, vocab_size).to(device)
+    optimizer = build_optimizer(model, cfg)
     stepped = wrap(model)
     x = torch.randint(vocab_size, (cfg.batch_size, cfg.block_size), device=device)
     batches = [(x, x)] * cfg.grad_accum_steps
@@ -2698,10 +2722,10 @@ def train_for(cfg: RunConfig, text: str, seconds: float, n_evals: int = 4) -> di
     cfg = dataclasses.replace(cfg, max_iters=steps, warmup_iters=max(1, steps // 30),
                               eval_interval=max(1, steps // n_evals), eval_iters=10)
     set_seed(cfg.seed)
-    model = GPT(cfg, tokenizer.vocab_size)
+    model = build_model(cfg, tokenizer.vocab_size)
     batches = random_batches(corpus.train_data, cfg, torch.Generator().manual_seed(cfg.seed))
     history, started = [], time.perf_counter()
-    for row in train(model, configure_optimizer(model, cfg), cfg, batches,
+    for row in train(model, build_optimizer(model, cfg), cfg, batches,
                      evaluation_batches(corpus.train_data, corpus.val_data, cfg)):
         if "val_loss" in row:  # an evaluation: keep it, with the time since the start
             history.append(with_bits(row, corpus) | {"elapsed_s": time.perf_counter() - started})
@@ -3251,6 +3275,17 @@ def validate_config(cfg: RunConfig) -> None:
     """Raise UserError naming the first setting that cannot work."""
     check_numbers(cfg)
     check_switches(cfg)
+    check_recipe(cfg)
+
+
+def check_recipe(cfg: RunConfig) -> None:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                        f"got {cfg.optimizer!r}")
+    for name in trick_names(cfg):
+        if name not in MODEL_TRICKS:
+            raise UserError(f"--tricks: unknown trick {name!r}; the tricks are "
+                            f"{', '.join(MODEL_TRICKS)}")
 
 
 def check_numbers(cfg: RunConfig) -> None:
@@ -3412,10 +3447,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu",
     if tokenizer.vocab_size != model_vocab:
         raise UserError(f"{path} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
                         f"of {model_vocab}: the file was altered or mixed up; train again")
-    model = GPT(cfg, tokenizer.vocab_size).to(device)
     try:
+        model = build_model(cfg, tokenizer.vocab_size).to(device)
         model.load_state_dict(weights)
-    except RuntimeError:  # weights named or shaped for another version of the model
+    except (RuntimeError, KeyError):  # weights or tricks of another version of the model
         raise UserError(f"{path} holds weights that do not fit this version of llm.py's "
                         f"model: {fix}") from None
     return model.eval(), tokenizer, checkpoint
@@ -4005,11 +4040,11 @@ def run_training(cfg: RunConfig, text: str | Path, out_dir: Path = Path("out"),
     set_seed(cfg.seed)
     corpus = load_corpus(text, scan, cfg, tokenizer, out_dir, env, log)
     if model is None:
-        model = GPT(cfg, corpus.tokenizer.vocab_size)
+        model = build_model(cfg, corpus.tokenizer.vocab_size)
         if start is not None:
             start.load_into(model)
     model.to(device).train()
-    run = Run(cfg, model, configure_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed),
+    run = Run(cfg, model, build_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed),
               corpus.tokenizer, data_sha256)
     if checkpoint is not None:
         restore_run(run, checkpoint, out_dir / "latest.pt")
@@ -4926,7 +4961,7 @@ def finetune_config(pretrained: Pretrained, overrides: dict) -> RunConfig:
 
 
 def add_init_options(parser) -> None:
-    """--init-from, --weights and --download, for `train` and `sample` (Appendix I)."""
+    """--init-from, --weights and --download, for `train` and `sample` (Appendix J)."""
     parser.add_argument("--init-from", choices=["gpt2"], default=None,
                         help="start from OpenAI's GPT-2 (124M) weights (Appendix H)")
     parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
@@ -4958,7 +4993,346 @@ if IN_NOTEBOOK:
         print(f"{name:14} quick run {getattr(quick_run, name):<7} fine-tune {value}")
 
 # %% [markdown]
-# ## Appendix I. The command line
+# ## Appendix I. A speedrun on a laptop
+#
+# *Builds on sections 8 to 10 (the block, the model, AdamW and the loop), Appendix C (presets)
+# and Appendix F (how a run builds its model and optimiser). Adds Muon, six modern tricks, each
+# measured against Part I's recipe in equal wall time, and the recipe the quick run uses:
+# `--recipe speedrun`, the default on a CPU, or `--recipe plain` for Part I's.*
+#
+# A *speedrun* asks how fast a fixed target can be reached. The NanoGPT speedrun (Jordan et al.,
+# 2024, "modded-nanogpt") took the time to train GPT-2's smallest model to a fixed loss from
+# 45 minutes to about 3 on eight GPUs, mostly with changes to the recipe, not the hardware: a
+# new optimiser, Muon, and a dozen small changes to the model. Do they pay at the size a
+# learner trains on a laptop, a model of 0.8 million parameters and two minutes on two CPU
+# cores? Each change below is a paragraph and a few lines that change a new model (or its
+# optimiser) from outside, and the section ends with what each did, measured.
+#
+# **The rule: equal time, not equal steps.** A trick that makes each step better but slower
+# can lose: the plain recipe takes more steps in the same seconds. So every variant below
+# trains for the wall time of the quick run's 3000 steps, as many steps as fit.
+
+# %% [markdown]
+# ### Muon: momentum, orthogonalised
+#
+# AdamW (section 10) scales each number of a gradient on its own. But a weight matrix is not a
+# bag of numbers: it maps vectors to vectors, and its gradient's *singular value decomposition*
+# $G = U S V^\top$ says which directions of input it would change (the columns of $V$), into
+# which directions of output ($U$), and how strongly ($S$, one strength per pair). In practice
+# a few strengths dwarf the rest, so a step moves the weights along a few directions only.
+# **Muon** (Jordan et al., 2024) keeps the directions and sets every strength to 1: it steps
+# along $U V^\top$, computed from the momentum (the running average of gradients, as in Adam)
+# rather than one noisy gradient. Every direction the gradient points in gets learned at the
+# same pace.
+#
+# An SVD is slow, but $U V^\top$ can be reached with matrix products alone. For
+# $X = U S V^\top$, the product $X X^\top X = U S^3 V^\top$: an *odd polynomial* of $X$ acts on
+# the strengths only, and leaves the directions alone. So divide $X$ by its norm, which makes
+# every strength at most 1, then apply $p(s) = a s + b s^3 + c s^5$ five times: with Muon's
+# coefficients every strength between 0.004 and 1 lands between 0.68 and 1.2 (exactly 1 would
+# take more rounds, and trains no better). Weaker directions than that, the noise of a
+# gradient, stay weak: each round multiplies a tiny strength by only a = 3.4. This is a
+# **Newton–Schulz iteration**. It works on the wide side of the matrix, where $X X^\top$ is
+# the smaller square: (128, 128) for a (128, 682) matrix.
+
+# %%
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """About U V^T for g = U S V^T: g's directions, with every strength near 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # p(s) = a s + b s^3 + c s^5, tuned by Muon's authors
+    x = g / (g.norm() + 1e-7)  # the norm bounds every strength: now each is at most 1
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # work on the wide way round: x x^T is then the smaller square
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T  # (N, N)
+        x = a * x + (b * gram + c * gram @ gram) @ x  # = U p(S) V^T
+    return x.T if tall else x
+
+
+# %%
+if IN_NOTEBOOK:
+    # NBVAL_CHECK_OUTPUT
+    g = torch.randn(128, 341, generator=torch.Generator().manual_seed(0))  # like a gradient
+    g[:, :4] *= 30  # with a few strong directions, as real gradients have
+    u, s, vt = torch.linalg.svd(g, full_matrices=False)
+    o = newton_schulz(g)
+    strengths = torch.linalg.svdvals(o)
+    print(f"strengths of g: {s.max():.1f} down to {s.min():.2f}; "
+          f"after Newton-Schulz: {strengths.max():.2f} down to {strengths.min():.2f}")
+    cosine = (o * (u @ vt)).sum() / (o.norm() * (u @ vt).norm())
+    print(f"cosine similarity with the exact U V^T from the SVD: {cosine:.3f}")
+
+# %% [markdown]
+# **The optimiser.** Muon steps with Nesterov momentum (the step looks one momentum ahead:
+# gradient plus momentum × average; β = 0.95), orthogonalised. An orthogonalised (N, M) matrix
+# has every strength near 1, so its numbers are about $1/\sqrt{\max(N, M)}$ in size whatever the
+# gradient's scale; multiplying by $0.2\sqrt{\max(N, M)}$ brings them to about 0.2, the typical
+# size of an AdamW update, so one learning rate and one schedule serve both optimisers (Liu et
+# al., 2025). Muon only knows matrices that map vectors to vectors: the blocks' weights. The
+# embedding table (a lookup, not a map), the output layer and the norms' gains stay with AdamW.
+# `Optimizers` steps both as one, so section 10's `train_step` sets the learning rate of every
+# group, and a checkpoint saves both states (Appendix F).
+
+# %%
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised by Newton-Schulz, for 2-D weight matrices."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0,
+                 ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, beta = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                average = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                average.mul_(beta).add_(p.grad)
+                update = newton_schulz(p.grad.add(average, alpha=beta), group["ns_steps"])
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled, as in AdamW
+                p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+
+
+class Optimizers:
+    """Several optimisers stepped as one, each over its own parameters."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:  # (read afresh: loading a state replaces the groups)
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+
+
+def muon_optimizer(model: GPT, cfg: Config) -> Optimizers:
+    """Muon for the blocks' matrices, section 10's AdamW for everything else."""
+    matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
+    in_muon = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in in_muon]
+    muon = Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    return Optimizers(muon, adamw)
+
+
+OPTIMIZERS["muon"] = muon_optimizer
+
+# %% [markdown]
+# ### Six changes to the model
+#
+# Each function below changes a freshly built model in place, from outside: it swaps a module
+# for another or wraps one, and initialises what it added with section 9's rules. A run lists
+# the ones it wants in `--tricks`; a checkpoint keeps the list, so `sample` and `--resume` build
+# the same model.
+#
+# * **QK-norm** (Dehghani et al., 2023): normalise every query and key (RMS, section 8, with a
+#   learned gain) before their dot product. Attention scores then cannot grow without bound as
+#   weights grow, a cause of blow-ups at high learning rates. It wraps the layer's `qkv`, so
+#   every path through attention (the cache of Appendix D too) sees the normalised heads.
+# * **ReLU²** (So et al., 2021): the MLP of section 8 with $\max(0, x)^2$ for GELU or SwiGLU,
+#   4C wide. Squaring makes the activation sparse and sharp at once.
+# * **An untied output layer**: a (V, C) matrix of its own instead of section 9's tied one.
+# * **Zero-initialised projections**: the layers that write into the residual stream start at
+#   zero, so at first every block passes its input through unchanged and learns from there.
+# * **A logit soft-cap**: $15 \tanh(z / 15)$ squashes every logit into (−15, 15), so no logit
+#   can run away; it barely touches logits of ordinary size.
+# * **PyTorch's fused kernels**: Part I computes RMSNorm and SiLU in several operations, each
+#   reading and writing all its numbers, to show the formula; `F.rms_norm` and `F.silu` do the
+#   same arithmetic in one pass (the tests check that they agree). Same model, less time.
+# * **Matrix products in bfloat16**: a 16-bit number with float32's range but 8 bits of
+#   precision. CPUs with AMX units (Intel's Xeons since 2023) multiply bfloat16 matrices several
+#   times faster than float32 ones; `BF16Linear` rounds each linear layer's input and weight to
+#   bfloat16, multiplies, and returns float32. The weights, their gradients and the optimiser
+#   stay in float32, as in the GPU's mixed precision (Appendix E). The speedrun uses it only
+#   where a quick probe finds bfloat16 products faster: elsewhere they would be slower.
+
+# %%
+class QKNorm(nn.Module):
+    """Wraps attention's qkv layer: RMS-normalises every query and key head (learned gains)."""
+
+    def __init__(self, qkv: nn.Linear, n_head: int, n_kv_head: int, head_dim: int):
+        super().__init__()
+        self.qkv, self.sizes, self.head_dim = qkv, [n_head, n_kv_head, n_kv_head], head_dim
+        self.q_gain = nn.Parameter(torch.ones(head_dim))
+        self.k_gain = nn.Parameter(torch.ones(head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = self.qkv(x).unflatten(-1, (-1, self.head_dim))  # (B, T, H + 2Hkv, D)
+        q, k, v = heads.split(self.sizes, dim=-2)
+        q = F.rms_norm(q, (self.head_dim,), self.q_gain)  # (B, T, H, D)
+        k = F.rms_norm(k, (self.head_dim,), self.k_gain)  # (B, T, Hkv, D)
+        return torch.cat([q, k, v], dim=-2).flatten(-2)  # (B, T, (H + 2Hkv) D)
+
+
+class ReLUSquared(nn.Module):
+    """An MLP (B, T, C) -> (B, T, 4C) -> max(0, x)^2 -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class SoftCap(nn.Module):
+    """Wraps the output layer: logits squashed into (-cap, cap)."""
+
+    def __init__(self, head: nn.Linear, cap: float = 15.0):
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(self.head(x) / self.cap)
+
+
+class FusedRMSNorm(RMSNorm):
+    """Section 8's RMSNorm, computed by PyTorch's one-pass kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class FusedSwiGLU(SwiGLU):
+    """Section 8's SwiGLU, with PyTorch's one-pass SiLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, 8C/3) each
+        return self.dropout(self.proj(F.silu(gate) * up))
+
+
+class BF16Linear(nn.Linear):
+    """A linear layer whose product is computed in bfloat16; weights and output in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.bfloat16()
+        return F.linear(x.bfloat16(), self.weight.bfloat16(), bias).float()
+
+
+def qk_norm(model: GPT, cfg: RunConfig) -> None:
+    for block in model.blocks:
+        attn = block.attn
+        attn.qkv = QKNorm(attn.qkv, attn.n_head, attn.n_kv_head, attn.head_dim)
+
+
+def relu_squared(model: GPT, cfg: RunConfig) -> None:
+    for block in model.blocks:
+        block.mlp = ReLUSquared(cfg)
+        block.mlp.apply(model._init_weights)  # section 9's rules, depth scaling included
+        nn.init.normal_(block.mlp.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+
+def untied_head(model: GPT, cfg: RunConfig) -> None:
+    vocab_size = model.embed.token.num_embeddings
+    model.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+    nn.init.normal_(model.lm_head.weight, std=0.02)
+
+
+def zero_projections(model: GPT, cfg: RunConfig) -> None:
+    for block in model.blocks:
+        for proj in (block.attn.proj, block.mlp.proj):
+            nn.init.zeros_(proj.weight)
+
+
+def soft_cap(model: GPT, cfg: RunConfig) -> None:
+    model.lm_head = SoftCap(model.lm_head)
+
+
+def swap_forward(model: GPT, faster: dict) -> None:
+    """Give every module of a type in `faster` that type's faster subclass: the same module and
+    parameters, a different forward."""
+    for module in model.modules():
+        if type(module) in faster:
+            module.__class__ = faster[type(module)]
+
+
+def fused_kernels(model: GPT, cfg: RunConfig) -> None:
+    swap_forward(model, {RMSNorm: FusedRMSNorm, SwiGLU: FusedSwiGLU})
+
+
+def bf16_products(model: GPT, cfg: RunConfig) -> None:
+    swap_forward(model, {nn.Linear: BF16Linear})
+
+
+MODEL_TRICKS.update({"qk_norm": qk_norm, "relu_squared": relu_squared, "untied_head": untied_head,
+                     "zero_init": zero_projections, "soft_cap": soft_cap,
+                     "fused": fused_kernels, "bf16": bf16_products})
+
+
+# %% [markdown]
+# ### The speedrun recipe
+#
+# `RECIPES` names the settings a recipe changes. `--recipe speedrun`, the default for the quick
+# run on a CPU, is what the measurements above kept: FUSED_KERNELS_AND_BF16_TBD. bfloat16
+# products are added only where `bf16_speedup` measures them at least twice as fast as float32
+# on this machine, and the first line of `train` says which recipe runs. `--recipe plain` is
+# Part I's recipe exactly. The GPU preset keeps Part I's recipe: the speedrun was measured on a
+# CPU only, and on a GPU the products already run in bfloat16 (Appendix E).
+
+# %%
+RECIPES = {"plain": {}, "speedrun": dict(tricks="fused")}
+
+
+def bf16_speedup(n: int = 256, rounds: int = 5) -> float:
+    """How many times faster one core multiplies (n, n) matrices in bfloat16 than in float32
+    (the best of a few rounds: a busy machine only ever slows a round down)."""
+    best = []
+    with using_threads(1):
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(n, n).to(dtype)
+            a @ a  # (the first product sets things up)
+            best.append(min(seconds_of(lambda: [a @ a for _ in range(5)]) for _ in range(rounds)))
+    return best[0] / best[1]
+
+
+def seconds_of(call: Callable) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def recipe_settings(name: str, device: torch.device) -> tuple[dict, str]:
+    """The Config values of recipe `name` on `device`, and a line that says what they are."""
+    if name == "plain":
+        return {}, "recipe plain: Part I's (AdamW, cosine schedule, the model of sections 6 to 9)"
+    settings, speedup = dict(RECIPES[name]), bf16_speedup() if device.type == "cpu" else 0.0
+    if speedup >= 2:
+        settings["tricks"] += ",bf16"
+    bf16 = (f"; bfloat16 products are {speedup:.1f}x faster than float32 here" if speedup >= 2
+            else f"; bfloat16 products would be {speedup:.1f}x as fast here: not used" if speedup
+            else "")
+    return settings, (f"recipe {name}: --tricks {settings['tricks']}{bf16}; "
+                      "--recipe plain gives Part I's")
+
+
+# %% [markdown]
+# ## Appendix J. The command line
 #
 # *Builds on everything: `python llm.py train`, `sample`, `tokenize` and `bench` drive the same
 # functions as the notebook.* Every `RunConfig` field becomes an option of `train` (`n_layer` →
@@ -5027,6 +5401,16 @@ def add_preset_options(parser: argparse.ArgumentParser) -> None:
                              f"below (default: {DEFAULT_ARCH})")
 
 
+def add_recipe_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", choices=list(RECIPES), default=None,
+                        help="speedrun: the measured winners of Appendix I; plain: Part I's "
+                             "(default: speedrun for --size cpu, else plain)")
+
+
+def chosen_recipe(args: argparse.Namespace, size: str) -> str:
+    return args.recipe or ("speedrun" if size == "cpu" else "plain")
+
+
 def add_threads_option(parser: argparse.ArgumentParser, default: int, note: str = "") -> None:
     parser.add_argument("--threads", type=int, default=default,
                         help=f"CPU threads for PyTorch; 0: one per core{note} "
@@ -5062,6 +5446,7 @@ def add_train_command(commands) -> None:
                               "checkpoints, which the new ones replace")
     add_init_options(train_p)  # --init-from gpt2 (Appendix H)
     add_preset_options(train_p)
+    add_recipe_option(train_p)
     add_threads_option(train_p, 0)
     add_config_options(train_p)
 
@@ -5109,6 +5494,7 @@ def add_bench_command(commands) -> None:
         description="Print training and sampling speed, FLOP/s against this machine's matmul "
                     "peak, and memory. Config options apply.")
     add_preset_options(bench_p)
+    add_recipe_option(bench_p)
     bench_p.add_argument("--steps", type=int, default=20, help="timed training steps (default: 20)")
     add_threads_option(bench_p, 0, f"; with 0, sampling uses {SAMPLING_THREADS} as `sample` does")
     bench_p.add_argument("--sample-tokens", type=int, default=2000,
@@ -5143,8 +5529,8 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 def command_train(args: argparse.Namespace) -> None:
     overrides = config_overrides(args)
-    if args.resume and overrides:
-        names = ", ".join(option(name) for name in overrides)
+    if args.resume and (overrides or args.recipe):
+        names = ", ".join([option(name) for name in overrides] + ["--recipe"] * bool(args.recipe))
         raise UserError(f"--resume continues a run with its saved configuration; drop {names}")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out-dir, --overwrite replaces it: "
@@ -5153,13 +5539,20 @@ def command_train(args: argparse.Namespace) -> None:
         overrides["grad_accum_steps"] = int(os.environ["WORLD_SIZE"])  # one batch per process
     size = chosen_size(args, overrides)
     pretrained = None if args.resume else pretrained_from_args(args)  # GPT-2 (Appendix H)
+    if pretrained is not None and args.recipe not in (None, "plain"):
+        raise UserError("--init-from gpt2 fine-tunes GPT-2's own model with Part I's recipe: "
+                        "drop --recipe")
+    recipe, recipe_line = recipe_settings(chosen_recipe(args, size), pick_device(
+        overrides.get("device", "auto"))) if pretrained is None and not args.resume else ({}, "")
     cfg = (finetune_config(pretrained, overrides) if pretrained is not None
-           else preset(args.arch, size, **overrides))
+           else preset(args.arch, size, **{**recipe, **overrides}))
     validate_config(cfg)  # before reading data, so a bad option fails fast
     rank_0 = is_rank_0()  # under torchrun, one process holds the lock and reports
     if rank_0 and args.size is None and size == "gpu" and not args.resume and pretrained is None:
         print("a CUDA GPU is here and no --size was given: training the gpu preset "
               "(--size cpu for the quick run)")
+    if rank_0 and recipe_line:
+        print(recipe_line)
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
         if not (args.resume or args.overwrite):
@@ -5273,17 +5666,26 @@ def command_tokenize(args: argparse.Namespace) -> None:
 
 
 def command_bench(args: argparse.Namespace) -> None:
+    """bench's figures, for the recipe asked for; side by side for both when none is and the
+    quick run's speedrun is the default."""
     overrides = config_overrides(args)
     size = chosen_size(args, overrides)
-    cfg = preset(args.arch, size, **overrides)
-    validate_config(cfg)
     if args.steps < 1 or args.sample_tokens < 1:
         raise UserError("--steps and --sample-tokens must be at least 1")
-    vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else SHAKESPEARE_VOCAB_SIZE
+    recipe = chosen_recipe(args, size)
+    columns = {}
+    for name in ([recipe, "plain"] if args.recipe is None and recipe != "plain" else [recipe]):
+        settings, line = recipe_settings(name, pick_device(overrides.get("device", "auto")))
+        cfg = preset(args.arch, size, **{**settings, **overrides})
+        validate_config(cfg)
+        print(line)
+        vocab_size = cfg.vocab_size if cfg.tokenizer == "bpe" else SHAKESPEARE_VOCAB_SIZE
+        columns[name] = benchmark(cfg, vocab_size, args.steps, args.sample_tokens, args.threads)
     print(f"{'preset':30} --arch {args.arch} --size {size}")
-    for name, value in benchmark(cfg, vocab_size, args.steps, args.sample_tokens,
-                                 args.threads).items():
-        print(f"{name:30} {value}")
+    print(f"{'recipe':30} " + "".join(f"{name:40}" for name in columns).rstrip())
+    for figure in columns[recipe]:
+        print(f"{figure:30} " + "".join(f"{figures[figure]:40}" for figures in columns.values())
+              .rstrip())
 
 
 class ReaderGone(io.TextIOBase):

@@ -124,7 +124,7 @@ def test_a_byte_order_mark_is_dropped_and_said(tmp_path, monkeypatch, capsys, st
     path.write_bytes(b"\xef\xbb\xbf" + TINY_TEXT.encode("utf-8"))
     out = tmp_path / "out"
     assert llm.main(["train", "--data", str(path), "--out-dir", str(out), *TINY_TRAIN_OPTIONS]) == 0
-    assert "byte-order mark" in capsys.readouterr().out.splitlines()[0]
+    assert "byte-order mark" in capsys.readouterr().out.splitlines()[1]  # after the recipe
     _, tokenizer, _ = llm.load_checkpoint(out / "ckpt.pt")
     assert tokenizer.chars == sorted(set(TINY_TEXT))  # no U+FEFF token
 
