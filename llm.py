@@ -3249,30 +3249,17 @@ def option(name: str) -> str:
 
 def validate_config(cfg: RunConfig) -> None:
     """Raise UserError naming the first setting that cannot work."""
-    check_numbers(cfg)
-    check_switches(cfg)
-
-
-def check_numbers(cfg: RunConfig) -> None:
-    for name in ("block_size", "batch_size", "grad_accum_steps", "n_layer", "n_head", "n_embd",
-                 "max_iters", "eval_interval", "eval_iters"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{option(name)} must be positive, got {getattr(cfg, name)}")
-    if not (cfg.learning_rate > 0):  # also catches NaN
-        raise UserError(f"--learning-rate must be positive, got {cfg.learning_rate}")
-    if not (0 <= cfg.min_lr <= cfg.learning_rate):
-        raise UserError(f"--min-lr must be between 0 and --learning-rate, got {cfg.min_lr}")
-    if not (0 <= cfg.dropout < 1):
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    for name in ("warmup_iters", "weight_decay", "grad_clip"):
-        if not (getattr(cfg, name) >= 0):  # also catches NaN
-            raise UserError(f"{option(name)} must not be negative, got {getattr(cfg, name)}")
-    for name in ("beta1", "beta2"):
-        if not (0 <= getattr(cfg, name) < 1):
-            raise UserError(f"{option(name)} must be in [0, 1), got {getattr(cfg, name)}")
-
-
-def check_switches(cfg: RunConfig) -> None:
+    ranges = {  # what each number must be (any comparison with NaN fails: NaN is refused too)
+        "be positive": (lambda v: v > 0, ("block_size", "batch_size", "grad_accum_steps",
+                        "n_layer", "n_head", "n_embd", "max_iters", "eval_interval",
+                        "eval_iters", "learning_rate")),
+        "be between 0 and --learning-rate": (lambda v: 0 <= v <= cfg.learning_rate, ["min_lr"]),
+        "be in [0, 1)": (lambda v: 0 <= v < 1, ("dropout", "beta1", "beta2")),
+        "not be negative": (lambda v: v >= 0, ("warmup_iters", "weight_decay", "grad_clip"))}
+    for must, (holds, names) in ranges.items():
+        for name in names:
+            if not holds(getattr(cfg, name)):
+                raise UserError(f"{option(name)} must {must}, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"--n-embd ({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head}): "
                         "each head gets an equal slice of the channels")
@@ -3301,30 +3288,22 @@ def check_switches(cfg: RunConfig) -> None:
 # %% [markdown]
 # ### Checkpoints
 #
-# A run keeps two checkpoints in its output folder (`--out-dir`):
+# A run keeps two checkpoints in its output folder (`--out-dir`): `ckpt.pt`, the **best** model
+# so far (lowest validation loss), which `sample` uses, and `latest.pt`, the state at the
+# **latest** evaluation (or at Ctrl-C), which `--resume` continues. Each holds a `Run`:
+# everything a continuation needs to be *exactly* the run that was interrupted. That is the
+# weights, the optimiser's running averages, the step (and so the place in the learning-rate
+# schedule), the loss history, the configuration, the tokenizer, a checksum of the training
+# text, and the state of every random generator: the one that draws the batches, Python's, and
+# PyTorch's on the CPU and on CUDA GPUs (dropout draws from them). Nothing is saved before the
+# first training step: an untrained model is not worth replacing an older checkpoint with.
 #
-# * `ckpt.pt`, the **best** model so far (lowest validation loss), which `sample` uses;
-# * `latest.pt`, the state at the **latest** evaluation (or at Ctrl-C), which `--resume`
-#   continues.
-#
-# Each holds what is needed to use the model and everything a continuation needs to be
-# *exactly* the run that was interrupted, a `Run`: the weights, the optimiser's running
-# averages, the step (and so the position in the learning-rate schedule), the loss history, the
-# generator that draws the training batches, the configuration, the tokenizer, a checksum of the
-# training text, and the states of the other random generators: Python's, and PyTorch's on the
-# CPU and on CUDA GPUs (dropout draws from them). Nothing is saved before the first training
-# step: an untrained model is not worth replacing an older checkpoint with.
-#
-# > **Engineering note: atomic writes.** A checkpoint is written to a temporary file that is
-# > renamed into place only when complete (and flushed to the disk first, `fsync`). A rename
-# > happens entirely or not at all, so a crash or a full disk during a save leaves the previous
-# > checkpoint intact, never half a file; a failed write becomes one line naming the file. Every
-# > file a run writes goes this way, with the permissions a plain `open` would give it (the
-# > umask's, not the temporary file's private 0600). A checkpoint holds only tensors and plain
-# > Python values, so it is loaded with `torch.load(weights_only=True)`, which refuses to run
-# > code hidden in a malicious file.
-# > Anything wrong with a checkpoint (a truncated file, one from another version of this
-# > program, an edited one) is caught in one place and becomes one line saying what to do.
+# Every file a run writes goes first to a temporary file, flushed to the disk (`fsync`) and
+# renamed into place when complete. A rename happens entirely or not at all, so a crash or a
+# full disk leaves the previous version intact, never half a file. A checkpoint holds only
+# tensors and plain values, so it is loaded with `torch.load(weights_only=True)`, which refuses
+# to run code hidden in a malicious file; anything wrong with one (truncated, from another
+# version of this program, edited) becomes one line saying what to do.
 
 # %%
 TRAIN_AGAIN = "train again with `python llm.py train`"
@@ -3336,7 +3315,9 @@ def atomic_write(path: Path, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, 0o666 & ~current_umask())  # not mkstemp's 0600: what open() gives
+            umask = os.umask(0o022)  # (the umask can only be read by setting it: set it back)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's private 0600: what open() gives
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -3344,13 +3325,6 @@ def atomic_write(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def current_umask() -> int:
-    """The process's umask (which can only be read by setting it, so it is set back at once)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def write_output(path: Path, write: Callable) -> None:
@@ -3462,45 +3436,31 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # Every evaluation prints one progress line (the losses, also in bits per byte, the learning
 # rate, the speed and the time left) and rewrites `history.csv`, one row per evaluation.
 #
-# **Ctrl-C, and SIGTERM**, do not kill the run in the middle of an update. SIGTERM is what
-# `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send, so
-# it is treated exactly as Ctrl-C: it only raises a flag; the loop finishes the current step,
-# saves `latest.pt`, and stops with the command that resumes it (its paths quoted for the
-# shell, ready to paste), with the usual exit status (130 after Ctrl-C, 143 after SIGTERM).
-# SIGHUP, sent when the terminal or the SSH connection the run was started from closes, is
-# treated the same way (status 129): what is printed after it goes nowhere, but the checkpoint
-# is saved. A second signal abandons the current step at once, and `latest.pt` keeps the state
-# of the last evaluation. A loss that is not a finite number stops the run at once, before the
-# broken weights can reach a checkpoint.
+# **A signal stops the run cleanly.** Ctrl-C reaches a program as the signal SIGINT, which
+# Python turns into a `KeyboardInterrupt` wherever the program happens to be; SIGTERM, what
+# `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send,
+# ends it on the spot; SIGHUP comes when the terminal or SSH connection closes. While training
+# runs, `stop_flag_on_signals` makes each of them only raise a flag: the loop finishes the
+# current step, saves `latest.pt`, and stops with the command that resumes it (quoted for the
+# shell, ready to paste) and the usual exit status (130, 143 and 129). A second signal abandons
+# the step at once, and `latest.pt` keeps the last evaluation's state. Signals reach only the
+# main thread, so elsewhere the flag never rises. A loss that is not a finite number stops the
+# run at once, before the broken weights can reach a checkpoint.
 #
-# **Under torchrun** a stop must be agreed: if one process stopped (or hit a broken loss) while
-# the others waited for its gradients, they would wait forever. So after every step the
-# processes exchange two numbers in one all-reduce, "did anyone see a broken loss?" and "did
-# anyone get a signal?", and all stop after the same step; rank 0 saves and speaks. (Two
-# numbers cost little next to a step's gradients; a single process skips the exchange.)
+# **Under torchrun** a stop must be agreed: if one process stopped while the others waited for
+# its gradients, they would wait forever. So after every step the processes exchange two numbers
+# in one all-reduce ("did anyone see a broken loss?", "did anyone get a signal?") and all stop
+# after the same step; rank 0 saves and speaks.
 #
-# **One run per folder.** Two runs writing `ckpt.pt`, `latest.pt` and `history.csv` into the
-# same `--out-dir` would leave a mix of both, so `train` holds an exclusive lock on the folder
-# (a lock file, `.lock`) for the whole run, and a second `train` into it stops at once. The
-# operating system releases the lock when the process ends, however it ends.
-#
-# > **Engineering note: signals and locks.** Ctrl-C reaches a program as the signal SIGINT,
-# > which Python normally turns into a `KeyboardInterrupt` wherever the program happens to be;
-# > SIGTERM normally ends it on the spot. `stop_flag_on_signals` installs a handler for both
-# > that sets a flag instead, for as long as training runs, and puts the previous handlers back
-# > afterwards. Signals reach only the main thread, so elsewhere the flag never rises. The lock
-# > is `fcntl.flock`, which does not exist on Windows: there a run says so, and goes on.
+# **One run per folder.** Two runs writing into the same `--out-dir` would leave a mix of both,
+# so `train` holds an exclusive lock on the folder (`fcntl.flock` on its file `.lock`) for the
+# whole run, and a second `train` into it stops at once. The operating system releases the lock
+# when the process ends, however it ends. (Windows has no `flock`: there a run says so.)
 
 # %%
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
-
-
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
-
-
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-
-
 if hasattr(signal, "SIGHUP"):  # (not on Windows) the terminal, or the SSH connection, closed
     EXIT_STATUS[signal.SIGHUP], SIGNAL_NAMES[signal.SIGHUP] = 129, "SIGHUP"
 
@@ -3605,26 +3565,21 @@ def write_history(path: Path, history: list) -> None:
 # %% [markdown]
 # ### Texts bigger than memory
 #
-# Tiny Shakespeare fits in memory many times over, but a text of a gigabyte or more, held as a
-# Python string and then as 64-bit token ids, would need about twenty times its size. So a text
-# larger than `IN_MEMORY_BYTES` is never held whole. It is read in chunks of
-# `TOKEN_CHUNK_BYTES`: once for its checksum; once to learn its length in characters (for the
-# 90/10 split) and, for the character tokenizer, its vocabulary; once to tokenise it into a file
-# of 16-bit token ids (32-bit when the vocabulary has more than 65,536 tokens). Training then
-# **memory-maps** that file: the operating system reads from disk only the pages that batches
-# touch. Both results are kept in `--out-dir` under names made from the text's checksum (and the
-# tokenizer), so the next run on the same text only recomputes the checksum and starts in
-# seconds, while a text changed by even one byte gets new files (and the old token file, which
-# nothing would read again, is removed). A small description written last (`.json`) marks a
-# token file complete. BPE learns its merges from the first `BPE_SAMPLE_CHARS` characters of
-# the training text only: its merge counting holds every distinct chunk in memory, and 50
-# million characters (50 times tiny Shakespeare) give it far more text than its 512 tokens
-# need. Chunks are cut only before a space, a tab or a line break that ends a word, a place
-# where BPE's pre-splitting (Appendix B's pattern, and GPT-2's) cuts anyway: a chunk that holds
-# anything but whitespace holds no whitespace except one leading space. So the tokens are the
-# same as for the whole text at once, and what is carried from one piece to the next is about a
-# word, whether the lines end in `\n`, in Windows' `\r\n`, or the text is one long line. (Only
-# a text without any whitespace would be carried whole.)
+# A text of a gigabyte, held as a Python string and then as 64-bit token ids, would need about
+# twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is never held whole:
+# it is read in chunks of `TOKEN_CHUNK_BYTES`, once for its checksum, once for its length in
+# characters (for the 90/10 split) and the character tokenizer's vocabulary, and once to write
+# its tokens into a file of 16-bit ids (32-bit above 65,536 tokens), which training then
+# **memory-maps**: the operating system reads from disk only the pages that batches touch. Both
+# results are kept in `--out-dir` under names made from the text's checksum, so the next run on
+# the same text starts in seconds, while a changed text gets new files (and the old token file
+# is removed); a small `.json` written last marks a token file complete. BPE learns its merges
+# from the first `BPE_SAMPLE_CHARS` characters only: its counting holds every distinct chunk in
+# memory, and 50 million characters are far more than its 512 tokens need.
+#
+# The pieces are cut only before whitespace that ends a word, where BPE's pre-splitting
+# (Appendix B's, and GPT-2's) cuts anyway, so the tokens are those of the whole text at once,
+# whether the lines end in `\n` or in Windows' `\r\n`, or the text is one long line.
 
 # %%
 def quiet(*_) -> None:
@@ -3861,11 +3816,10 @@ def write_tokens(scan: TextScan, tokenizer: Tokenizer, path: Path, log: Callable
 # ### The run
 #
 # `run_training` is `python llm.py train`. It sets up a run (fresh, resumed, or started from
-# given weights), then drives section 10's `train` through the module and the batches of
-# Appendix E, and does, after each row the loop yields, what a real run needs: a `Supervisor`
-# records each evaluation (bits per byte, `history.csv`, a progress line, checkpoints), checks
-# each step's loss (agreed across processes), and stops the run cleanly when a signal came. The
-# loop itself is section 10's, unchanged.
+# given weights) and drives section 10's loop, unchanged, through the module and the batches of
+# Appendix E; after each row the loop yields, a `Supervisor` does what a real run needs: it
+# records each evaluation (`history.csv`, a progress line, checkpoints), checks each step's loss
+# and stops cleanly after a signal, agreed across processes.
 
 # %%
 @dataclass
@@ -4076,51 +4030,37 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # Any `--arch`, `--size`, `--device`, `--threads` or configuration option applies, except
 # `--compile`. It prints:
 #
-# * **training ms/iter and tokens/s**: the time of one optimiser step on random tokens of the
-#   configured shape (speed does not depend on the text), the median of several timed steps;
-# * **FLOPs per token**: training costs about $6N$ floating-point operations per token for
-#   the $N$ parameters that take part in matrix multiplications (2 per multiply-add in the
-#   forward pass, twice that in the backward pass), plus $12 \cdot L \cdot C \cdot T$ for
-#   attention itself (queries times keys and weights times values, forward and backward; the
-#   formula of the PaLM paper). Lookup tables such as learned positions cost no
-#   multiplications;
-# * **achieved GFLOP/s** = FLOPs per token × tokens/s, and that as a fraction of the **matmul
-#   peak**, measured by the same command as the speed of one large matrix product in the type
-#   training computes in (2048 × 2048 in float32 on a CPU, 8192 × 8192 in bfloat16 on a GPU,
-#   which needs the bigger product to keep all its cores busy): the most this machine does
-#   with PyTorch on ideal work;
-# * **evaluation**: the time of one evaluation as `train` runs it (`eval_iters` batches of each
-#   split), and the share of a whole run of `max_iters` steps that evaluations take;
-# * **sampling tokens/s** with and without the KV cache, generating 2000 tokens from a single
-#   token, on the threads `sample` uses, counted after the second token; on a GPU also with
-#   the CUDA graphs (Appendix D), the path `sample` takes there, and the time to its second
-#   token, which includes recording the first two graphs;
-# * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and
-#   the device with its thread counts.
+# * **training ms/iter and tokens/s**: the median of several timed optimiser steps on random
+#   tokens of the configured shape (speed does not depend on the text);
+# * **FLOPs per token**: about $6N$ for the $N$ parameters that take part in matrix
+#   multiplications (2 per multiply-add in the forward pass, twice that in the backward pass;
+#   a lookup table such as learned positions multiplies nothing), plus $12 \cdot L \cdot C
+#   \cdot T$ for attention itself (the PaLM paper's formula);
+# * **achieved GFLOP/s**, and its fraction of the **matmul peak**: the speed of one large matrix
+#   product in the type training computes in (2048 × 2048 in float32 on a CPU, 8192 × 8192 in
+#   bfloat16 on a GPU, which needs the bigger product to keep its cores busy), the most this
+#   machine does with PyTorch on ideal work;
+# * **evaluation**: one evaluation as `train` runs it, and its share of a run of `max_iters`;
+# * **sampling tokens/s** with and without the KV cache (2000 tokens from a single token, on
+#   `sample`'s threads, counted after the second token); on a GPU also with the CUDA graphs of
+#   Appendix D, and the time to the second token, which includes recording the first graphs;
+# * **peak memory** (resident set on a CPU, allocated tensors on a GPU), and the device.
 #
-# **Where the time of a sampled token goes.** A token's arithmetic is tiny: a forward pass of
-# the quick-run model costs about $2N \approx 1.5$ million floating-point operations, a few
-# microseconds at the matmul peak. The rest is overhead. One token passes through about 165
-# separate tensor operations (counted by intercepting every call to a torch function during
-# one step): 17 matrix products, 4 attentions, and the small multiplications, additions,
-# reshapes and splits around them. PyTorch spends microseconds launching each one, plus
-# Python's cost for every module call. So generation gets faster by doing *fewer* operations,
-# not faster ones, and three details of the book come from this, each measured with `bench`,
-# one at a time:
-#
-# * RoPE rotates queries and keys together, with precomputed tables (section 7): about 10% more
-#   tokens/s than rotating them apart, pair by pair;
-# * dropout with probability 0 is an `nn.Identity` (section 6): about 8%, since even a
-#   `Dropout(0)` call costs microseconds, nine times per token;
-# * SwiGLU's two widening matrices are one layer (section 8): no measurable change on the
-#   CPU. It stays because it reads like attention's stacked `qkv`, and costs no clarity.
+# **Where the time of a sampled token goes.** A forward pass of the quick-run model costs about
+# $2N \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak.
+# The rest is overhead: one token passes through about 165 separate tensor operations, and
+# PyTorch spends microseconds launching each, plus Python's cost for every module call. So
+# generation gets faster by doing *fewer* operations, and `bench` measured two details of the
+# book that do: RoPE rotates queries and keys together, with precomputed tables (section 7),
+# for about 10% more tokens/s than rotating them apart; and dropout with probability 0 is an
+# `nn.Identity` (section 6), for about 8%. (SwiGLU's two widening matrices as one layer, section
+# 8, changed nothing measurable; it stays because it reads like attention's `qkv`.)
 #
 # **Compiling.** `torch.compile` of the one-token step made sampling about twice as fast, but
-# its compile took longer than writing 2000 characters without it, so the sampler does not use
-# it. For training (`--compile true`), a step on a 2-core CPU became about 20% faster after
-# about 20 s of compiling, as much time as the quick run's 3000 steps then save: opt-in. On a
-# GPU, compiling also costs tens of seconds before the first step, and pays only over a run long
-# enough to win them back; it stays opt-in there too.
+# compiling took longer than writing 2000 characters without it, so the sampler does not use
+# it. For training, a step on a 2-core CPU became about 20% faster after about 20 s of
+# compiling, as much time as the quick run's 3000 steps then save; on a GPU too, compiling pays
+# only over a run long enough to win back its tens of seconds. So `--compile true` is opt-in.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
@@ -4174,27 +4114,20 @@ def sampling_speed(model: GPT, n_tokens: int, generate_ids: Callable) -> tuple[f
     return (n_tokens - 2) / (time.perf_counter() - second), second - start
 
 
-@contextmanager
-def plain_cache_on_gpu():
-    """Inside the block, `generate_fast` runs its steps one by one on a GPU too (no graph)."""
-    global CUDA_GRAPHS
-    before, CUDA_GRAPHS = CUDA_GRAPHS, False
-    try:
-        yield
-    finally:
-        CUDA_GRAPHS = before
-
-
 def sampling_figures(model: GPT, n_tokens: int) -> dict:
     """Sampling tokens/s: with the KV cache, without it, and on a GPU with the CUDA graph."""
+    global CUDA_GRAPHS
     model.eval()  # as `sample` loads it
     figures = {}
     if model.device.type == "cuda":
         graphed, startup = sampling_speed(model, n_tokens, generate_fast)
         figures["sampling tokens/s, CUDA graph"] = f"{graphed:,.0f}"
         figures["CUDA graph: to the 2nd token"] = f"{1000 * startup:.0f} ms"
-    with plain_cache_on_gpu():
+    before, CUDA_GRAPHS = CUDA_GRAPHS, False  # the cache's steps one by one, on a GPU too
+    try:
         cached = sampling_speed(model, n_tokens, generate_fast)[0]
+    finally:
+        CUDA_GRAPHS = before
     uncached = sampling_speed(model, n_tokens, generate)[0]
     figures |= {"sampling tokens/s, KV cache": f"{cached:,.0f}",
                 "sampling tokens/s, no cache": f"{uncached:,.0f}",
@@ -4270,41 +4203,36 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # loader for the weights OpenAI released, and `--init-from gpt2` on `sample` and `train`.*
 #
 # In 2019 OpenAI trained GPT-2 on 40 GB of text from web pages (Radford et al., 2019) and
-# released its weights, the numbers that training found. The smallest GPT-2 has 124 million
+# released its weights, the numbers that training found; the smallest GPT-2 has 124 million
 # parameters. Our `gpt2` preset is made of the same parts, so it can hold those very numbers.
-# This appendix loads them into it and shows that the model of this book *is* GPT-2: on the same
-# weights it computes the same logits as the reference implementation, the `GPT2LMHeadModel` of
-# Hugging Face's `transformers` library. That is checked below and by the tests on a small GPT-2
-# with random weights, to within 0.00001, because a test may not download anything; the real
-# weights are loaded by exactly the same code.
+# This appendix loads them and shows that the model of this book *is* GPT-2: on the same weights
+# it computes the same logits as the reference implementation, `GPT2LMHeadModel` of Hugging
+# Face's `transformers`. The tests check that on a small GPT-2 with random weights, to within
+# 0.00001 (a test may not download anything); the real weights take exactly the same code.
 #
 # ### What still differed
 #
-# Every detail GPT-2 needs is a switch of Part I: LayerNorm with $\epsilon = 10^{-5}$ (section
-# 8), biases (`bias`), learned positions (section 6), the output layer tied to the token table
-# (section 9), and GELU computed by GPT-2's tanh formula (`mlp = 'gelu_tanh'`, section 8); the
-# `gpt2` preset sets them all, and `--size gpt2` gives GPT-2's shape. What differs is how the
-# numbers are stored, and dropout. The whole diff, for the smallest GPT-2:
+# Every detail GPT-2 needs is a switch of Part I, which the `gpt2` preset sets; `--size gpt2`
+# gives its shape. The whole diff, for the smallest GPT-2:
 #
 # | | our `--arch gpt2 --size gpt2` | GPT-2, 124M |
 # |---|---|---|
 # | blocks, heads, channels | 12, 12, 768 (D = 64) | the same |
 # | context | `block_size` 1,024 | 1,024 positions |
 # | vocabulary | the tokenizer's: 65 characters, a BPE, or GPT-2's with `--init-from` | 50,257 |
-# | positions | a learned table, added to the token vectors | the same (`wpe`) |
+# | positions | a learned table, added to the token vectors (section 6) | the same (`wpe`) |
 # | norm | LayerNorm before each sub-layer and after the last block, ε = 1e-5 | the same |
-# | MLP | 4C wide, GELU by the tanh formula | the same (`gelu_new`) |
+# | MLP | 4C wide, GELU by the tanh formula (section 8) | the same (`gelu_new`) |
 # | attention | one matrix makes queries, keys and values, in that order | the same (`c_attn`) |
 # | biases | in every linear layer and norm | the same |
-# | output layer | tied to the token table | the same |
+# | output layer | tied to the token table (section 9) | the same |
 # | a matrix is stored | (out, in), as `nn.Linear` | (in, out), as `Conv1D`: see below |
 # | dropout in training | 0 by default (`--dropout`) | 0.1 (its `config.json`) |
 #
 # The last two rows change nothing the model computes when it writes: the orientation is fixed
 # once, on loading, and dropout is off outside training. The cell below counts the parameters of
-# the GPT-2 shape (on PyTorch's `meta` device, which gives tensors a shape but no numbers, so
-# nothing is allocated or initialised) and measures the gap between the exact GELU and GPT-2's
-# tanh formula (section 8).
+# the GPT-2 shape on PyTorch's `meta` device (shapes, but no numbers: nothing is allocated) and
+# measures the gap between the exact GELU and GPT-2's tanh formula.
 
 # %%
 if IN_NOTEBOOK:
@@ -4321,57 +4249,45 @@ if IN_NOTEBOOK:
 # ### GPT-2's tokenizer, from its own files
 #
 # GPT-2's tokenizer is the byte-level BPE of Appendix B, trained by OpenAI on its web text: 256
-# byte tokens, 50,000 merges, and one special token make its 50,257. It comes as two text files:
+# byte tokens, 50,000 merges and one special token make its 50,257. It comes as two text files:
+# `merges.txt`, the merges in the order they were learned, one per line, the two tokens
+# separated by a space (after a first line, `#version: 0.2`); and `vocab.json`, a JSON object
+# from each token's text to its id.
 #
-# * `merges.txt`, the merges in the order they were learned, one per line: the two tokens that
-#   merge, separated by a space (after a first line, `#version: 0.2`);
-# * `vocab.json`, a JSON object from each token's text to its id.
+# **Bytes written as visible characters.** In these text files a space or a line break inside a
+# token would break the format, and many bytes are no character on their own (each of the two
+# bytes of `é` in UTF-8). So GPT-2 writes every byte as one visible character: the 188 printable
+# characters of Latin-1 (`!` to `~`, `¡` to `¬`, `®` to `ÿ`) stand for themselves, and the other
+# 68 take the characters from U+0100 on, in order. The space, byte 32, becomes `Ġ` (U+0120), a
+# line break `Ċ`: the token `Ġthe` is " the".
 #
-# **Bytes written as visible characters.** Those files are text: a space separates the two
-# tokens of a merge and a line break ends it, and many bytes are no character at all on their
-# own (each of the two bytes of `é` in UTF-8, say). So GPT-2 writes every byte as one visible
-# character. The 188 bytes that are printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
-# `®` to `ÿ`) stand for themselves, and the other 68 (the space, the line breaks and other
-# control codes, a few more) take the characters from U+0100 on, in order. The space, byte 32,
-# is the 33rd of those, `Ġ` (U+0120); a line break, byte 10, is `Ċ`. A token's text is its
-# bytes written this way: `Ġthe` is " the".
-#
-# **Ids.** GPT-2's 256 one-byte tokens are numbered in the order of the characters that stand
-# for them: the 188 printable bytes first (`!` is 0), then the 68 others (`Ā`, byte 0, is 188),
-# not by byte value as in Appendix B; and a merged token's id is whatever `vocab.json` says. So
-# `GPT2Tokenizer` fills Appendix B's tables (the id of each byte, the rank and the id of each
-# merge) from the files, and is otherwise Appendix B's `BPETokenizer`: the same merging by rank,
-# the same decoding.
+# **Ids.** The 256 one-byte tokens are numbered in the order of those characters (`!` is 0; `Ā`,
+# byte 0, is 188), not by byte value as in Appendix B, and a merged token's id is whatever
+# `vocab.json` says. So `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's
+# rank and id) from the files, and is otherwise Appendix B's `BPETokenizer`.
 #
 # **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex`
 # package and tried left to right:
 #
 # `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
 #
-# An English contraction (`'s`, `'ll`, ...) is a chunk of its own; then comes a run of letters
-# with at most one space before it; a run of digits, likewise; a run of other symbols; and
+# An English contraction (`'s`, `'ll`, ...) is a chunk of its own; then come a run of letters
+# with at most one space before it, a run of digits likewise, a run of other symbols, and
 # whitespace, except that a run of spaces before a word leaves its last space to the word
-# (`\s+(?!\S)`: whitespace not followed by a non-space), so `"a   b"` becomes `a`, `"  "`,
-# `" b"`. `\p{L}` means any letter and `\p{N}` any number, in every script, by the Unicode
-# tables. Python's `re` has no `\p{...}`. The `regex` package has, but would be a new
-# dependency for one pattern; instead we build the same two classes from Python's own copy of
-# the Unicode tables, `unicodedata`: every character whose category starts with `L` (letters),
-# or with `N` (digits, and numbers such as `²`, `½` or `Ⅻ`), as ranges, by walking all 1.1
-# million code points once, at the first use. `\s` needs care
-# too: Python's counts four control codes (U+001C to U+001F) as whitespace, while Unicode's
-# list, which `regex` and GPT-2 use, does not, so the whitespace class is spelled out as well.
-# The classes are exact for the Unicode version of this Python (`unicodedata.unidata_version`);
-# only characters added to Unicode in a later version could be cut differently elsewhere.
-# Appendix B's own pattern differs in two ways: it has no rule for contractions (it cuts
-# `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's `\w` and `\d`, which
-# draw the lines slightly differently.
+# (`\s+(?!\S)`), so `"a   b"` becomes `a`, `"  "`, `" b"`. Python's `re` has no `\p{L}` (any
+# letter) or `\p{N}` (any number, such as `²` or `½`), and the `regex` package would be a new
+# dependency for one pattern; so we build both classes as ranges from Python's own Unicode
+# tables, `unicodedata`, walking all 1.1 million code points once, at the first use. `\s` is
+# spelled out too: Python's counts four control codes (U+001C to U+001F) that Unicode's list,
+# which GPT-2 uses, does not. (The classes are exact for this Python's Unicode version.)
+# Appendix B's pattern differs in two ways: no rule for contractions (it cuts `we'll` into
+# ` we`, `'`, `ll`), and its letters and digits are Python's `\w` and `\d`.
 #
-# **`<|endoftext|>`.** GPT-2 read its training documents one after another, with this marker
-# between two of them; it is the last token, id 50,256 in GPT-2, and the model writes it where
-# it thinks a document ends. Written out as text it would be cut into `<|`, `endoftext` and
-# `|>`, so the encoder first cuts the text at every occurrence of the marker, encodes the
-# pieces, and puts the marker's id between them (as `transformers` does by default); decoding
-# writes it back as its text.
+# **`<|endoftext|>`.** GPT-2 read its training documents one after another with this marker
+# between them; it is the last token, id 50,256, and the model writes it where it thinks a
+# document ends. Written out, it would be cut into `<|`, `endoftext` and `|>`, so the encoder
+# cuts the text at every marker, encodes the pieces and puts the marker's id between them (as
+# `transformers` does by default); decoding writes it back as its text.
 
 # %%
 import functools
@@ -4546,14 +4462,12 @@ if IN_NOTEBOOK:
 # A GPT-2 *snapshot*, as the Hugging Face hub serves it (the 124M model is
 # `openai-community/gpt2`), is a folder of files; we need four: `config.json` (the shape and the
 # switches), `model.safetensors` (the weights), `vocab.json` and `merges.txt`. A safetensors
-# file is a short JSON header, each tensor's name, number type, shape and place in the file,
-# followed by the raw numbers. Reading it runs no code, unlike a pickle, the format of
-# `torch.save`, which has to be loaded with `weights_only=True` to be safe (Appendix F); and the
-# `safetensors` package that reads it is made for exactly this job: sharing weights.
+# file is a short JSON header (each tensor's name, number type, shape and place in the file)
+# followed by the raw numbers: reading it runs no code, unlike a pickle, `torch.save`'s format
+# (Appendix F).
 #
-# These are the tensors of GPT-2 (124M), with shapes as stored, and `{i}` the block, 0 to 11.
-# Files written by `transformers` put `transformer.` before each name, the original snapshot
-# does not, so the loader drops that prefix.
+# These are the tensors of GPT-2 (124M), with shapes as stored, and `{i}` the block, 0 to 11
+# (files written by `transformers` put `transformer.` before each name; the loader drops it):
 #
 # | GPT-2's tensor | shape | what it is | ours | transposed |
 # |---|---|---|---|---|
@@ -4569,33 +4483,25 @@ if IN_NOTEBOOK:
 # | `h.{i}.attn.bias` | (1, 1, 1024, 1024) | the causal mask, a buffer | none: ignored | |
 # | `lm_head.weight` | (50257, 768) | the output layer | must equal `wte.weight` | |
 #
-# `*` stands for `weight` and `bias`; a bias is a vector as long as its layer's output
-# (2304 for `c_attn`). `lm_head.weight` is in some files only, and is the token table again:
-# our `lm_head.weight` is tied to `embed.token.weight` (section 9). The mask buffers are in some
-# versions of the original snapshot.
+# `*` stands for `weight` and `bias`. The last two rows are in some files only: the mask, and
+# the token table again (our output layer is tied to it, section 9). The 2304 columns of
+# `c_attn` are the 768 queries, keys and values, each 12 heads of 64 side by side: exactly how
+# section 7 splits the output of `qkv`, so the matrix goes over whole.
 #
-# The 2304 columns of `c_attn` are the 768 queries, then the 768 keys, then the 768 values, each
-# 12 heads of 64 side by side: exactly how section 7 splits the output of `qkv`, so the matrix
-# goes over whole.
+# **Why four matrices are stored the other way round.** OpenAI's original TensorFlow code wrote
+# these layers with its own `conv1d` (a *convolution* of width 1 is the same thing): `x @ W + b`,
+# with W stored as (in, out). `transformers` kept the layout (`Conv1D`), so that OpenAI's numbers
+# load unchanged; `nn.Linear` stores W as (out, in) (section 2), so each is transposed once, on
+# loading. The shape check would catch a forgotten transpose for three of the four, but
+# attention's `c_proj` is square, (768, 768): it would load and compute nonsense. That is why
+# the equality with the reference, below, is the real test.
 #
-# **Why four matrices are stored the other way round.** OpenAI's original code (in TensorFlow)
-# wrote each of these layers with a function of its own called `conv1d` (after a *convolution* of
-# width 1, which is the same thing): a matrix product `x @ W + b`, with W stored as (in, out).
-# `transformers` kept the layout and the name (`Conv1D`), so that OpenAI's numbers load unchanged.
-# `nn.Linear` stores W as (out, in) and computes `x @ W.T + b` (section 2). Same numbers, other
-# orientation: each of those matrices is transposed once, on loading. A forgotten transpose would
-# be caught by the shape check for three of the four, but attention's `c_proj` is square, (768,
-# 768): it would load without complaint and compute nonsense. That is why the equality with the
-# reference, below, is the real test.
-#
-# **Checked before use.** `config.json` gives the shape; the loader builds our model for that
-# shape on the `meta` device, to know every tensor's shape, and checks every tensor of the file
-# against it. The first one missing, of the wrong shape, or not part of such a model at all is
-# named in one line: a snapshot whose files do not belong together fails there, not later with a
-# matrix error deep inside the model. The configuration is checked too: a GPT-2 variant that
-# computes something our model does not (another activation, untied output, attention scores
-# not divided by √D as in section 7 (`scale_attn_weights`), or divided further by the layer's
-# number (`scale_attn_by_inverse_layer_idx`)) is refused by name.
+# **Checked before use.** The loader builds our model for `config.json`'s shape on the `meta`
+# device and checks every tensor of the file against it: the first one missing, misshapen or
+# foreign is named in one line, so files that do not belong together fail there, not deep
+# inside the model. A GPT-2 variant that computes something ours does not (another activation,
+# an untied output, attention scores not divided by √D (`scale_attn_weights`) or divided further
+# by the layer's number (`scale_attn_by_inverse_layer_idx`)) is refused by name.
 
 # %%
 GPT2_NAMES = {"embed.token": "wte", "embed.position": "wpe", "norm": "ln_f",  # ours -> GPT-2's
@@ -4743,12 +4649,9 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
 #
 # `--weights DIR` names a folder that holds the four files. Without it, the loader looks in the
 # Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`), where any earlier
-# download by `huggingface_hub`, `transformers` or this program left them. Nothing is
-# downloaded unless asked for: `--download` fetches the four files into that cache with
-# `huggingface_hub` (the repository also holds the same weights in other libraries' formats,
-# which we skip). The weights are 124 million numbers of 4 bytes, about 500 MB (the file is a
-# little bigger where it also holds the mask buffers). Offline,
-# without `huggingface_hub`, or with the files missing, one line says how to get them.
+# download left them. Nothing is downloaded unless asked for: `--download` fetches the four
+# files (about 500 MB: 124 million numbers of 4 bytes) into that cache with `huggingface_hub`.
+# Offline, without `huggingface_hub`, or with the files missing, one line says how to get them.
 
 # %%
 GPT2_REPO = "openai-community/gpt2"  # the 124M model on the Hugging Face hub
@@ -4791,11 +4694,10 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
 # ### Equal to the reference
 #
 # The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2
-# blocks, 4 heads, 64 channels, 300 tokens, 32 positions: small enough to make at once, and
-# every kind of tensor is there), saved as a snapshot, read by `read_gpt2` into our model. On the
-# same random tokens both give the same logits, to rounding, and greedy generation (temperature
-# 0) writes the same 20 tokens, with and without the KV cache of Appendix D. `transformers` is
-# needed only for this check, and for the tests that make it; without it the cell says so.
+# blocks, 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor, at once), saved
+# as a snapshot and read by `read_gpt2` into our model, gives the same logits on the same
+# tokens, to rounding, and greedy generation writes the same 20 tokens, with and without the KV
+# cache. `transformers` is needed only here and in the tests; without it the cell says so.
 
 # %%
 def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_head: int = 4,
@@ -4838,11 +4740,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### GPT-2 writes
 #
-# With the weights on the machine, the cell below writes with GPT-2, through `generate` of
-# section 11 and the KV cache of Appendix D, with GPT-2's context of 1,024 tokens:
-# `python llm.py sample --init-from gpt2 --prompt "..."` does the same from the shell. Without
-# the weights the cell says how to get them, and writes nothing: there is no GPT-2 text to show
-# without GPT-2.
+# With the weights on the machine, the cell below writes with GPT-2 and the KV cache of Appendix
+# D, as `python llm.py sample --init-from gpt2 --prompt "..."` does; without them it says how to
+# get them, and writes nothing.
 
 # %%
 if IN_NOTEBOOK:
@@ -4859,48 +4759,36 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### Fine-tuning GPT-2 on your text
 #
-# `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE, which is
-# called **fine-tuning**. It is the run of Appendix F (`run_training`), with a different start:
-# the switches and the shape come from `config.json`, the tokenizer is GPT-2's, and the first
-# weights are GPT-2's instead of random numbers. The tokenizer is saved in every checkpoint
-# (Appendix B), so `sample --out-dir`, `tokenize --out-dir` and `--resume` work as after any
-# run; a resumed fine-tune restores `latest.pt` and does not need GPT-2's files again.
+# `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE: this is
+# **fine-tuning**. It is Appendix F's run (`run_training`) with another start: the switches and
+# the shape come from `config.json`, the tokenizer is GPT-2's, and the first weights are GPT-2's
+# instead of random numbers. Every checkpoint holds the tokenizer (Appendix B), so `sample`,
+# `tokenize` and `--resume` work as after any run, without GPT-2's files.
 #
 # **The settings**, `FINETUNE`, each for a reason:
 #
-# * **Learning rate 3e-5**, a hundred times below the quick run's. The weights are already good:
-#   big steps would overwrite what 40 GB of text taught them with what one small file says, and
-#   the model would forget more than it learns. 3e-5 is a usual size for fine-tuning (nanoGPT's
-#   Shakespeare fine-tune uses it), not tuned here. It decays to a tenth, 3e-6, as in section
-#   10, after 10 warm-up steps: Adam's averages start empty here too, but section 10's 100 steps
-#   would be the whole run, and at a rate a hundred times smaller an unsteady first step does
-#   little harm; a tenth of the run is a compromise, not tuned.
-# * **Dropout 0**, not GPT-2's 0.1 (its `config.json`, which the loader sets aside): a hundred
-#   steps of 4 × 256 tokens read about 100,000 tokens, fewer than tiny Shakespeare's training
-#   text holds, too little to learn it by heart (section 6); `--dropout 0.1` gives GPT-2's.
+# * **Learning rate 3e-5**, a hundred times below the quick run's: the weights are already
+#   good, and big steps would overwrite what 40 GB of text taught them with what one small file
+#   says. It is a usual size for fine-tuning (nanoGPT's Shakespeare fine-tune uses it), not
+#   tuned here, and decays to 3e-6 after 10 warm-up steps (section 10's 100 would be the run).
+# * **Dropout 0**, not GPT-2's 0.1: a hundred steps of 4 × 256 tokens read about 100,000
+#   tokens, too few to learn by heart (section 6); `--dropout 0.1` gives GPT-2's.
 # * **256 tokens of context, 4 sequences a step.** Much of a step of a 124M model does not
-#   depend on the context (AdamW alone updates 124 million numbers), so 256 tokens, several
-#   lines of text, cost little more than 128 on a CPU; GPT-2 itself read 1,024, the natural
-#   choice on a GPU (`--block-size 1024`).
-# * **100 steps, evaluated every 25 on 4 batches per split**: a coarse estimate (4,096 tokens,
-#   beside section 10's 15,000 characters), because on a CPU each batch of this model costs
-#   seconds. `python llm.py bench` with the fine-tune's options tells what a step costs here.
+#   depend on the context (AdamW alone updates 124 million numbers), so 256 tokens cost little
+#   more than 128 on a CPU; on a GPU, GPT-2's own 1,024 is the natural choice.
+# * **100 steps, evaluated every 25 on 4 batches per split**: coarse, because on a CPU each
+#   batch of this model costs seconds (`python llm.py bench` with the same options tells).
 # * **Memory.** The weights, their gradients and AdamW's two averages are four copies of 124
-#   million 4-byte numbers, 2 GB, and the activations come on top. Each checkpoint holds the
-#   weights and AdamW's averages, about 1.5 GB.
+#   million 4-byte numbers, 2 GB, plus the activations; a checkpoint holds about 1.5 GB.
 #
 # The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning
-# bought, in **bits per byte**: the unit that does not depend on the tokenizer (Appendix B), so
-# GPT-2's figure can stand beside those of the models this book trains from scratch on the same
-# text. To try the whole path without the download, a tiny GPT-2 with random weights does (it
-# writes nonsense, but trains, resumes and lowers its bits per byte like the real one; 299
-# tokens of BPE, plus `<|endoftext|>`, make the 300 of its `vocab_size`):
+# bought, in bits per byte: comparable with the models this book trains from scratch (Appendix
+# B). To try the whole path without the download, a tiny GPT-2 with random weights does (299
+# BPE tokens plus `<|endoftext|>` make its `vocab_size` of 300):
 # `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
 # llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
 # llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`.
-#
-# The options of `train` apply on top (`--block-size 1024`, `--max-iters 1000`, ...), except
-# those that GPT-2's files decide: its shape, switches and tokenizer.
+# The other options of `train` apply on top, except those GPT-2's files decide.
 
 # %%
 FINETUNE = dict(learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, max_iters=100, block_size=256,
