@@ -2494,19 +2494,14 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 #
 # `--arch gpt2` or `--arch llama` selects a whole set, and any switch can still be flipped on
 # top (`--arch llama --norm layernorm`). Llama drops biases because they cost memory and bring
-# nothing measurable at scale. For grouping, Llama 3 shares each key/value head among 4 query
-# heads (32 query, 8 key/value); with only 4 query heads we use groups of 2, so the model
-# keeps more than one key/value head.
+# nothing measurable at scale; Llama 3 shares each key/value head among 4 query heads (32 and
+# 8), and with only 4 query heads we use groups of 2.
 #
-# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps,
-# `python llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of
-# 1.70 and `llama` 1.61, in the same time (`gpt2` reached 1.70 with the exact GELU and with
-# GPT-2's tanh formula alike). So `llama` is the default.
-# Below, the notebook repeats the comparison on equal time and flips the switches one at a time.
-#
-# `--size` picks the model's shape: `cpu` is the quick run of Part I; `gpu` is a model about
-# ten times bigger, for a GPU (Appendix E), and the default when `train` finds a CUDA GPU;
-# `gpt2` is GPT-2's own shape (Appendix H).
+# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps, `python
+# llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of 1.70 and
+# `llama` 1.61 in the same time, so `llama` is the default. `--size` picks the shape: `cpu` is
+# Part I's quick run; `gpu` is about ten times bigger, for a GPU (Appendix E), and the default
+# when `train` finds one; `gpt2` is GPT-2's own (Appendix H).
 
 # %%
 import dataclasses
@@ -2572,10 +2567,9 @@ if IN_NOTEBOOK:
 # ### The sine waves of section 6, drawn
 #
 # Neither preset uses the original Transformer's fixed sine waves (`--pos-encoding
-# sinusoidal`); they are here for comparison. Each row of the table is the code of one position.
-# The left channels oscillate quickly from one position to the next, the right ones so slowly
-# that they barely change over 64 positions: together they give every position a distinct
-# pattern.
+# sinusoidal`); here they are drawn, a row per position. The left channels oscillate quickly
+# from one position to the next, the right ones barely change over 64 positions: together they
+# give every position a distinct pattern.
 
 # %%
 def plot_positional_encodings(n_positions: int = 64, dim: int = 64, channels=(0, 2, 10, 20, 40)):
@@ -2599,10 +2593,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### RoPE's preference for nearby tokens
 #
-# A query and a key with identical content, rotated by RoPE (section 7), scored at every offset.
-# The curve is the same wherever the query stands (three query positions, one curve), and it
-# tends to fall as the offset grows, because the fast-turning pairs stop agreeing: a gentle
-# built-in preference for nearby tokens.
+# A query and a key with identical content, rotated by RoPE (section 7), scored at every offset:
+# the curve is the same wherever the query stands, and tends to fall as the offset grows, as the
+# fast-turning pairs stop agreeing: a gentle built-in preference for nearby tokens.
 
 # %%
 def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
@@ -2616,8 +2609,7 @@ def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 9
         ax.plot(offsets, scores, label=f"query at position {m}",
                 linewidth=5 - query_positions.index(m) * 1.5)  # thinner lines drawn on top
     ax.set(title="RoPE: query·key score depends only on the offset",
-           xlabel="offset m - n (key before query)",
-           ylabel="query · key")
+           xlabel="offset m - n (key before query)", ylabel="query · key")
     ax.legend()
     return fig
 
@@ -2630,14 +2622,11 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The race
 #
-# Here the notebook measures the two presets again, on whatever machine runs it. A fair race
-# gives both the same **time**, not the same number of steps: a slower architecture should pay
-# for its slowness. So we first time a few training steps of each configuration, give it as many
-# steps as fit in the budget, and scale its learning-rate schedule to that length (warmup for
-# the first 1/30 of the steps, as in the quick run). The budget covers the training steps;
-# evaluations come on top. To keep the notebook quick, each race here lasts seconds, not the
-# quick run's two minutes, so its losses are far higher than the full runs' (1.61 and 1.70) and
-# show only who learns faster at first.
+# A fair race gives each configuration the same **time**, not the same number of steps: a slower
+# architecture should pay for its slowness. So we time a few training steps of each, give it as
+# many steps as fit in the budget, and scale its learning-rate schedule to that length
+# (evaluations come on top). Here each race lasts seconds, not the quick run's two minutes, so
+# its losses are far above the full runs' (1.61 and 1.70) and show only who learns faster first.
 
 # %%
 def synchronize(device: torch.device) -> None:
@@ -2648,9 +2637,10 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def median_seconds(call: Callable, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median time of `call()` over `repeats` timed calls, after `warmup` untimed ones (the
-    first calls allocate memory and pick kernels); the median resists the odd slow call."""
+def seconds_per_call(call: Callable, device: torch.device, repeats: int, warmup: int,
+                     fastest: bool = False) -> float:
+    """Median (or fastest) time of `call()` over `repeats` timed calls, after `warmup` untimed
+    ones (the first calls allocate memory and pick kernels); a median resists the odd slow call."""
     for _ in range(warmup):
         call()
     times = []
@@ -2660,7 +2650,7 @@ def median_seconds(call: Callable, device: torch.device, repeats: int, warmup: i
         call()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times) if fastest else sorted(times)[len(times) // 2]
 
 
 def seconds_per_step(cfg: RunConfig, vocab_size: int, probe_steps: int = 20,
@@ -2679,7 +2669,7 @@ def seconds_per_step(cfg: RunConfig, vocab_size: int, probe_steps: int = 20,
     def step() -> None:
         train_step(stepped, optimizer, batches, cfg.learning_rate, cfg.grad_clip)
 
-    return median_seconds(step, device, probe_steps, warmup=3), model
+    return seconds_per_call(step, device, probe_steps, warmup=3), model
 
 
 def tokens_per_step(cfg: RunConfig) -> int:
@@ -2786,43 +2776,34 @@ if IN_NOTEBOOK:
 # instead of a pass over the whole window. `python llm.py sample` uses it.*
 #
 # When section 11's `generate` writes, every new token runs the model over the whole window
-# again, although the keys and values of the earlier tokens never change: in a causal model,
-# earlier positions never see later ones. So we keep them in a **KV cache** and compute
-# queries, keys and values for the new token only. The prompt is run through the model once
-# (the *prefill*), filling the cache; after that each step runs only the new token, whose query
-# attends to all the cached keys. The projections and the MLP no longer grow with the context,
-# only the (small) attention does.
+# again, although the keys and values of the earlier tokens never change (in a causal model,
+# earlier positions never see later ones). So we keep them in a **KV cache**: the prompt is run
+# through the model once (the *prefill*), filling the cache, and after that each step computes
+# queries, keys and values for the new token only, whose query attends to all the cached keys.
+# The projections and the MLP no longer grow with the context; only the (small) attention does.
 #
 # **One cache, allocated once.** `KVCache` holds, for every layer, a key buffer and a value
-# buffer with room for a whole window: `block_size` *slots*, one per position, allocated when
-# generation starts. A step writes its tokens' keys and values into the slots of their
-# positions, in place, and its queries attend over the slots, with section 7's mask $M$ (0 where
-# a slot may be seen, $-\infty$ where not) added to the scores. One comparison builds $M$: a slot
-# after a query's position is hidden. The slots are kept before grouped heads are repeated,
-# which is how grouped-query attention saves memory here: each query head reads its group's
-# key/value head directly (its H / Hkv query heads become rows of one attention, so nothing is
-# repeated).
+# buffer with `block_size` *slots*, one per position. A step writes its tokens' keys and values
+# into the slots of their positions, in place, and its queries attend over the slots with
+# section 7's mask $M$ (0 where a slot may be seen, $-\infty$ where not): a slot after a query's
+# position is hidden. The slots hold the key/value heads unrepeated (a group's query heads
+# become rows of one attention over their head), so grouped-query attention saves memory here.
 #
-# **A second forward pass, on the model's own weights.** The model's `forward` (section 9) knows
-# nothing of caches: it always starts at position 0. So `cached_forward` walks the same layers
-# itself, calling each module of the model (the token table, the norms, `qkv`, `proj`, the MLP,
-# the output layer), and adds only what a cache needs: positions that start after the tokens
-# already held, and attention over the slots. Two copies of a forward pass are two places to
-# keep right, so the cell below and the tests check that the cache gives the logits of a full
-# forward pass at every position, for every positional scheme and for grouped heads.
+# **A second forward pass, on the model's own weights.** The model's `forward` (section 9)
+# always starts at position 0, so `cached_forward` walks the same layers, calling each module of
+# the model, and adds only what a cache needs: positions after the tokens already held, and
+# attention over the slots. Two copies of a forward pass are two places to keep right, so the
+# cell below and the tests check that the cache gives a full pass's logits at every position,
+# for every positional scheme and for grouped heads.
 #
-# **Past `block_size`: the window policy.** The model knows positions 0 to `block_size − 1`
-# only. Section 11's `generate` slides its window by one token per token, which here would mean
-# starting the cache afresh at every token: every cached key was computed while its token could
-# still see tokens that have now left the window (through the layers below), and with learned or
-# sinusoidal positions every position would shift by one. So `generate_fast` slides by half a
-# window at a time: when the window is full it keeps its last half, starts the cache afresh and
-# **prefills again** from position 0, then goes on token by token until the window is full again.
-# That costs one prefill per `block_size / 2` tokens, and right after each jump the model sees
-# only the last `block_size / 2` tokens instead of a full window: within the first `block_size`
-# tokens, `generate_fast` writes exactly what `generate` writes; past them, their texts differ.
-# What it claims, and the tests check, is that every token it writes is sampled from the logits a
-# full forward pass gives on its window.
+# **Past `block_size`**, the model knows no positions. Sliding the window by one token, as
+# `generate` does, would mean starting the cache afresh at every token (every cached key saw
+# tokens that have left the window, and learned or sinusoidal positions would all shift). So
+# `generate_fast` slides by half a window: when the window is full it keeps its last half,
+# starts the cache afresh and **prefills again** from position 0. Right after each jump the
+# model sees only `block_size / 2` tokens, so past the first `block_size` tokens its text
+# differs from `generate`'s; what it claims, and the tests check, is that every token it writes
+# is sampled from the logits a full forward pass gives on its window.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
@@ -2835,9 +2816,8 @@ class KVCache:
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
         P, device = model.cfg.block_size, weight.device
-        with torch.inference_mode(False):  # ordinary tensors: written inside inference mode
-            # (`evaluating`, section 10) and outside it (PyTorch forbids changing a tensor made
-            # inside it anywhere else: the price of its speed)
+        with torch.inference_mode(False):  # ordinary tensors: one made in inference mode
+            # (`evaluating`, section 10) could not be changed outside it, and a cache is both
             shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
             self.k = [weight.new_zeros(shape) for _ in model.blocks]
             self.v = [weight.new_zeros(shape) for _ in model.blocks]
@@ -2979,29 +2959,26 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### On a GPU: the same steps, replayed as a CUDA graph
 #
-# A GPU is driven by the CPU: for every operation, the CPU tells the GPU which small program (a
-# *kernel*) to run on which tensors, it *launches* the kernel, and the GPU runs kernels in the
-# order they come (Appendix E has more on GPUs). One token of a small model is a few hundred
-# kernels, each a tiny amount of work, and launching one costs the CPU more time than the GPU
-# spends running it: without help, the GPU waits most of the time.
+# A GPU is driven by the CPU: for every operation the CPU *launches* a small program (a
+# *kernel*) on the GPU, which runs kernels in the order they come. One token of a small model is
+# a few hundred kernels, each a tiny amount of work, and launching one costs the CPU more time
+# than the GPU spends running it: without help, the GPU waits most of the time.
 #
 # A **CUDA graph** removes the launches: the GPU records a sequence of kernels once, then replays
-# all of them on one call. A recording is rigid: every replay runs the same kernels, on tensors of
-# the same shapes at the same memory addresses, and any Python number used while recording is
-# frozen into it. That is why the cache is built as it is: the buffers are allocated once; the
-# position is a one-number tensor (`where`) that each step reads to pick its position rows, its
-# RoPE angles and its slots, so replays at positions 7 and 70 run the same kernels on the same
-# memory; and on a GPU the queries attend over all `block_size` slots, the mask hiding the ones
-# not written yet (or left over from an earlier window), which gives them weight exactly 0.
-# On a CPU there are no launches to save, so the step attends over the written slots only.
+# all of them on one call. A recording is rigid: every replay runs the same kernels on tensors of
+# the same shapes at the same addresses, and any Python number used while recording is frozen
+# into it. Hence the cache's design: the buffers are allocated once; the position is a
+# one-number tensor (`where`) that each step reads to pick its position rows, RoPE angles and
+# slots, so replays at positions 7 and 70 run the same kernels on the same memory; and on a GPU
+# the queries attend over all `block_size` slots, the mask giving the ones not written yet (or
+# left from an earlier window) weight exactly 0. On a CPU there are no launches to save, so a
+# step attends over the written slots only.
 #
 # A recording fixes the number T of tokens fed, so each T is recorded the first time it comes:
-# the prompt's length, then 1 for every new token, then half a window at each restart: at most
-# three recordings, replayed thousands of times. Before recording, the step runs twice for real,
-# to do the one-time work (choosing kernels, setting memory aside) that must not end up in the
-# recording; PyTorch's documentation prescribes doing that on a *side stream*, a second queue of
-# GPU work, and `wait_stream` makes each queue wait for the other's work so far. The tests check
-# the graphs against full forward passes whenever a GPU runs them.
+# the prompt's length, 1 for every new token, half a window at each restart. Before recording,
+# the step runs twice for real, to do the one-time work (choosing kernels, setting memory aside)
+# that must not end up in the recording, on a *side stream* (a second queue of GPU work) as
+# PyTorch's documentation prescribes. The tests check the graphs whenever a GPU runs them.
 
 # %% [markdown]
 # The cache's gain, measured on this machine: 500 tokens written with and without it.
@@ -3047,15 +3024,13 @@ def pick_device(name: str = "auto") -> torch.device:
 # ### Threads
 #
 # On a CPU, PyTorch splits each large enough operation into one share per thread, one thread
-# per core by default, and the operation is done only when its last share is. That is the
-# right choice on an idle machine. But if another program is using a thread's core, every
-# operation waits for that thread, and a step can take longer on two threads than on one.
-# Generating text is the extreme case: one token's operations are too small to gain much from
-# being split, yet each still waits for its slowest thread: on a 2-core CPU with one core busy
-# elsewhere, sampling ran about three times slower on two threads than on one, while on an idle
-# machine the two were within 2%. So `sample` uses one thread, and training one per core;
-# `--threads` overrides both. It is a property of the machine, not of the model, so it is not
-# part of the configuration.
+# per core by default, and the operation is done only when its last share is. If another
+# program keeps one of those cores busy, every operation waits for that thread. Generating text
+# suffers most: one token's operations are too small to gain from being split, yet each waits
+# for its slowest thread (on a 2-core CPU with one core busy elsewhere, sampling ran about three
+# times slower on two threads than on one; on an idle machine, within 2%). So `sample` uses one
+# thread and training one per core; `--threads` overrides both. It is a property of the
+# machine, not of the model, so it is not part of the configuration.
 
 # %%
 SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
@@ -3082,21 +3057,19 @@ def using_threads(n: int):
 #
 # Four things change, none of which alters the maths:
 #
-# * The forward pass runs under bfloat16 **autocast**: matrix multiplications use the GPU's
-#   tensor cores at many times the float32 rate, while the weights and the optimiser's
-#   averages stay in float32. bfloat16 keeps float32's range (only its precision is lower), so
-#   no loss scaling is needed. `Autocast` is a module that wraps the model for that.
-# * AdamW updates all parameters in one **fused** kernel instead of one small kernel per
-#   tensor (`configure_optimizer` in section 10 asks for it on a GPU).
+# * The forward pass runs under bfloat16 **autocast** (the `Autocast` wrapper): matrix
+#   multiplications use the GPU's tensor cores at many times the float32 rate, while the weights
+#   and the optimiser's averages stay in float32. bfloat16 keeps float32's range (only its
+#   precision is lower), so no loss scaling is needed.
+# * AdamW updates all parameters in one **fused** kernel instead of one small kernel per tensor
+#   (section 10's `configure_optimizer` asks for it on a GPU).
 # * Batches are copied from **pinned** (page-locked) memory, which the GPU can read directly,
-#   without waiting for the copy to finish.
-# * **Evaluation** runs through the same wrapper, so in bfloat16 too, on batches copied to the
-#   GPU once and kept there (section 10's `estimate_loss` already waits for the GPU once per
-#   split: `.item()` makes the CPU wait for the answer, and it is called once, on the mean).
+#   without the CPU waiting for the copy.
+# * **Evaluation** runs through the same wrapper, on batches copied to the GPU once.
 #
 # `--compile true` also hands the model to `torch.compile`, which fuses operations into fewer,
-# larger kernels. It is opt-in, because compiling takes tens of seconds before the first step;
-# Appendix G gives the measured trade-off, on a CPU and on a GPU.
+# larger kernels. It is opt-in, because compiling takes tens of seconds before the first step
+# (Appendix G measures the trade-off).
 
 # %%
 class Autocast(nn.Module):
@@ -3121,33 +3094,28 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 # %% [markdown]
 # ### Beyond one process: data parallelism
 #
-# One process can only be so fast. **Data parallelism** runs N copies of the same model, one
-# per process (a GPU each, or CPU cores), launched by `torchrun --nproc_per_node=N llm.py
-# train`. Each copy computes gradients on *different* batches; then an **all-reduce** (every
-# process sends its gradients and receives the average of all of them) leaves identical
-# averaged gradients everywhere, so every copy takes the identical optimiser step and the
-# copies never drift apart. PyTorch's `DistributedDataParallel` (DDP) does the all-reduce
-# during the backward pass, overlapping communication with computation.
+# **Data parallelism** runs N copies of the same model, one per process (a GPU each, or CPU
+# cores), launched by `torchrun --nproc_per_node=N llm.py train`. Each copy computes gradients
+# on *different* batches; then an **all-reduce** (every process sends its gradients and receives
+# the average of all of them) leaves the same averaged gradients everywhere, so every copy takes
+# the same optimiser step and the copies never drift apart. PyTorch's `DistributedDataParallel`
+# (DDP) does the all-reduce during the backward pass, overlapping communication with computation.
 #
-# To keep results comparable with a single process, the **global batch** stays the same: a
-# step averages gradients over `grad_accum_steps` batches of `batch_size` sequences. One
-# process runs them one after another (`train_step` adds up their gradients before stepping);
-# with N processes each runs its share of `grad_accum_steps / N`. So the plain command,
-# `torchrun --nproc_per_node=N llm.py train`, sets `grad_accum_steps` to N when it is not given:
-# one batch per process, and the same run as one process with `--grad-accum-steps N` (the first
-# line says so). Every process draws the same
-# batches from the same seeded generator and keeps only its share, so the union of what the
-# processes train on is exactly what one process would have trained on. Every process also
-# evaluates (the same batches give the same answer everywhere), but only process 0 ("rank 0")
-# prints and writes files. The backend is `gloo` on CPUs and `nccl` on NVIDIA GPUs. (A process
-# that runs several batches per step all-reduces after each; DDP's `no_sync` could skip all but
-# the last, at the price of a branch in `train_step`: not done here.)
+# The **global batch** stays that of one process: a step averages gradients over
+# `grad_accum_steps` batches of `batch_size` sequences (`train_step` adds them up), and with N
+# processes each runs its share of `grad_accum_steps / N`. So plain `torchrun
+# --nproc_per_node=N llm.py train` sets `grad_accum_steps` to N when it is not given: one batch
+# per process, the same run as one process with `--grad-accum-steps N`. Every process draws the
+# same batches from the same seeded generator and keeps only its share, so together they train
+# on exactly what one process would. Every process also evaluates (the same batches give the
+# same answer everywhere), but only process 0 ("rank 0") prints and writes files. The backend is
+# `gloo` on CPUs and `nccl` on NVIDIA GPUs.
 #
-# All of this reaches section 10's loop from outside, through what the loop is given: the
-# module it steps (`wrap_for_device`: compiled, spread over processes, in bfloat16) and the
-# stream of batches (`process_batches`: this process's share, on its device). Each process also
-# gets its own dropout randomness (seeded from the seed, its rank and the step it starts at); the
-# weights start equal everywhere anyway, since DDP copies rank 0's.
+# All of this reaches section 10's loop from outside, through what it is given: the module it
+# steps (`wrap_for_device`: compiled, spread over processes, in bfloat16) and the stream of
+# batches (`process_batches`: this process's share, on its device). Each process gets its own
+# dropout randomness (seeded from the seed, its rank and the step it starts at); the weights
+# start equal everywhere anyway, since DDP copies rank 0's.
 
 # %%
 @dataclass
@@ -4074,17 +4042,10 @@ def matmul_size(device: torch.device) -> tuple[int, torch.dtype]:
 
 
 def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
-    """GFLOP/s of the best of a few products of matmul_size."""
+    """GFLOP/s of the fastest of a few products of matmul_size."""
     n, dtype = matmul_size(device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, device, repeats, 0, fastest=True) / 1e9
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -4145,7 +4106,7 @@ def evaluation_seconds(stepped: nn.Module, cfg: RunConfig, vocab_size: int, devi
         for batches in splits:
             estimate_loss(stepped, batches)
 
-    return median_seconds(evaluation, device, repeats, warmup=1)
+    return seconds_per_call(evaluation, device, repeats, warmup=1)
 
 
 def evaluations_per_run(cfg: RunConfig) -> int:
