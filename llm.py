@@ -2142,37 +2142,28 @@ if IN_NOTEBOOK:
 #
 # Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become a single
 # token, rare words are spelled out in pieces. Sequences get shorter (more text fits in the
-# context, and each step of the model covers more of it), at the price of a bigger vocabulary.
+# context), at the price of a bigger vocabulary. **Byte-level BPE** (GPT-2's, and most models'
+# since) learns such a vocabulary from data:
 #
-# **Byte-level BPE** (used by GPT-2 and most models since) builds such a vocabulary from data:
+# 1. Start from the 256 byte values of the text's UTF-8 encoding: every string can be written in
+#    bytes, so, unlike with the character tokenizer, no character is unknown.
+# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...), and
+#    every occurrence of the pair is replaced by it. Ties go to the smaller pair of ids (first
+#    id, then second), so the same text always gives the same merges.
+# 3. Repeat until the vocabulary has the size asked for. The list of merges *is* the tokenizer.
 #
-# 1. Start from the 256 possible byte values of the text's UTF-8 encoding. Every string can be
-#    written in bytes, so — unlike the character tokenizer — there are no unknown characters.
-# 2. Count every pair of adjacent tokens in the training text; the most frequent pair becomes a
-#    new token (id 256, then 257, ...), and every occurrence of the pair is replaced by it.
-# 3. Repeat until the vocabulary has the size we asked for. The list of merges *is* the
-#    tokenizer.
+# **Pre-splitting.** The text is first cut into word-like chunks (a word with its leading space,
+# a number, a run of punctuation, a run of whitespace), and merges never cross a chunk boundary;
+# otherwise vocabulary would be wasted on accidents of adjacency, such as `"e t"` in
+# `"the tree"`. GPT-2 writes "letter" as `\p{L}`, which Python's `re` lacks; `[^\W\d_]`, a word
+# character that is neither a digit nor `_`, covers letters of every script.
 #
-# Ties between equally frequent pairs are broken by the smaller pair of ids (first id, then
-# second), so the same text always gives the same merges.
+# **Counting incrementally.** The pairs are counted once, noting which chunks hold each; a merge
+# then recounts only the chunks that held its pair. Identical chunks (every `" the"`) are stored
+# once, with a count. Training 512 tokens on tiny Shakespeare takes about a second, not minutes.
 #
-# **Pre-splitting.** Before counting, the text is cut into word-like chunks — a word with its
-# leading space, a number, a run of punctuation, a run of whitespace — and merges never cross a
-# chunk boundary. Otherwise the most frequent pairs would glue the end of one word to the start of
-# the next (`"e t"` in `"the tree"`), wasting vocabulary on accidents of adjacency. GPT-2 cuts with
-# the regular expression class `\p{L}` ("any letter"), which Python's `re` lacks; we write
-# "letter" as `[^\W\d_]`: a word character (`\w`) that is neither a digit nor `_`, which covers
-# letters of every script.
-#
-# **Counting incrementally.** Recounting all pairs after every merge costs a pass over the whole
-# text per merge. Instead we count the pairs once, remember which chunks contain each pair, and
-# after a merge update only the counts of those chunks: subtract their old pairs, add their new
-# ones. Identical chunks (every `" the"`) are stored once, with a count. Training 512 tokens on
-# tiny Shakespeare then takes about a second instead of minutes.
-#
-# **Encoding** new text applies the merges in the order they were learned: within each chunk,
-# repeatedly merge the adjacent pair that was learned *earliest*, until no learned pair is left.
-# Each distinct chunk is encoded once and remembered.
+# **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its
+# adjacent pairs, until no learned pair is left. Each distinct chunk is encoded once and kept.
 
 # %%
 import codecs
@@ -2197,17 +2188,6 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
-def count_pairs(words: list[list[int]], counts: list[int]):
-    """How often each adjacent pair occurs (weighted by chunk count), and in which chunks:
-    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): {0}, (2, 1): {0}})."""
-    pair_counts, where = collections.Counter(), collections.defaultdict(set)
-    for w, ids in enumerate(words):
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += counts[w]
-            where[pair].add(w)
-    return pair_counts, where
-
-
 class BPETokenizer:
     """Byte-level byte-pair encoding: bytes 0..255, then one token per learned merge."""
 
@@ -2228,7 +2208,19 @@ class BPETokenizer:
         chunk_counts = collections.Counter(CHUNK_PATTERN.findall(text))
         words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # each distinct chunk once
         counts = list(chunk_counts.values())
-        pair_counts, where = count_pairs(words, counts)
+        pair_counts = collections.Counter()  # pair -> occurrences, weighted by chunk count
+        where = collections.defaultdict(set)  # pair -> the chunks that hold it
+
+        def count(w: int, sign: int) -> None:  # add (+1) or take away (-1) chunk w's pairs
+            for pair in zip(words[w], words[w][1:]):
+                pair_counts[pair] += sign * counts[w]
+                if sign > 0:
+                    where[pair].add(w)
+                elif pair_counts[pair] == 0:
+                    del pair_counts[pair]
+
+        for w in range(len(words)):
+            count(w, +1)
         merges = []
         for new_id in range(256, vocab_size):
             if not pair_counts:
@@ -2236,14 +2228,9 @@ class BPETokenizer:
             best = max(pair_counts, key=lambda pair: (pair_counts[pair], -pair[0], -pair[1]))
             merges.append(best)
             for w in where.pop(best):  # only the chunks that contain the pair change
-                for pair in zip(words[w], words[w][1:]):  # forget the chunk's old pairs...
-                    pair_counts[pair] -= counts[w]
-                    if pair_counts[pair] == 0:
-                        del pair_counts[pair]
+                count(w, -1)
                 words[w] = merge_pair(words[w], best, new_id)
-                for pair in zip(words[w], words[w][1:]):  # ...and count its new ones
-                    pair_counts[pair] += counts[w]
-                    where[pair].add(w)
+                count(w, +1)
         return cls(merges)
 
     @property
@@ -2399,16 +2386,15 @@ def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> To
 # ### Bits per byte
 #
 # A loss in nats *per token* cannot compare the two tokenizers: a BPE token carries about two
-# characters, so predicting it is harder, and its loss is higher even when the model is
-# better. The fair unit is **bits per byte**: the loss per token, converted to bits (divided by
-# ln 2), divided by the number of UTF-8 bytes per token of the validation text. It is the
-# number of bits the model would need to compress the text, per byte, whatever the tokenizer.
-# **Bits per character** divides by characters instead; for plain English text the two are
-# equal. Runs report both beside the loss (Appendix F), and Appendix C races the tokenizers.
+# characters, so predicting it is harder, and its loss is higher even when the model is better.
+# The fair unit is **bits per byte**: the loss per token in bits (divided by ln 2), divided by
+# the UTF-8 bytes per token of the validation text; the bits the model would need to compress
+# the text, per byte, whatever the tokenizer. **Bits per character** divides by characters
+# instead (for plain English text, the same). Runs report both (Appendix F).
 #
 # A `Corpus` is a text made ready for training: its tokenizer, both splits as tensors of token
-# ids, and how many bytes and characters a validation token stands for. This is where a text
-# meets the model's settings, so it is where a text too short for the context is refused.
+# ids, and how many bytes and characters a validation token stands for. Here a text meets the
+# model's settings, so here a text too short for the context is refused.
 
 # %%
 @dataclass
@@ -2444,20 +2430,16 @@ def with_bits(row: dict, corpus: Corpus) -> dict:
 # %% [markdown]
 # ### Text as it is generated
 #
-# The command line prints text while it is being written. `stream_text` turns the token ids of a
-# generator (section 11's `generate`, or Appendix D's faster `generate_fast`) into text, piece by
-# piece. A byte-level token can end in the middle of a multi-byte character, which is why it
-# decodes through an incremental decoder.
+# The command line prints text while it is being written: `stream_text` turns the token ids of
+# a generator (section 11's `generate`, or Appendix D's faster `generate_fast`) into text, piece
+# by piece. A byte-level token can end inside a multi-byte character, so the bytes go through an
+# incremental UTF-8 decoder, which holds a partial character back until the rest arrives.
 
 # %%
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
                 generate_ids: Callable = generate, **sampling) -> Iterator[str]:
     """Yield the continuation of `prompt`, piece by piece, until it has `num_chars` characters.
-
-    A byte-level token may end in the middle of a multi-byte character, so bytes go through
-    an incremental UTF-8 decoder, which holds a partial character back until the rest
-    arrives. Each token adds at least one byte and a character has at most 4, so 4 * num_chars
-    tokens always suffice; we stop as soon as there are enough characters."""
+    Each token adds at least one byte and a character has at most 4: 4 * num_chars tokens do."""
     generator = torch.Generator(device=model.device).manual_seed(seed)  # same seed, same text
     new_ids = generate_ids(model, tokenizer.encode(prompt), 4 * num_chars, generator=generator,
                            **sampling)
@@ -3563,16 +3545,22 @@ def text_source(path: Path, log: Callable = quiet) -> str | Path:
     """The text itself when it is small (or missing, or not a file: read_text says why), else
     the path of a text to be streamed; `log` says when a byte-order mark is dropped."""
     path = Path(path)
-    if path.is_file() and starts_with_bom(path):
-        log(f"note: {path} begins with a byte-order mark (U+FEFF): it is dropped, not learned")
-    if path.is_file() and path.stat().st_size > IN_MEMORY_BYTES:
-        return path
-    return text_in_memory(path)
+    if not path.is_file():
+        return read_text(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:
+                log(f"note: {path} begins with a byte-order mark (U+FEFF): it is dropped, "
+                    "not learned")
+    except OSError:  # reading the text will say what is wrong
+        pass
+    return path if path.stat().st_size > IN_MEMORY_BYTES else read_text(path)
 
 
-def read_text(path: Path, limit: int = -1) -> str:
-    """Section 3's load_text, checked: at most `limit` characters (-1: all), and anything
-    wrong with the file is one line naming the problem and the fix."""
+def read_text(path: Path) -> str:
+    """Section 3's load_text, checked: anything wrong with the file is one line naming the
+    problem and the fix. What is not a regular file (a pipe, a device: no size to check first)
+    is read only up to the size of a text held in memory, and refused if it goes on."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a UTF-8 text file")
@@ -3581,7 +3569,7 @@ def read_text(path: Path, limit: int = -1) -> str:
         raise UserError(f"{path} does not exist: give a UTF-8 text file{restore}")
     try:
         with open(path, encoding="utf-8-sig") as f:  # "-sig": without a byte-order mark
-            text = f.read(limit)
+            text = f.read(-1 if path.is_file() else IN_MEMORY_BYTES + 1)
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): "
                         "convert it to UTF-8 or choose another file") from None
@@ -3590,28 +3578,10 @@ def read_text(path: Path, limit: int = -1) -> str:
                         "check the file's permissions") from None
     if not text:
         raise UserError(f"{path} is empty: give a file with some text in it")
-    return text
-
-
-def text_in_memory(path: Path) -> str:
-    """read_text, but what is not a regular file (a device, a pipe: no size to check first) is
-    read only up to the size of a text held in memory, and refused if it goes on."""
-    path = Path(path)
-    if path.is_file() or path.is_dir() or not path.exists():
-        return read_text(path)
-    text = read_text(path, limit=IN_MEMORY_BYTES + 1)
-    if len(text) > IN_MEMORY_BYTES:
+    if len(text) > IN_MEMORY_BYTES and not path.is_file():
         raise UserError(f"{path} is not a regular file and gives more than "
                         f"{IN_MEMORY_BYTES // 2 ** 20} MiB: save the text to a file, and give that")
     return text
-
-
-def starts_with_bom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
-    except OSError:  # reading the text will say what is wrong
-        return False
 
 
 def raw_chunks(path: Path) -> Iterator[bytes]:
@@ -3996,39 +3966,31 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # machine running this model.*
 #
 # Any `--arch`, `--size`, `--device`, `--threads` or configuration option applies, except
-# `--compile`. It prints:
+# `--compile`. It prints the median time of a training step (on random tokens of the configured
+# shape: speed does not depend on the text), and from it:
 #
-# * **training ms/iter and tokens/s**: the median of several timed optimiser steps on random
-#   tokens of the configured shape (speed does not depend on the text);
 # * **FLOPs per token**: about $6N$ for the $N$ parameters that take part in matrix
 #   multiplications (2 per multiply-add in the forward pass, twice that in the backward pass;
 #   a lookup table such as learned positions multiplies nothing), plus $12 \cdot L \cdot C
 #   \cdot T$ for attention itself (the PaLM paper's formula);
 # * **achieved GFLOP/s**, and its fraction of the **matmul peak**: the speed of one large matrix
-#   product in the type training computes in (2048 × 2048 in float32 on a CPU, 8192 × 8192 in
-#   bfloat16 on a GPU, which needs the bigger product to keep its cores busy), the most this
-#   machine does with PyTorch on ideal work;
-# * **evaluation**: one evaluation as `train` runs it, and its share of a run of `max_iters`;
-# * **sampling tokens/s** with and without the KV cache (2000 tokens from a single token, on
-#   `sample`'s threads, counted after the second token); on a GPU also with the CUDA graphs of
-#   Appendix D, and the time to the second token, which includes recording the first graphs;
-# * **peak memory** (resident set on a CPU, allocated tensors on a GPU), and the device.
+#   product in training's number type (2048 × 2048 in float32 on a CPU; 8192 × 8192 in bfloat16
+#   on a GPU, which needs the bigger product to keep its cores busy);
+# * the time of an **evaluation** and its share of a run; **sampling tokens/s** with and without
+#   the KV cache, on `sample`'s threads (on a GPU also with the CUDA graphs, and the time to the
+#   second token, which includes recording them); and **peak memory**.
 #
-# **Where the time of a sampled token goes.** A forward pass of the quick-run model costs about
-# $2N \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak.
-# The rest is overhead: one token passes through about 165 separate tensor operations, and
-# PyTorch spends microseconds launching each, plus Python's cost for every module call. So
-# generation gets faster by doing *fewer* operations, and `bench` measured two details of the
-# book that do: RoPE rotates queries and keys together, with precomputed tables (section 7),
-# for about 10% more tokens/s than rotating them apart; and dropout with probability 0 is an
-# `nn.Identity` (section 6), for about 8%. (SwiGLU's two widening matrices as one layer, section
-# 8, changed nothing measurable; it stays because it reads like attention's `qkv`.)
+# **Where the time of a sampled token goes.** A forward pass of the quick-run model is about
+# $2N \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the
+# rest is overhead, PyTorch's launch of each of some 165 tensor operations and Python's cost for
+# each module call. So generation gets faster by doing *fewer* operations: rotating queries and
+# keys together with precomputed tables (section 7) gave about 10% more tokens/s, and dropout 0
+# as an `nn.Identity` (section 6) about 8%.
 #
-# **Compiling.** `torch.compile` of the one-token step made sampling about twice as fast, but
-# compiling took longer than writing 2000 characters without it, so the sampler does not use
-# it. For training, a step on a 2-core CPU became about 20% faster after about 20 s of
-# compiling, as much time as the quick run's 3000 steps then save; on a GPU too, compiling pays
-# only over a run long enough to win back its tens of seconds. So `--compile true` is opt-in.
+# **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer
+# than writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after
+# about 20 s of compiling, which the quick run's 3000 steps only just win back. So `--compile
+# true` is opt-in, and the sampler does not compile.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
@@ -4173,27 +4135,17 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 #
 # ### What still differed
 #
-# Every detail GPT-2 needs is a switch of Part I, which the `gpt2` preset sets; `--size gpt2`
-# gives its shape. The whole diff, for the smallest GPT-2:
-#
-# | | our `--arch gpt2 --size gpt2` | GPT-2, 124M |
-# |---|---|---|
-# | blocks, heads, channels | 12, 12, 768 (D = 64) | the same |
-# | context | `block_size` 1,024 | 1,024 positions |
-# | vocabulary | the tokenizer's: 65 characters, a BPE, or GPT-2's with `--init-from` | 50,257 |
-# | positions | a learned table, added to the token vectors (section 6) | the same (`wpe`) |
-# | norm | LayerNorm before each sub-layer and after the last block, ε = 1e-5 | the same |
-# | MLP | 4C wide, GELU by the tanh formula (section 8) | the same (`gelu_new`) |
-# | attention | one matrix makes queries, keys and values, in that order | the same (`c_attn`) |
-# | biases | in every linear layer and norm | the same |
-# | output layer | tied to the token table (section 9) | the same |
-# | a matrix is stored | (out, in), as `nn.Linear` | (in, out), as `Conv1D`: see below |
-# | dropout in training | 0 by default (`--dropout`) | 0.1 (its `config.json`) |
-#
-# The last two rows change nothing the model computes when it writes: the orientation is fixed
-# once, on loading, and dropout is off outside training. The cell below counts the parameters of
-# the GPT-2 shape on PyTorch's `meta` device (shapes, but no numbers: nothing is allocated) and
-# measures the gap between the exact GELU and GPT-2's tanh formula.
+# Every detail GPT-2 needs is a switch of Part I, which the `gpt2` preset sets: learned
+# positions (section 6), LayerNorm with ε = 1e-5 before each sub-layer and after the last block,
+# an MLP 4C wide with GELU by the tanh formula (section 8), biases everywhere, one matrix making
+# queries, keys and values in that order (section 7), and the output layer tied to the token
+# table (section 9). `--size gpt2` gives its shape: 12 blocks, 12 heads, 768 channels, 1,024
+# positions. What still differs: the vocabulary (GPT-2's own 50,257 tokens come with
+# `--init-from`); dropout in training (0 by default here, 0.1 for GPT-2); and how a matrix is
+# stored, (in, out) where `nn.Linear` has (out, in) (below). The last two change nothing the
+# model computes when it writes. The cell below counts the parameters of the GPT-2 shape on
+# PyTorch's `meta` device (shapes, but no numbers: nothing is allocated) and measures the gap
+# between the exact GELU and GPT-2's tanh formula.
 
 # %%
 if IN_NOTEBOOK:
@@ -4482,11 +4434,6 @@ def gpt2_name(ours: str) -> str:
     return f"{GPT2_NAMES[module]}.{kind}"
 
 
-def stored_transposed(name: str) -> bool:
-    """GPT-2's four matrices per block are Conv1D weights, stored as (in, out)."""
-    return name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
-
-
 def gpt2_config(folder: Path) -> tuple[dict, int]:
     """The ModelConfig fields of a snapshot's config.json, checked, and its vocabulary size."""
     path = folder / "config.json"
@@ -4544,26 +4491,20 @@ def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
             raise UserError(f"{path} has no tensor {name} (llm.py's {ours}): the file is "
                             "incomplete or not GPT-2's; download the snapshot again")
         tensor = tensors.pop(name).float()  # float32, also from a 16-bit snapshot
-        transposed = stored_transposed(name)
+        transposed = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))  # Conv1D
         expected = torch.Size(reversed(shape)) if transposed else shape  # as the file stores it
         if tensor.shape != expected:
             raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, but config.json "
                             f"asks for {tuple(expected)}: the two files come from different "
                             "models; download the snapshot again")
         weights[ours] = (tensor.t() if transposed else tensor).contiguous()  # (out, in)
-    check_leftovers(tensors, weights["embed.token.weight"], path)
-    return weights | {"lm_head.weight": weights["embed.token.weight"]}
-
-
-def check_leftovers(tensors: dict, token_table: torch.Tensor, path: Path) -> None:
-    """The file's tensors that have no place in our model: only masks, or a tied output layer."""
-    for name, tensor in tensors.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the causal mask, saved as a buffer: our attention computes its own
-        if name == "lm_head.weight" and torch.equal(tensor.float(), token_table):
-            continue  # the tied output layer, saved twice
-        raise UserError(f"{path} holds {name}, which a GPT-2 of config.json's shape does not "
-                        "have: the two files come from different models")
+    table = weights["embed.token.weight"]
+    for name, tensor in tensors.items():  # left over: causal masks, or the tied output layer
+        if not (name.endswith((".attn.bias", ".attn.masked_bias"))
+                or name == "lm_head.weight" and torch.equal(tensor.float(), table)):
+            raise UserError(f"{path} holds {name}, which a GPT-2 of config.json's shape does "
+                            "not have: the two files come from different models")
+    return weights | {"lm_head.weight": table}
 
 
 @dataclass
@@ -4813,9 +4754,8 @@ if IN_NOTEBOOK:
 # functions as the notebook.* Every `RunConfig` field becomes an option of `train` (`n_layer` →
 # `--n-layer`), typed like its default and documented by its one-line explanation, so the help
 # can never drift from the code. Options are checked once, here (`validate_config`), and any
-# `UserError` is printed as one line, with exit status 2. A new `train` into a folder that
-# holds another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces
-# it.
+# `UserError` is printed as one line, with exit status 2. A new `train` into a folder that holds
+# another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces it.
 #
 # Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample`
 # stops quietly with status 141, what a shell expects of a program a closed pipe ended
@@ -4851,11 +4791,9 @@ def naming_options(parameters: dict):
 
 
 def parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "yes", "1", "on"):
-        return True
-    if text.lower() in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "yes", "1", "on")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -5113,7 +5051,7 @@ def command_tokenize(args: argparse.Namespace) -> None:
     else:
         validate_config(RunConfig(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
         with naming("--data"):
-            text = text_in_memory(args.data)
+            text = read_text(args.data)
         tokenizer = BPETokenizer.train(split_train_val(text)[0], args.vocab_size)
     ids = tokenizer.encode(args.text)
     print(" ".join(repr(tokenizer.decode([i])) for i in ids))
@@ -5181,7 +5119,7 @@ CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE: the status of a program a closed pipe
 def command_inspect(args: argparse.Namespace) -> None:
     model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt")
     with naming("--data"):
-        val_text = split_train_val(text_in_memory(args.data))[1]
+        val_text = split_train_val(read_text(args.data))[1]
     V, L = tokenizer.vocab_size, min(model.cfg.block_size // 2, tokenizer.vocab_size)
     repeated = repeated_random_tokens(64, L, V, torch.Generator().manual_seed(0))  # (64, 2L)
     first, second = copy_losses(model, repeated)
