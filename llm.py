@@ -2291,8 +2291,8 @@ if IN_NOTEBOOK:
     print("round trip of text it never saw:", bpe.decode(bpe.encode(unseen)) == unseen)
 
 # %% [markdown]
-# Drawn with alternating colours (spaces shown as ␣), the token boundaries show what the merges
-# learned: common words with their leading space are single tokens, rarer words come in pieces.
+# Drawn in alternating colours (spaces as ␣), the tokens show what the merges learned: common
+# words with their leading space are single tokens, rarer words come in pieces.
 
 # %%
 def plot_token_boundaries(tokenizer, line: str, title: str):
@@ -2319,10 +2319,9 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# How much shorter do sequences get? The **compression** — UTF-8 bytes per token on the
-# validation text, which none of these tokenizers was trained on — grows with the vocabulary,
-# fast at first and then slowly: the most frequent pairs are merged first, and every further
-# merge saves less.
+# How much shorter do sequences get? The **compression**, UTF-8 bytes per token on the
+# validation text (which no tokenizer here was trained on), grows with the vocabulary, fast at
+# first, then slowly: the most frequent pairs are merged first, and every further merge saves less.
 
 # %%
 def plot_compression(train_text: str, val_text: str, sizes=(256, 512, 1024)):
@@ -2343,11 +2342,11 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# Both tokenizers can be rebuilt from a few plain values (`tokenizer_state`), which checkpoints
-# store, so a model is always decoded with exactly the tokenizer it was trained with. The character
-# vocabulary is taken from the whole text — a character that occurs only in the validation part
-# would otherwise have no id — while BPE is trained on the training part alone: it can encode any
-# text anyway, and its merges should not be tuned on the text that measures the model.
+# Checkpoints store each tokenizer as a few plain values (`tokenizer_state`), so a model is
+# always decoded with the tokenizer it was trained with. The character vocabulary comes from the
+# whole text (a character only in the validation part would otherwise have no id); BPE learns
+# from the training part alone: it can encode any text anyway, and its merges should not be
+# tuned on the text that measures the model.
 
 # %%
 Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
@@ -2638,9 +2637,8 @@ def seconds_per_call(call: Callable, device: torch.device, repeats: int, warmup:
 def seconds_per_step(cfg: RunConfig, vocab_size: int, probe_steps: int = 20,
                      device: torch.device = torch.device("cpu"),
                      wrap: Callable = lambda model: model) -> tuple[float, GPT]:
-    """Median time of one training step of `cfg` on `device` (random tokens of the real shapes:
-    speed does not depend on the text), and the model it was measured with. `wrap` gives the
-    module the steps run (Appendix E's `wrap_for_device`, say)."""
+    """Median time of one training step of `cfg` on `device`, on random tokens, and the model it
+    was measured with; `wrap` gives the module the steps run (Appendix E's `wrap_for_device`)."""
     set_seed(cfg.seed)
     model = GPT(cfg, vocab_size).to(device)
     optimizer = configure_optimizer(model, cfg)
@@ -2661,8 +2659,7 @@ def tokens_per_step(cfg: RunConfig) -> int:
 
 def train_for(cfg: RunConfig, text: str, seconds: float, n_evals: int = 4) -> dict:
     """Train `cfg` on the CPU for about `seconds` of training steps; a summary row for a table.
-    Short races measure coarsely: 5 timed steps decide their length, and each evaluation reads
-    10 batches per split instead of the quick run's 20."""
+    Coarsely: 5 timed steps decide the length, and an evaluation reads 10 batches per split."""
     tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
     corpus = encode_corpus(text, tokenizer, cfg.block_size)
     per_step, _ = seconds_per_step(cfg, tokenizer.vocab_size, probe_steps=5)
@@ -2714,14 +2711,11 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **One switch at a time.** Which of the five changes matters? Starting from the classic
-# `gpt2` set, we flip one switch at a time and train each variant for the same short budget.
-# Two seconds is only about fifty steps, so this measures how fast each variant learns at
-# the very start, and a few hundredths are within run-to-run noise: the table below may rank
-# them differently from run to run. In longer runs of the same comparison, rotary positions
-# gave the one consistent gain, and the other switches moved the loss by about as much as the
-# noise; what they buy shows elsewhere: grouped keys/values and dropped biases in memory and
-# speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
+# **One switch at a time.** Starting from the classic `gpt2` set, we flip one switch at a time,
+# two seconds each: about fifty steps, so a few hundredths are run-to-run noise. In longer runs
+# of the same comparison, rotary positions gave the one consistent gain; the other switches pay
+# elsewhere: grouped keys/values and dropped biases in memory and speed, SwiGLU at larger scale
+# (where the Llama and PaLM papers measured it).
 
 # %%
 ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
@@ -2735,11 +2729,10 @@ if IN_NOTEBOOK:
     print_table(ablation)
 
 # %% [markdown]
-# **Characters or BPE?** Both tokenizers of Appendix B, with the default architecture, for the
-# same time, compared in bits per byte. In full quick runs BPE reached the lower bits per byte
-# (2.18 against 2.32, `python llm.py train --tokenizer bpe` and without): each of its steps
-# covers about twice as much text, which outweighs the harder prediction and the larger output
-# layer. The curves below are this notebook's few seconds, too short to be sure of it.
+# **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In
+# full quick runs BPE reached the lower figure (2.18 against 2.32, `python llm.py train
+# --tokenizer bpe` and without): each step covers about twice as much text, which outweighs the
+# harder prediction. This notebook's few seconds are too short to be sure of it.
 
 # %%
 if IN_NOTEBOOK:
@@ -2766,26 +2759,23 @@ if IN_NOTEBOOK:
 #
 # **One cache, allocated once.** `KVCache` holds, for every layer, a key buffer and a value
 # buffer with `block_size` *slots*, one per position. A step writes its tokens' keys and values
-# into the slots of their positions, in place, and its queries attend over the slots with
-# section 7's mask $M$ (0 where a slot may be seen, $-\infty$ where not): a slot after a query's
-# position is hidden. The slots hold the key/value heads unrepeated (a group's query heads
-# become rows of one attention over their head), so grouped-query attention saves memory here.
+# into their slots, in place, and its queries attend over the slots with section 7's mask $M$,
+# which hides the slots after a query's position. The slots hold the key/value heads unrepeated
+# (a group's query heads become rows of one attention), so grouped heads save memory here too.
 #
 # **A second forward pass, on the model's own weights.** The model's `forward` (section 9)
 # always starts at position 0, so `cached_forward` walks the same layers, calling each module of
-# the model, and adds only what a cache needs: positions after the tokens already held, and
-# attention over the slots. Two copies of a forward pass are two places to keep right, so the
-# cell below and the tests check that the cache gives a full pass's logits at every position,
-# for every positional scheme and for grouped heads.
+# the model, and adds only positions after the tokens already held, and attention over the
+# slots. Two copies of a forward pass are two places to keep right, so the cell below and the
+# tests check that the cache gives a full pass's logits at every position, for every positional
+# scheme and for grouped heads.
 #
-# **Past `block_size`**, the model knows no positions. Sliding the window by one token, as
-# `generate` does, would mean starting the cache afresh at every token (every cached key saw
-# tokens that have left the window, and learned or sinusoidal positions would all shift). So
-# `generate_fast` slides by half a window: when the window is full it keeps its last half,
-# starts the cache afresh and **prefills again** from position 0. Right after each jump the
-# model sees only `block_size / 2` tokens, so past the first `block_size` tokens its text
-# differs from `generate`'s; what it claims, and the tests check, is that every token it writes
-# is sampled from the logits a full forward pass gives on its window.
+# **Past `block_size`**, sliding the window by one token, as `generate` does, would mean
+# starting the cache afresh at every token (every cached key saw tokens that have left the
+# window, and learned or sinusoidal positions would all shift). So `generate_fast` slides by half
+# a window: when the window is full it keeps its last half and **prefills again**. Its text then
+# differs from `generate`'s, but every token it writes is sampled from the logits a full forward
+# pass gives on its window, which the tests check.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
@@ -2865,8 +2855,7 @@ class KVCache:
 def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor, positions,
                    mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
     """Section 9's forward pass for `tokens` (1, T) at `positions` (a slice, or a (T,) tensor),
-    writing their keys and values into the cache and attending over its first n_keys slots
-    with `mask` (None: all of them). Logits (1, V) after the last token."""
+    keys and values into the cache, attending over n_keys slots: logits (1, V) after the last."""
     assert not model.training, "a step for generation: no dropout"
     x = model.embed.token(tokens)  # (1, T, C)
     if model.embed.pos_encoding == "learned":
@@ -2948,19 +2937,13 @@ if IN_NOTEBOOK:
 #
 # A **CUDA graph** removes the launches: the GPU records a sequence of kernels once, then replays
 # all of them on one call. A recording is rigid: every replay runs the same kernels on tensors of
-# the same shapes at the same addresses, and any Python number used while recording is frozen
-# into it. Hence the cache's design: the buffers are allocated once; the position is a
-# one-number tensor (`where`) that each step reads to pick its position rows, RoPE angles and
-# slots, so replays at positions 7 and 70 run the same kernels on the same memory; and on a GPU
-# the queries attend over all `block_size` slots, the mask giving the ones not written yet (or
-# left from an earlier window) weight exactly 0. On a CPU there are no launches to save, so a
-# step attends over the written slots only.
-#
-# A recording fixes the number T of tokens fed, so each T is recorded the first time it comes:
-# the prompt's length, 1 for every new token, half a window at each restart. Before recording,
-# the step runs twice for real, to do the one-time work (choosing kernels, setting memory aside)
-# that must not end up in the recording, on a *side stream* (a second queue of GPU work) as
-# PyTorch's documentation prescribes. The tests check the graphs whenever a GPU runs them.
+# the same shapes at the same addresses, with any Python number frozen in. Hence the cache's
+# design: buffers allocated once; the position as a one-number tensor (`where`) that each step
+# reads to pick its position rows, RoPE angles and slots; and on a GPU, attention over all
+# `block_size` slots, the mask giving those not written yet weight exactly 0 (on a CPU, with no
+# launches to save, a step attends over the written slots only). Each number T of tokens fed is
+# recorded the first time it comes (the prompt's length, 1, half a window), after two real runs
+# on a *side stream* that do the one-time work (choosing kernels, setting memory aside).
 
 # %% [markdown]
 # The cache's gain, measured on this machine: 500 tokens written with and without it.
@@ -3079,25 +3062,18 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 # **Data parallelism** runs N copies of the same model, one per process (a GPU each, or CPU
 # cores), launched by `torchrun --nproc_per_node=N llm.py train`. Each copy computes gradients
 # on *different* batches; then an **all-reduce** (every process sends its gradients and receives
-# the average of all of them) leaves the same averaged gradients everywhere, so every copy takes
-# the same optimiser step and the copies never drift apart. PyTorch's `DistributedDataParallel`
-# (DDP) does the all-reduce during the backward pass, overlapping communication with computation.
+# the average of all of them) leaves the same gradients everywhere, so the copies take the same
+# step and never drift apart. PyTorch's `DistributedDataParallel` (DDP) does it during the
+# backward pass, overlapping communication with computation.
 #
-# The **global batch** stays that of one process: a step averages gradients over
-# `grad_accum_steps` batches of `batch_size` sequences (`train_step` adds them up), and with N
-# processes each runs its share of `grad_accum_steps / N`. So plain `torchrun
-# --nproc_per_node=N llm.py train` sets `grad_accum_steps` to N when it is not given: one batch
-# per process, the same run as one process with `--grad-accum-steps N`. Every process draws the
-# same batches from the same seeded generator and keeps only its share, so together they train
-# on exactly what one process would. Every process also evaluates (the same batches give the
-# same answer everywhere), but only process 0 ("rank 0") prints and writes files. The backend is
-# `gloo` on CPUs and `nccl` on NVIDIA GPUs.
-#
-# All of this reaches section 10's loop from outside, through what it is given: the module it
-# steps (`wrap_for_device`: compiled, spread over processes, in bfloat16) and the stream of
-# batches (`process_batches`: this process's share, on its device). Each process gets its own
-# dropout randomness (seeded from the seed, its rank and the step it starts at); the weights
-# start equal everywhere anyway, since DDP copies rank 0's.
+# The **global batch** stays that of one process: with N processes each runs its share of a
+# step's `grad_accum_steps` batches, and plain `torchrun` sets `grad_accum_steps` to N when it is
+# not given, the same run as one process with `--grad-accum-steps N`. Every process draws the
+# same batches from the same seeded generator and keeps only its share; every process
+# evaluates, but only process 0 ("rank 0") prints and writes files. The backend is `gloo` on
+# CPUs and `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through the
+# module it steps (`wrap_for_device`) and the stream of batches (`process_batches`). Each
+# process gets its own dropout randomness; the weights start equal, since DDP copies rank 0's.
 
 # %%
 @dataclass
@@ -3240,20 +3216,16 @@ def validate_config(cfg: RunConfig) -> None:
 #
 # A run keeps two checkpoints in its output folder (`--out-dir`): `ckpt.pt`, the **best** model
 # so far (lowest validation loss), which `sample` uses, and `latest.pt`, the state at the
-# **latest** evaluation (or at Ctrl-C), which `--resume` continues. Each holds a `Run`:
-# everything a continuation needs to be *exactly* the run that was interrupted. That is the
-# weights, the optimiser's running averages, the step (and so the place in the learning-rate
-# schedule), the loss history, the configuration, the tokenizer, a checksum of the training
-# text, and the state of every random generator: the one that draws the batches, Python's, and
-# PyTorch's on the CPU and on CUDA GPUs (dropout draws from them). Nothing is saved before the
-# first training step: an untrained model is not worth replacing an older checkpoint with.
+# **latest** evaluation (or at Ctrl-C), which `--resume` continues. Each holds a `Run`: the
+# weights, the optimiser's running averages, the step, the loss history, the configuration, the
+# tokenizer, a checksum of the training text, and the state of every random generator. Nothing
+# is saved before the first training step.
 #
-# Every file a run writes goes first to a temporary file, flushed to the disk (`fsync`) and
-# renamed into place when complete. A rename happens entirely or not at all, so a crash or a
-# full disk leaves the previous version intact, never half a file. A checkpoint holds only
-# tensors and plain values, so it is loaded with `torch.load(weights_only=True)`, which refuses
-# to run code hidden in a malicious file; anything wrong with one (truncated, from another
-# version of this program, edited) becomes one line saying what to do.
+# Every file a run writes goes first to a temporary file, flushed to the disk and renamed into
+# place when complete: a rename happens entirely or not at all, so a crash or a full disk leaves
+# the previous version intact. A checkpoint holds only tensors and plain values, so it is loaded
+# with `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file;
+# anything wrong with one becomes one line saying what to do.
 
 # %%
 TRAIN_AGAIN = "train again with `python llm.py train`"
@@ -3348,12 +3320,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu",
 # %% [markdown]
 # ### Resuming exactly
 #
-# `--resume` continues the run saved in `latest.pt`: the same configuration, the same
-# tokenizer, the weights and the optimiser's state, the step, and every random generator's
-# state, so the resumed run's losses are bit-for-bit those of an uninterrupted one (in one
-# process on the CPU: GPU kernels are not always deterministic, and under torchrun only rank
-# 0's random state is saved). The text's checksum must match: resuming on
-# another text would silently train a different run.
+# `--resume` continues the run saved in `latest.pt` with its configuration, tokenizer, weights,
+# optimiser state, step and random generators, so the resumed run's losses are bit-for-bit those
+# of an uninterrupted one (in one process on the CPU: GPU kernels are not always deterministic,
+# and under torchrun only rank 0's random state is saved). The text's checksum must match:
+# resuming on another text would silently train a different run.
 
 # %%
 RESUME_FIX = "start a new run without --resume"
@@ -3386,26 +3357,22 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # Every evaluation prints one progress line (the losses, also in bits per byte, the learning
 # rate, the speed and the time left) and rewrites `history.csv`, one row per evaluation.
 #
-# **A signal stops the run cleanly.** Ctrl-C reaches a program as the signal SIGINT, which
-# Python turns into a `KeyboardInterrupt` wherever the program happens to be; SIGTERM, what
-# `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send,
-# ends it on the spot; SIGHUP comes when the terminal or SSH connection closes. While training
-# runs, `stop_flag_on_signals` makes each of them only raise a flag: the loop finishes the
-# current step, saves `latest.pt`, and stops with the command that resumes it (quoted for the
-# shell, ready to paste) and the usual exit status (130, 143 and 129). A second signal abandons
-# the step at once, and `latest.pt` keeps the last evaluation's state. Signals reach only the
-# main thread, so elsewhere the flag never rises. A loss that is not a finite number stops the
-# run at once, before the broken weights can reach a checkpoint.
+# **A signal stops the run cleanly.** Ctrl-C (the signal SIGINT), SIGTERM (what `kill`,
+# `timeout`, `docker stop` and a cluster's scheduler send) and SIGHUP (the terminal or SSH
+# connection closed) would end the program wherever it happens to be. While training runs,
+# `stop_flag_on_signals` makes each only raise a flag: the loop finishes the current step, saves
+# `latest.pt`, and stops with the command that resumes it, ready to paste, and the usual exit
+# status (130, 143 and 129). A second signal abandons the step at once. A loss that is not a
+# finite number stops the run before the broken weights can reach a checkpoint.
 #
 # **Under torchrun** a stop must be agreed: if one process stopped while the others waited for
 # its gradients, they would wait forever. So after every step the processes exchange two numbers
-# in one all-reduce ("did anyone see a broken loss?", "did anyone get a signal?") and all stop
-# after the same step; rank 0 saves and speaks.
+# in one all-reduce ("a broken loss?", "a signal?") and all stop after the same step.
 #
 # **One run per folder.** Two runs writing into the same `--out-dir` would leave a mix of both,
-# so `train` holds an exclusive lock on the folder (`fcntl.flock` on its file `.lock`) for the
-# whole run, and a second `train` into it stops at once. The operating system releases the lock
-# when the process ends, however it ends. (Windows has no `flock`: there a run says so.)
+# so `train` holds an exclusive lock on the folder (`fcntl.flock` on its file `.lock`), which
+# the operating system releases when the process ends, however it ends; a second `train` into
+# it stops at once. (Windows has no `flock`: there a run says so.)
 
 # %%
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
@@ -3516,20 +3483,15 @@ def write_history(path: Path, history: list) -> None:
 # ### Texts bigger than memory
 #
 # A text of a gigabyte, held as a Python string and then as 64-bit token ids, would need about
-# twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is never held whole:
-# it is read in chunks of `TOKEN_CHUNK_BYTES`, once for its checksum, once for its length in
-# characters (for the 90/10 split) and the character tokenizer's vocabulary, and once to write
-# its tokens into a file of 16-bit ids (32-bit above 65,536 tokens), which training then
-# **memory-maps**: the operating system reads from disk only the pages that batches touch. Both
-# results are kept in `--out-dir` under names made from the text's checksum, so the next run on
-# the same text starts in seconds, while a changed text gets new files (and the old token file
-# is removed); a small `.json` written last marks a token file complete. BPE learns its merges
-# from the first `BPE_SAMPLE_CHARS` characters only: its counting holds every distinct chunk in
-# memory, and 50 million characters are far more than its 512 tokens need.
-#
-# The pieces are cut only before whitespace that ends a word, where BPE's pre-splitting
-# (Appendix B's, and GPT-2's) cuts anyway, so the tokens are those of the whole text at once,
-# whether the lines end in `\n` or in Windows' `\r\n`, or the text is one long line.
+# twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is read in chunks of
+# `TOKEN_CHUNK_BYTES`: once for its checksum, once for its length (for the 90/10 split) and its
+# characters, and once to write its tokens into a file of 16-bit ids (32-bit above 65,536
+# tokens), which training **memory-maps**: the operating system reads from disk only the pages
+# that batches touch. Both results are kept in `--out-dir` under the text's checksum, so the next
+# run on the same text starts in seconds. BPE learns from the first `BPE_SAMPLE_CHARS`
+# characters only (its counting holds every distinct chunk in memory). Pieces are cut only
+# before whitespace that ends a word, where BPE's pre-splitting cuts anyway, so the tokens are
+# those of the whole text at once.
 
 # %%
 def quiet(*_) -> None:
@@ -3621,9 +3583,8 @@ class TextScan:
 
 
 def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextScan:
-    """A big text's checksum, length in characters and distinct characters. The checksum is
-    taken from the raw bytes (quick); the rest needs decoding, and is remembered in cache_dir
-    under the checksum, so that a second run on the same text skips it."""
+    """A big text's checksum (of the raw bytes: quick), length in characters and distinct
+    characters (decoded: slow, so remembered in cache_dir under the checksum)."""
     digest = hashlib.sha256()
     for raw in raw_chunks(path):
         digest.update(raw)
@@ -3688,8 +3649,7 @@ SAFE_CUT = re.compile(r"[ \t\n\r\v\f](?=\S)")  # read backwards: whitespace afte
 
 def safe_cut(text: str) -> int:
     """The last index where text can be cut without changing BPE's chunks (Appendix B's, or
-    GPT-2's): just before a space, a tab or a line break that follows a character that is not
-    whitespace (0 if there is none)."""
+    GPT-2's): before whitespace that follows a non-space (0 if there is none)."""
     match = SAFE_CUT.search(text[::-1])  # the text backwards: the first match is the last cut
     return len(text) - 1 - match.start() if match else 0
 
@@ -3997,9 +3957,8 @@ SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stan
 
 
 def matmul_size(device: torch.device) -> tuple[int, torch.dtype]:
-    """A matrix product big enough to reach the device's peak, in the type training uses:
-    2048 x 2048 in float32 on a CPU; 8192 x 8192 in bfloat16 on a GPU (at 2048, an H100
-    reached well under half of what it does at 8192)."""
+    """A matrix product big enough to reach the device's peak, in the type training uses (on
+    a GPU, 2048 x 2048 reached well under half of what an H100 does at 8192 x 8192)."""
     return (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
 
 
@@ -4167,12 +4126,11 @@ if IN_NOTEBOOK:
 # separated by a space (after a first line, `#version: 0.2`); and `vocab.json`, a JSON object
 # from each token's text to its id.
 #
-# **Bytes written as visible characters.** In these text files a space or a line break inside a
-# token would break the format, and many bytes are no character on their own (each of the two
-# bytes of `é` in UTF-8). So GPT-2 writes every byte as one visible character: the 188 printable
-# characters of Latin-1 (`!` to `~`, `¡` to `¬`, `®` to `ÿ`) stand for themselves, and the other
-# 68 take the characters from U+0100 on, in order. The space, byte 32, becomes `Ġ` (U+0120), a
-# line break `Ċ`: the token `Ġthe` is " the".
+# **Bytes written as visible characters.** A space or a line break inside a token would break
+# these text files, and many bytes are no character on their own (each byte of `é` in UTF-8).
+# So GPT-2 writes every byte as one visible character: the 188 printable characters of Latin-1
+# (`!` to `~`, `¡` to `¬`, `®` to `ÿ`) stand for themselves, and the other 68 take the characters
+# from U+0100 on, in order. The space, byte 32, becomes `Ġ`: the token `Ġthe` is " the".
 #
 # **Ids.** The 256 one-byte tokens are numbered in the order of those characters (`!` is 0; `Ā`,
 # byte 0, is 188), not by byte value as in Appendix B, and a merged token's id is whatever
@@ -4184,17 +4142,15 @@ if IN_NOTEBOOK:
 #
 # `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
 #
-# An English contraction (`'s`, `'ll`, ...) is a chunk of its own; then come a run of letters
-# with at most one space before it, a run of digits likewise, a run of other symbols, and
-# whitespace, except that a run of spaces before a word leaves its last space to the word
-# (`\s+(?!\S)`), so `"a   b"` becomes `a`, `"  "`, `" b"`. Python's `re` has no `\p{L}` (any
-# letter) or `\p{N}` (any number, such as `²` or `½`), and the `regex` package would be a new
-# dependency for one pattern; so we build both classes as ranges from Python's own Unicode
-# tables, `unicodedata`, walking all 1.1 million code points once, at the first use. `\s` is
-# spelled out too: Python's counts four control codes (U+001C to U+001F) that Unicode's list,
-# which GPT-2 uses, does not. (The classes are exact for this Python's Unicode version.)
-# Appendix B's pattern differs in two ways: no rule for contractions (it cuts `we'll` into
-# ` we`, `'`, `ll`), and its letters and digits are Python's `\w` and `\d`.
+# A contraction (`'s`, `'ll`, ...) is a chunk of its own; then come a run of letters with at most
+# one space before it, a run of digits likewise, a run of other symbols, and whitespace, except
+# that a run of spaces before a word leaves its last space to the word (`\s+(?!\S)`). Python's
+# `re` has no `\p{L}` (any letter) or `\p{N}` (any number, such as `²` or `½`), and the `regex`
+# package would be a new dependency for one pattern, so we build both classes as ranges from
+# Python's Unicode tables (`unicodedata`), walking all 1.1 million code points once, at the first
+# use. `\s` is spelled out too: Python's counts four control codes (U+001C to U+001F) that
+# Unicode's list does not. Appendix B's pattern differs in two ways: no rule for contractions
+# (it cuts `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's.
 #
 # **`<|endoftext|>`.** GPT-2 read its training documents one after another with this marker
 # between them; it is the last token, id 50,256, and the model writes it where it thinks a
@@ -4313,11 +4269,8 @@ TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["mer
 
 
 # %% [markdown]
-# GPT-2's own files come with its weights (below). To see the format without them, we can write
-# Appendix B's Shakespeare tokenizer in it: the 256 bytes in GPT-2's order, then the merges in
-# the order they were learned, each token spelled in visible characters, then `<|endoftext|>`.
-# The tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading of the
-# same two files.
+# To see the format without GPT-2's files, we can write Appendix B's Shakespeare tokenizer in
+# it; the tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading.
 
 # %%
 def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
@@ -5074,9 +5027,8 @@ def command_bench(args: argparse.Namespace) -> None:
 
 
 class ReaderGone(io.TextIOBase):
-    """sys.stdout or sys.stderr while a command runs: once nobody reads them any more (a pipe
-    closed by `head`, a terminal closed by a hangup), what is written is dropped, not raised,
-    and `gone` is set."""
+    """sys.stdout or sys.stderr while a command runs: once nobody reads them (a pipe closed by
+    `head`, a terminal closed by a hangup), what is written is dropped, and `gone` is set."""
 
     def __init__(self, stream):
         self.stream, self.gone = stream, False
