@@ -4349,25 +4349,22 @@ if IN_NOTEBOOK:
 # | `h.{i}.attn.bias` | (1, 1, 1024, 1024) | the causal mask, a buffer | none: ignored | |
 # | `lm_head.weight` | (50257, 768) | the output layer | must equal `wte.weight` | |
 #
-# `*` stands for `weight` and `bias`. The last two rows are in some files only: the mask, and
-# the token table again (our output layer is tied to it, section 9). The 2304 columns of
-# `c_attn` are the 768 queries, keys and values, each 12 heads of 64 side by side: exactly how
-# section 7 splits the output of `qkv`, so the matrix goes over whole.
+# `*` stands for `weight` and `bias`. The last two rows are in some files only. The 2304 columns
+# of `c_attn` are the 768 queries, keys and values, each 12 heads of 64 side by side, exactly as
+# section 7 splits `qkv`, so the matrix goes over whole.
 #
-# **Why four matrices are stored the other way round.** OpenAI's original TensorFlow code wrote
-# these layers with its own `conv1d` (a *convolution* of width 1 is the same thing): `x @ W + b`,
-# with W stored as (in, out). `transformers` kept the layout (`Conv1D`), so that OpenAI's numbers
-# load unchanged; `nn.Linear` stores W as (out, in) (section 2), so each is transposed once, on
-# loading. The shape check would catch a forgotten transpose for three of the four, but
-# attention's `c_proj` is square, (768, 768): it would load and compute nonsense. That is why
-# the equality with the reference, below, is the real test.
+# **Why four matrices are stored the other way round.** OpenAI's TensorFlow code wrote these
+# layers as its own `conv1d` (a convolution of width 1 is a matrix product), `x @ W + b` with W
+# stored as (in, out), and `transformers` kept the layout (`Conv1D`); `nn.Linear` stores (out,
+# in) (section 2), so each is transposed once, on loading. The shape check would catch a
+# forgotten transpose for three of the four, but attention's `c_proj` is square: it would load
+# and compute nonsense. That is why the equality with the reference, below, is the real test.
 #
 # **Checked before use.** The loader builds our model for `config.json`'s shape on the `meta`
-# device and checks every tensor of the file against it: the first one missing, misshapen or
-# foreign is named in one line, so files that do not belong together fail there, not deep
-# inside the model. A GPT-2 variant that computes something ours does not (another activation,
-# an untied output, attention scores not divided by √D (`scale_attn_weights`) or divided further
-# by the layer's number (`scale_attn_by_inverse_layer_idx`)) is refused by name.
+# device and checks every tensor of the file against it, naming the first one missing,
+# misshapen or foreign in one line. A GPT-2 variant that computes something ours does not
+# (another activation, an untied output, other scaling of the attention scores) is refused by
+# name.
 
 # %%
 GPT2_NAMES = {"embed.token": "wte", "embed.position": "wpe", "norm": "ln_f",  # ours -> GPT-2's
