@@ -4084,27 +4084,23 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # Appendix F (checkpoints and `run_training`). Adds GPT-2's own tokenizer, read from its files, a
 # loader for the weights OpenAI released, and `--init-from gpt2` on `sample` and `train`.*
 #
-# In 2019 OpenAI trained GPT-2 on 40 GB of text from web pages (Radford et al., 2019) and
-# released its weights, the numbers that training found; the smallest GPT-2 has 124 million
-# parameters. Our `gpt2` preset is made of the same parts, so it can hold those very numbers.
-# This appendix loads them and shows that the model of this book *is* GPT-2: on the same weights
-# it computes the same logits as the reference implementation, `GPT2LMHeadModel` of Hugging
-# Face's `transformers`. The tests check that on a small GPT-2 with random weights, to within
-# 0.00001 (a test may not download anything); the real weights take exactly the same code.
+# In 2019 OpenAI trained GPT-2 on 40 GB of web pages (Radford et al., 2019) and released its
+# weights; the smallest GPT-2 has 124 million parameters. Our `gpt2` preset is made of the same
+# parts, so it can hold those very numbers, and on them it computes the same logits as the reference
+# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers`. The tests check that on a
+# small GPT-2 with random weights (a test may not download anything); the real weights take the same
+# code.
 #
 # ### What still differed
 #
-# Every detail GPT-2 needs is a switch of Part I, which the `gpt2` preset sets: learned
-# positions (section 6), LayerNorm with ε = 1e-5 before each sub-layer and after the last block,
-# an MLP 4C wide with GELU by the tanh formula (section 8), biases everywhere, one matrix making
-# queries, keys and values in that order (section 7), and the output layer tied to the token
-# table (section 9). `--size gpt2` gives its shape: 12 blocks, 12 heads, 768 channels, 1,024
-# positions. What still differs: the vocabulary (GPT-2's own 50,257 tokens come with
-# `--init-from`); dropout in training (0 by default here, 0.1 for GPT-2); and how a matrix is
-# stored, (in, out) where `nn.Linear` has (out, in) (below). The last two change nothing the
-# model computes when it writes. The cell below counts the parameters of the GPT-2 shape on
-# PyTorch's `meta` device (shapes, but no numbers: nothing is allocated) and measures the gap
-# between the exact GELU and GPT-2's tanh formula.
+# Every detail GPT-2 needs is a switch of Part I, and the `gpt2` preset sets them (Appendix C's
+# table): learned positions, LayerNorm (ε = 1e-5) before each sub-layer and after the last block,
+# GELU by the tanh formula, biases, one matrix making queries, keys and values in that order, and
+# the output layer tied to the token table. `--size gpt2` gives the shape: 12 blocks, 12 heads, 768
+# channels, 1,024 positions. What still differs: the vocabulary (GPT-2's 50,257 tokens come with
+# `--init-from`), dropout in training (0 here, 0.1 for GPT-2), and four matrices stored as (in, out)
+# (below). The cell counts the GPT-2 shape's parameters on the `meta` device (shapes without
+# numbers: nothing is allocated), and the gap between the exact GELU and the tanh formula.
 
 # %%
 if IN_NOTEBOOK:
@@ -4120,43 +4116,41 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### GPT-2's tokenizer, from its own files
 #
-# GPT-2's tokenizer is the byte-level BPE of Appendix B, trained by OpenAI on its web text: 256
-# byte tokens, 50,000 merges and one special token make its 50,257. It comes as two text files:
-# `merges.txt`, the merges in the order they were learned, one per line, the two tokens
-# separated by a space (after a first line, `#version: 0.2`); and `vocab.json`, a JSON object
-# from each token's text to its id.
+# GPT-2's tokenizer is Appendix B's byte-level BPE, trained by OpenAI on its web text: 256 byte
+# tokens, 50,000 merges and one special token make its 50,257. It comes as two text files:
+# `merges.txt`, the merges in the order learned, one per line, the two tokens separated by a space
+# (after a first line `#version: 0.2`), and `vocab.json`, mapping each token's text to its id.
 #
-# **Bytes written as visible characters.** A space or a line break inside a token would break
-# these text files, and many bytes are no character on their own (each byte of `é` in UTF-8).
-# So GPT-2 writes every byte as one visible character: the 188 printable characters of Latin-1
-# (`!` to `~`, `¡` to `¬`, `®` to `ÿ`) stand for themselves, and the other 68 take the characters
-# from U+0100 on, in order. The space, byte 32, becomes `Ġ`: the token `Ġthe` is " the".
+# **Bytes written as visible characters.** A space or a line break inside a token would break these
+# files, and many bytes are no character on their own (each byte of `é` in UTF-8). So every byte is
+# written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
+# `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order. The
+# space, byte 32, becomes `Ġ`: the token `Ġthe` is " the".
 #
-# **Ids.** The 256 one-byte tokens are numbered in the order of those characters (`!` is 0; `Ā`,
-# byte 0, is 188), not by byte value as in Appendix B, and a merged token's id is whatever
-# `vocab.json` says. So `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's
-# rank and id) from the files, and is otherwise Appendix B's `BPETokenizer`.
+# **Ids.** The one-byte tokens are numbered in the order of those characters (`!` is 0; `Ā`, byte 0,
+# is 188), not by byte value, and a merged token's id is whatever `vocab.json` says. So
+# `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's rank and id) from the
+# files, and is otherwise `BPETokenizer`.
 #
-# **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex`
-# package and tried left to right:
+# **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex` package
+# and tried left to right:
 #
 # `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
 #
-# A contraction (`'s`, `'ll`, ...) is a chunk of its own; then come a run of letters with at most
-# one space before it, a run of digits likewise, a run of other symbols, and whitespace, except
-# that a run of spaces before a word leaves its last space to the word (`\s+(?!\S)`). Python's
-# `re` has no `\p{L}` (any letter) or `\p{N}` (any number, such as `²` or `½`), and the `regex`
-# package would be a new dependency for one pattern, so we build both classes as ranges from
-# Python's Unicode tables (`unicodedata`), walking all 1.1 million code points once, at the first
-# use. `\s` is spelled out too: Python's counts four control codes (U+001C to U+001F) that
-# Unicode's list does not. Appendix B's pattern differs in two ways: no rule for contractions
-# (it cuts `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's.
+# A contraction (`'s`, `'ll`, ...) is a chunk of its own; then come letters with at most one space
+# before them, digits likewise, other symbols likewise, and whitespace, a run of spaces before a
+# word leaving its last space to the word (`\s+(?!\S)`). Python's `re` has no `\p{L}` (any letter)
+# or `\p{N}` (any number, such as `²` or `½`), and `regex` would be a new dependency for one
+# pattern, so both classes are built as ranges from Python's Unicode tables (`unicodedata`), walking
+# all 1.1 million code points once, at the first use. `\s` is spelled out too: Python's counts four
+# control codes (U+001C to U+001F) that Unicode's does not. Appendix B's pattern has no rule for
+# contractions (it cuts `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's.
 #
-# **`<|endoftext|>`.** GPT-2 read its training documents one after another with this marker
-# between them; it is the last token, id 50,256, and the model writes it where it thinks a
-# document ends. Written out, it would be cut into `<|`, `endoftext` and `|>`, so the encoder
-# cuts the text at every marker, encodes the pieces and puts the marker's id between them (as
-# `transformers` does by default); decoding writes it back as its text.
+# **`<|endoftext|>`.** GPT-2 read its training documents one after another with this marker between
+# them; it is the last token, id 50,256, and the model writes it where it thinks a document ends.
+# Encoded as text it would become `<|`, `endoftext` and `|>`, so the encoder cuts the text at every
+# marker and puts the marker's id between the pieces (as `transformers` does by default); decoding
+# writes it back as text.
 
 # %%
 import functools
@@ -4174,20 +4168,13 @@ def gpt2_byte_chars() -> tuple[str, ...]:
     """The visible character GPT-2 writes for each byte value: chars[32] == 'Ġ'."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)}  # the 188 bytes that stand for themselves
-    chars, others = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:  # the other 68, in order, take U+0100, U+0101, ...
-            chars.append(chr(256 + others))
-            others += 1
-    return tuple(chars)
+    others = iter(range(256, 512))  # the other 68, in order, take U+0100, U+0101, ...
+    return tuple(chr(b) if b in printable else chr(next(others)) for b in range(256))
 
 
 def gpt2_text(data: bytes) -> str:
     """Bytes as GPT-2's files write them: b' the' -> 'Ġthe'."""
-    chars = gpt2_byte_chars()
-    return "".join(chars[b] for b in data)
+    return "".join(gpt2_byte_chars()[b] for b in data)
 
 
 def unicode_class(category: str) -> str:
@@ -4216,10 +4203,9 @@ class GPT2Tokenizer(BPETokenizer):
     """GPT-2's byte-level BPE: Appendix B's, with the ids and merges of GPT-2's files."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
-        """(Appendix B's __init__ numbers the merges itself; here the files give the numbers.)"""
+        """Appendix B's tables, filled from the files: `merges` are pairs of token texts."""
         if sorted(vocab.values()) != list(range(len(vocab))):
             raise ValueError("its ids are not 0, 1, 2, ... with none missing")
-        # (Unlike Appendix B's, these merges are pairs of token texts, as merges.txt has them.)
         self.token_ids, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.texts = sorted(vocab, key=vocab.get)  # id -> the token's text in vocab.json
         byte_of = {char: byte for byte, char in enumerate(gpt2_byte_chars())}
@@ -4269,8 +4255,8 @@ TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["mer
 
 
 # %% [markdown]
-# To see the format without GPT-2's files, we can write Appendix B's Shakespeare tokenizer in
-# it; the tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading.
+# To see the format without GPT-2's files, we write Appendix B's Shakespeare tokenizer in it; the
+# tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading.
 
 # %%
 def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
@@ -4325,15 +4311,14 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The weights: what each tensor is, and where it goes
 #
-# A GPT-2 *snapshot*, as the Hugging Face hub serves it (the 124M model is
-# `openai-community/gpt2`), is a folder of files; we need four: `config.json` (the shape and the
-# switches), `model.safetensors` (the weights), `vocab.json` and `merges.txt`. A safetensors
-# file is a short JSON header (each tensor's name, number type, shape and place in the file)
-# followed by the raw numbers: reading it runs no code, unlike a pickle, `torch.save`'s format
-# (Appendix F).
+# A GPT-2 *snapshot*, as the Hugging Face hub serves it (the 124M model is `openai-community/gpt2`),
+# is a folder of files; we need four: `config.json` (shape and switches), `model.safetensors` (the
+# weights), `vocab.json` and `merges.txt`. A safetensors file is a JSON header (each tensor's name,
+# number type, shape and place) followed by the raw numbers: reading it runs no code, unlike a
+# pickle, `torch.save`'s format (Appendix F).
 #
-# These are the tensors of GPT-2 (124M), with shapes as stored, and `{i}` the block, 0 to 11
-# (files written by `transformers` put `transformer.` before each name; the loader drops it):
+# The tensors of GPT-2 (124M), with shapes as stored and `{i}` the block, 0 to 11 (files written by
+# `transformers` put `transformer.` before each name; the loader drops it):
 #
 # | GPT-2's tensor | shape | what it is | ours | transposed |
 # |---|---|---|---|---|
@@ -4349,22 +4334,20 @@ if IN_NOTEBOOK:
 # | `h.{i}.attn.bias` | (1, 1, 1024, 1024) | the causal mask, a buffer | none: ignored | |
 # | `lm_head.weight` | (50257, 768) | the output layer | must equal `wte.weight` | |
 #
-# `*` stands for `weight` and `bias`. The last two rows are in some files only. The 2304 columns
-# of `c_attn` are the 768 queries, keys and values, each 12 heads of 64 side by side, exactly as
-# section 7 splits `qkv`, so the matrix goes over whole.
+# `*` stands for `weight` and `bias`; the last two rows are in some files only. The 2304 columns of
+# `c_attn` are the queries, keys and values, each 12 heads of 64 side by side, exactly as section 7
+# splits `qkv`.
 #
-# **Why four matrices are stored the other way round.** OpenAI's TensorFlow code wrote these
-# layers as its own `conv1d` (a convolution of width 1 is a matrix product), `x @ W + b` with W
-# stored as (in, out), and `transformers` kept the layout (`Conv1D`); `nn.Linear` stores (out,
-# in) (section 2), so each is transposed once, on loading. The shape check would catch a
-# forgotten transpose for three of the four, but attention's `c_proj` is square: it would load
-# and compute nonsense. That is why the equality with the reference, below, is the real test.
+# **Why four matrices are stored the other way round.** OpenAI's TensorFlow code wrote these layers
+# as `x @ W + b` with W stored as (in, out) (its `conv1d`, kept by `transformers` as `Conv1D`);
+# `nn.Linear` stores (out, in) (section 2), so each is transposed on loading. The shape check would
+# catch a forgotten transpose, except for attention's square `c_proj`, which would load and compute
+# nonsense: so the equality with the reference, below, is the real test.
 #
-# **Checked before use.** The loader builds our model for `config.json`'s shape on the `meta`
-# device and checks every tensor of the file against it, naming the first one missing,
-# misshapen or foreign in one line. A GPT-2 variant that computes something ours does not
-# (another activation, an untied output, other scaling of the attention scores) is refused by
-# name.
+# **Checked before use.** The loader builds our model for `config.json`'s shape on the `meta` device
+# and checks every tensor of the file against it, naming the first one missing, misshapen or
+# foreign. A GPT-2 variant that computes something ours does not (another activation, an untied
+# output, other scaling of the attention scores) is refused by name.
 
 # %%
 GPT2_NAMES = {"embed.token": "wte", "embed.position": "wpe", "norm": "ln_f",  # ours -> GPT-2's
@@ -4410,8 +4393,8 @@ def gpt2_config(folder: Path) -> tuple[dict, int]:
     if activation not in GPT2_ACTIVATIONS or n_inner not in (None, 4 * shape["n_embd"]):
         raise UserError(f"{path} asks for an MLP llm.py does not have ({activation}, n_inner "
                         f"{n_inner}): this is not a model llm.py can run")
-    mlp = GPT2_ACTIVATIONS[activation]
-    return {**ARCHITECTURES["gpt2"], **shape, "mlp": mlp, "dropout": 0.0}, vocab_size
+    return {**ARCHITECTURES["gpt2"], **shape, "mlp": GPT2_ACTIVATIONS[activation],
+            "dropout": 0.0}, vocab_size
 
 
 def read_safetensors(path: Path) -> dict:
@@ -4500,10 +4483,10 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
 # ### Getting the files
 #
 # `--weights DIR` names a folder that holds the four files. Without it, the loader looks in the
-# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`), where any earlier
-# download left them. Nothing is downloaded unless asked for: `--download` fetches the four
-# files (about 500 MB: 124 million numbers of 4 bytes) into that cache with `huggingface_hub`.
-# Offline, without `huggingface_hub`, or with the files missing, one line says how to get them.
+# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`). Nothing is downloaded unless
+# `--download` asks: it fetches the four files (about 500 MB: 124 million numbers of 4 bytes) into
+# that cache with `huggingface_hub`. Offline, or without `huggingface_hub`, one line says how to get
+# them.
 
 # %%
 GPT2_REPO = "openai-community/gpt2"  # the 124M model on the Hugging Face hub
@@ -4545,11 +4528,10 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
 # %% [markdown]
 # ### Equal to the reference
 #
-# The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2
-# blocks, 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor, at once), saved
-# as a snapshot and read by `read_gpt2` into our model, gives the same logits on the same
-# tokens, to rounding, and greedy generation writes the same 20 tokens, with and without the KV
-# cache. `transformers` is needed only here and in the tests; without it the cell says so.
+# The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2 blocks,
+# 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor), saved and read back by
+# `read_gpt2` into our model, gives the same logits, and greedy generation writes the same 20
+# tokens, with and without the KV cache. `transformers` is needed only here and in the tests.
 
 # %%
 def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_head: int = 4,
@@ -4592,9 +4574,8 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### GPT-2 writes
 #
-# With the weights on the machine, the cell below writes with GPT-2 and the KV cache of Appendix
-# D, as `python llm.py sample --init-from gpt2 --prompt "..."` does; without them it says how to
-# get them, and writes nothing.
+# With the weights on the machine, the cell below writes with GPT-2, as `python llm.py sample
+# --init-from gpt2 --prompt "..."` does; without them it says how to get them.
 
 # %%
 if IN_NOTEBOOK:
@@ -4611,36 +4592,34 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### Fine-tuning GPT-2 on your text
 #
-# `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE: this is
-# **fine-tuning**. It is Appendix F's run (`run_training`) with another start: the switches and
-# the shape come from `config.json`, the tokenizer is GPT-2's, and the first weights are GPT-2's
-# instead of random numbers. Every checkpoint holds the tokenizer (Appendix B), so `sample`,
-# `tokenize` and `--resume` work as after any run, without GPT-2's files.
+# `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE:
+# **fine-tuning**. It is Appendix F's `run_training` with another start: switches and shape from
+# `config.json`, GPT-2's tokenizer, and GPT-2's weights instead of random ones. The checkpoints hold
+# the tokenizer (Appendix B), so `sample`, `tokenize` and `--resume` then work without GPT-2's
+# files.
 #
 # **The settings**, `FINETUNE`, each for a reason:
 #
-# * **Learning rate 3e-5**, a hundred times below the quick run's: the weights are already
-#   good, and big steps would overwrite what 40 GB of text taught them with what one small file
-#   says. It is a usual size for fine-tuning (nanoGPT's Shakespeare fine-tune uses it), not
-#   tuned here, and decays to 3e-6 after 10 warm-up steps (section 10's 100 would be the run).
-# * **Dropout 0**, not GPT-2's 0.1: a hundred steps of 4 × 256 tokens read about 100,000
-#   tokens, too few to learn by heart (section 6); `--dropout 0.1` gives GPT-2's.
-# * **256 tokens of context, 4 sequences a step.** Much of a step of a 124M model does not
-#   depend on the context (AdamW alone updates 124 million numbers), so 256 tokens cost little
-#   more than 128 on a CPU; on a GPU, GPT-2's own 1,024 is the natural choice.
-# * **100 steps, evaluated every 25 on 4 batches per split**: coarse, because on a CPU each
-#   batch of this model costs seconds (`python llm.py bench` with the same options tells).
-# * **Memory.** The weights, their gradients and AdamW's two averages are four copies of 124
-#   million 4-byte numbers, 2 GB, plus the activations; a checkpoint holds about 1.5 GB.
+# * **Learning rate 3e-5**, a hundred times below the quick run's: big steps would overwrite
+#   what 40 GB of text taught with what one small file says. A usual size for fine-tuning
+#   (nanoGPT's Shakespeare fine-tune), not tuned here; it decays to 3e-6 after 10 warm-up steps.
+# * **Dropout 0**, not GPT-2's 0.1: 100 steps of 4 × 256 tokens read too little to learn it by
+#   heart (section 6); `--dropout 0.1` gives GPT-2's.
+# * **256 tokens of context, 4 sequences a step**: much of a 124M model's step does not depend
+#   on the context (AdamW alone updates 124 million numbers), so 256 cost little more than 128
+#   on a CPU; on a GPU, GPT-2's own 1,024 is the natural choice.
+# * **100 steps, evaluated every 25 on 4 batches per split**: coarse, as on a CPU each batch
+#   costs seconds (`python llm.py bench` with the same options tells).
+# * **Memory**: weights, gradients and AdamW's two averages are four copies of 124 million
+#   4-byte numbers, 2 GB, plus the activations; a checkpoint holds about 1.5 GB.
 #
-# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning
-# bought, in bits per byte: comparable with the models this book trains from scratch (Appendix
-# B). To try the whole path without the download, a tiny GPT-2 with random weights does (299
-# BPE tokens plus `<|endoftext|>` make its `vocab_size` of 300):
-# `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
+# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning bought,
+# in bits per byte, comparable with the models trained from scratch (Appendix B). To try the path
+# without the download, use a tiny GPT-2 with random weights (299 BPE tokens plus `<|endoftext|>`
+# make its `vocab_size` of 300): `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
 # llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
-# llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`.
-# The other options of `train` apply on top, except those GPT-2's files decide.
+# llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`. The
+# other options of `train` apply on top, except those GPT-2's files decide.
 
 # %%
 FINETUNE = dict(learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, max_iters=100, block_size=256,
@@ -4669,12 +4648,10 @@ def add_init_options(parser) -> None:
     """--init-from, --weights and --download, for `train` and `sample` (Appendix I)."""
     parser.add_argument("--init-from", choices=["gpt2"], default=None,
                         help="start from OpenAI's GPT-2 (124M) weights (Appendix H)")
-    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
-                        help="a folder with GPT-2's config.json, model.safetensors, vocab.json "
-                             "and merges.txt (default: the Hugging Face cache)")
+    parser.add_argument("--weights", type=Path, metavar="DIR", help=f"a folder with GPT-2's "
+                        f"{', '.join(GPT2_FILES)} (default: the Hugging Face cache)")
     parser.add_argument("--download", action="store_true",
-                        help="download GPT-2 (about 500 MB) into the Hugging Face cache when it "
-                             "is not there")
+                        help="download GPT-2 (about 500 MB) into the Hugging Face cache if missing")
 
 
 def pretrained_from_args(args) -> Pretrained | None:
@@ -4719,23 +4696,15 @@ from contextlib import nullcontext
 
 
 @contextmanager
-def naming(flag: str):
-    """A UserError inside the block is about the value of `flag`: its message says so."""
+def naming(options: str | dict):
+    """A UserError inside the block, said in the command line's words: one option's name
+    (`--data`) goes before its message; the names of a dict, Part I's parameters (`top_k must
+    be ...`), become options (`--top-k must be ...`)."""
     try:
         yield
     except UserError as e:
-        raise UserError(f"{flag} {e}") from None
-
-
-@contextmanager
-def naming_options(parameters: dict):
-    """Part I's errors name a function's parameters (`top_k must be ...`); on the command line
-    they name the options (`--top-k must be ...`)."""
-    try:
-        yield
-    except UserError as e:
-        message = str(e)
-        for name in parameters:
+        message = f"{options} {e}" if isinstance(options, str) else str(e)
+        for name in options if isinstance(options, dict) else ():
             message = re.sub(rf"\b{name}\b", option(name), message)
         raise UserError(message) from None
 
@@ -4764,10 +4733,16 @@ def add_preset_options(parser: argparse.ArgumentParser) -> None:
                              f"below (default: {DEFAULT_ARCH})")
 
 
+def add_options(parser: argparse.ArgumentParser, *options: tuple) -> None:
+    """Options given as (flag, default, help[, type]): typed like the default, unless a type is
+    given (for a default of None), and the help ends with the default."""
+    for flag, default, text, *kind in options:
+        parser.add_argument(flag, default=default, type=kind[0] if kind else type(default),
+                            help=text + (f" (default: {default})" if default is not None else ""))
+
+
 def add_threads_option(parser: argparse.ArgumentParser, default: int, note: str = "") -> None:
-    parser.add_argument("--threads", type=int, default=default,
-                        help=f"CPU threads for PyTorch; 0: one per core{note} "
-                             f"(default: {default})")
+    add_options(parser, ("--threads", default, f"CPU threads for PyTorch; 0: one per core{note}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4806,22 +4781,15 @@ def add_train_command(commands) -> None:
 def add_sample_command(commands) -> None:
     sample_p = commands.add_parser("sample", help="generate text from OUT_DIR/ckpt.pt",
                                    description="Generate text with a model trained by `train`.")
-    sample_p.add_argument("--out-dir", type=Path, default=Path("out"),
-                          help="directory holding ckpt.pt (default: out)")
-    sample_p.add_argument("--prompt", default=None,
-                          help="text to continue (default: a newline, or the first vocabulary "
-                               "character)")
-    sample_p.add_argument("--num-chars", type=int, default=500,
-                          help="characters to generate (default: 500)")
-    sample_p.add_argument("--temperature", type=float, default=0.8,
-                          help="below 1 is safer, above 1 wilder, 0 is greedy (default: 0.8)")
-    sample_p.add_argument("--top-k", type=int, default=None,
-                          help="sample only from the K most likely tokens")
-    sample_p.add_argument("--top-p", type=float, default=None,
-                          help="sample only from the most likely tokens that cover probability P")
-    sample_p.add_argument("--seed", type=int, default=1337,
-                          help="seed of the sampler (default: 1337)")
-    sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_options(sample_p, ("--out-dir", Path("out"), "directory holding ckpt.pt"),
+                ("--prompt", None, "text to continue (default: a newline, else token 0)", str),
+                ("--num-chars", 500, "characters to generate"),
+                ("--temperature", 0.8, "below 1 is safer, above 1 wilder, 0 is greedy"),
+                ("--top-k", None, "sample only from the K most likely tokens", int),
+                ("--top-p", None, "sample only from the likeliest tokens covering probability P",
+                 float),
+                ("--seed", 1337, "seed of the sampler"),
+                ("--device", "auto", "auto, cpu, cuda or mps"))
     add_init_options(sample_p)  # --init-from gpt2 (Appendix H)
     add_threads_option(sample_p, SAMPLING_THREADS)
 
@@ -4832,12 +4800,9 @@ def add_tokenize_command(commands) -> None:
         description="Print the tokens of TEXT: with the tokenizer of a trained model "
                     "(--out-dir), or with BPE trained on --data.")
     tokenize_p.add_argument("text", help="the text to split")
-    tokenize_p.add_argument("--out-dir", type=Path, default=None,
-                            help="use the tokenizer saved in OUT_DIR/ckpt.pt")
-    tokenize_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                            help=f"text to train a BPE tokenizer on (default: {DEFAULT_DATA})")
-    tokenize_p.add_argument("--vocab-size", type=int, default=512,
-                            help="BPE vocabulary size (default: 512)")
+    add_options(tokenize_p, ("--out-dir", None, "use the tokenizer saved in OUT_DIR/ckpt.pt", Path),
+                ("--data", DEFAULT_DATA, "text to train a BPE tokenizer on"),
+                ("--vocab-size", 512, "BPE vocabulary size"))
 
 
 def add_bench_command(commands) -> None:
@@ -4859,10 +4824,8 @@ def add_inspect_command(commands) -> None:
         description="For the model in OUT_DIR/ckpt.pt: the loss on random text written twice, "
                     "each head's previous-token and induction scores, the loss with each head "
                     "removed, and the logit lens on the validation text of --data.")
-    inspect_p.add_argument("--out-dir", type=Path, default=Path("out"),
-                           help="directory holding ckpt.pt (default: out)")
-    inspect_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                           help=f"the text the model was trained on (default: {DEFAULT_DATA})")
+    add_options(inspect_p, ("--out-dir", Path("out"), "directory holding ckpt.pt"),
+                ("--data", DEFAULT_DATA, "the text the model was trained on"))
 
 
 def chosen_size(args: argparse.Namespace, overrides: dict) -> str:
@@ -4915,8 +4878,7 @@ def command_train(args: argparse.Namespace) -> None:
 
 
 def refuse_to_replace_a_run(out_dir: Path) -> None:
-    """A new run into a folder that holds another run's checkpoints would replace them: only
-    when --overwrite says so."""
+    """A new run would replace the checkpoints of another: only with --overwrite."""
     for name in ("latest.pt", "ckpt.pt"):
         if (out_dir / name).exists():
             raise UserError(f"--out-dir {out_dir} holds another run ({name}): continue it with "
@@ -4980,7 +4942,7 @@ def command_sample(args: argparse.Namespace) -> None:
     else:
         model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    with naming_options(sampling):  # checked here, before anything is printed
+    with naming(sampling):  # checked here, before anything is printed
         check_sampling_args(**sampling, vocab_size=tokenizer.vocab_size)
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     tokenizer.encode(prompt)  # a character the model does not know: said before any output
