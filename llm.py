@@ -2140,10 +2140,10 @@ if IN_NOTEBOOK:
 # *Builds on sections 4 (the character tokenizer) and 5 (the loss). Adds a second tokenizer,
 # chosen with `--tokenizer bpe`, and a unit that compares models across tokenizers.*
 #
-# Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become a single
-# token, rare words are spelled out in pieces. Sequences get shorter (more text fits in the
-# context), at the price of a bigger vocabulary. **Byte-level BPE** (GPT-2's, and most models'
-# since) learns such a vocabulary from data:
+# Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become one token,
+# rare words are spelled in pieces. Sequences get shorter (more text fits in the context), at the
+# price of a bigger vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a
+# vocabulary from data:
 #
 # 1. Start from the 256 byte values of the text's UTF-8 encoding: every string can be written in
 #    bytes, so, unlike with the character tokenizer, no character is unknown.
@@ -2152,15 +2152,17 @@ if IN_NOTEBOOK:
 #    id, then second), so the same text always gives the same merges.
 # 3. Repeat until the vocabulary has the size asked for. The list of merges *is* the tokenizer.
 #
-# **Pre-splitting.** The text is first cut into word-like chunks (a word with its leading space,
-# a number, a run of punctuation, a run of whitespace), and merges never cross a chunk boundary;
-# otherwise vocabulary would be wasted on accidents of adjacency, such as `"e t"` in
-# `"the tree"`. GPT-2 writes "letter" as `\p{L}`, which Python's `re` lacks; `[^\W\d_]`, a word
-# character that is neither a digit nor `_`, covers letters of every script.
+# **Pre-splitting.** The text is first cut into word-like chunks (a word with its leading space, a
+# number, a run of punctuation, a run of whitespace), and merges never cross a chunk boundary, so no
+# vocabulary is wasted on accidents of adjacency such as `"e t"` in `"the tree"`. For GPT-2's
+# "letter", `\p{L}`, which Python's `re` lacks, `[^\W\d_]` (a word character, not a digit or `_`)
+# covers letters of every script.
 #
 # **Counting incrementally.** The pairs are counted once, noting which chunks hold each; a merge
-# then recounts only the chunks that held its pair. Identical chunks (every `" the"`) are stored
-# once, with a count. Training 512 tokens on tiny Shakespeare takes about a second, not minutes.
+# then recounts only the chunks that held its pair, and identical chunks (every `" the"`) are stored
+# once, with a count: 512 tokens train on tiny Shakespeare in about a second, not minutes.
+# **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its adjacent
+# pairs, until none is left; each distinct chunk is encoded once and kept.
 #
 # **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its
 # adjacent pairs, until no learned pair is left. Each distinct chunk is encoded once and kept.
@@ -2291,8 +2293,8 @@ if IN_NOTEBOOK:
     print("round trip of text it never saw:", bpe.decode(bpe.encode(unseen)) == unseen)
 
 # %% [markdown]
-# Drawn in alternating colours (spaces as ␣), the tokens show what the merges learned: common
-# words with their leading space are single tokens, rarer words come in pieces.
+# Drawn in alternating colours (spaces as ␣), the tokens show what the merges learned: common words
+# with their leading space are single tokens, rarer ones come in pieces.
 
 # %%
 def plot_token_boundaries(tokenizer, line: str, title: str):
@@ -2319,9 +2321,9 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# How much shorter do sequences get? The **compression**, UTF-8 bytes per token on the
-# validation text (which no tokenizer here was trained on), grows with the vocabulary, fast at
-# first, then slowly: the most frequent pairs are merged first, and every further merge saves less.
+# How much shorter do sequences get? The **compression**, UTF-8 bytes per token on the validation
+# text (which no tokenizer here was trained on), grows with the vocabulary, fast at first, then
+# slowly: the most frequent pairs are merged first.
 
 # %%
 def plot_compression(train_text: str, val_text: str, sizes=(256, 512, 1024)):
@@ -2342,11 +2344,10 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# Checkpoints store each tokenizer as a few plain values (`tokenizer_state`), so a model is
-# always decoded with the tokenizer it was trained with. The character vocabulary comes from the
-# whole text (a character only in the validation part would otherwise have no id); BPE learns
-# from the training part alone: it can encode any text anyway, and its merges should not be
-# tuned on the text that measures the model.
+# Checkpoints store each tokenizer as a few plain values (`tokenizer_state`), so a model is always
+# decoded with its own tokenizer. The character vocabulary comes from the whole text (a character
+# only in the validation part would otherwise have no id); BPE learns from the training part alone:
+# it encodes any text anyway, and should not be tuned on the text that measures the model.
 
 # %%
 Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
@@ -2385,15 +2386,15 @@ def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> To
 # ### Bits per byte
 #
 # A loss in nats *per token* cannot compare the two tokenizers: a BPE token carries about two
-# characters, so predicting it is harder, and its loss is higher even when the model is better.
-# The fair unit is **bits per byte**: the loss per token in bits (divided by ln 2), divided by
-# the UTF-8 bytes per token of the validation text; the bits the model would need to compress
-# the text, per byte, whatever the tokenizer. **Bits per character** divides by characters
-# instead (for plain English text, the same). Runs report both (Appendix F).
+# characters, so predicting it is harder and its loss higher, even from a better model. The fair
+# unit is **bits per byte**: the loss per token in bits (divided by ln 2), divided by the UTF-8
+# bytes per token of the validation text; the bits the model would need to compress the text, per
+# byte, whatever the tokenizer. **Bits per character** divides by characters instead (for plain
+# English, the same). Runs report both (Appendix F).
 #
-# A `Corpus` is a text made ready for training: its tokenizer, both splits as tensors of token
-# ids, and how many bytes and characters a validation token stands for. Here a text meets the
-# model's settings, so here a text too short for the context is refused.
+# A `Corpus` is a text made ready for training: its tokenizer, both splits as token ids, and the
+# bytes and characters a validation token stands for. Here a text meets the model's settings, so
+# here a text too short for the context is refused.
 
 # %%
 @dataclass
@@ -2429,10 +2430,10 @@ def with_bits(row: dict, corpus: Corpus) -> dict:
 # %% [markdown]
 # ### Text as it is generated
 #
-# The command line prints text while it is being written: `stream_text` turns the token ids of
-# a generator (section 11's `generate`, or Appendix D's faster `generate_fast`) into text, piece
-# by piece. A byte-level token can end inside a multi-byte character, so the bytes go through an
-# incremental UTF-8 decoder, which holds a partial character back until the rest arrives.
+# The command line prints text as it is written: `stream_text` turns the token ids of a generator
+# (section 11's `generate`, or Appendix D's `generate_fast`) into text, piece by piece. A byte-level
+# token can end inside a multi-byte character, so the bytes go through an incremental UTF-8 decoder,
+# which holds a partial character back until the rest arrives.
 
 # %%
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
@@ -2750,32 +2751,30 @@ if IN_NOTEBOOK:
 # and 11 (`generate`). Adds `generate_fast`, which makes each new token cost one small step
 # instead of a pass over the whole window. `python llm.py sample` uses it.*
 #
-# When section 11's `generate` writes, every new token runs the model over the whole window
-# again, although the keys and values of the earlier tokens never change (in a causal model,
-# earlier positions never see later ones). So we keep them in a **KV cache**: the prompt is run
-# through the model once (the *prefill*), filling the cache, and after that each step computes
-# queries, keys and values for the new token only, whose query attends to all the cached keys.
-# The projections and the MLP no longer grow with the context; only the (small) attention does.
+# When section 11's `generate` writes, every new token runs the model over the whole window again,
+# although the keys and values of the earlier tokens never change (in a causal model, earlier
+# positions never see later ones). So we keep them in a **KV cache**: the prompt is run through the
+# model once (the *prefill*), filling the cache; after that each step computes queries, keys and
+# values for the new token only, and its query attends to all the cached keys. Only the (small)
+# attention still grows with the context.
 #
-# **One cache, allocated once.** `KVCache` holds, for every layer, a key buffer and a value
-# buffer with `block_size` *slots*, one per position. A step writes its tokens' keys and values
-# into their slots, in place, and its queries attend over the slots with section 7's mask $M$,
-# which hides the slots after a query's position. The slots hold the key/value heads unrepeated
-# (a group's query heads become rows of one attention), so grouped heads save memory here too.
+# **One cache, allocated once.** `KVCache` holds, for every layer, key and value buffers with
+# `block_size` *slots*, one per position. A step writes its tokens' keys and values into their
+# slots, in place, and its queries attend over the slots with section 7's mask $M$, which hides the
+# slots after a query's position. The slots hold the key/value heads unrepeated, so grouped heads
+# save memory here too.
 #
-# **A second forward pass, on the model's own weights.** The model's `forward` (section 9)
-# always starts at position 0, so `cached_forward` walks the same layers, calling each module of
-# the model, and adds only positions after the tokens already held, and attention over the
-# slots. Two copies of a forward pass are two places to keep right, so the cell below and the
-# tests check that the cache gives a full pass's logits at every position, for every positional
-# scheme and for grouped heads.
+# **A second forward pass, on the model's own weights.** The model's `forward` (section 9) always
+# starts at position 0, so `cached_forward` walks the same layers, calling the model's own modules,
+# and adds only the offset positions and the attention over the slots. Two forward passes are two
+# places to keep right, so the cell below and the tests check that the cache gives a full pass's
+# logits at every position, for every positional scheme and for grouped heads.
 #
-# **Past `block_size`**, sliding the window by one token, as `generate` does, would mean
-# starting the cache afresh at every token (every cached key saw tokens that have left the
-# window, and learned or sinusoidal positions would all shift). So `generate_fast` slides by half
-# a window: when the window is full it keeps its last half and **prefills again**. Its text then
-# differs from `generate`'s, but every token it writes is sampled from the logits a full forward
-# pass gives on its window, which the tests check.
+# **Past `block_size`**, sliding the window by one token, as `generate` does, would mean refilling
+# the cache at every token (every cached key saw tokens that have left the window). So
+# `generate_fast` slides by half a window: when the window is full it keeps its last half and
+# **prefills again**. Its text then differs from `generate`'s, but every token is sampled from the
+# logits a full forward pass gives on its window, which the tests check.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
@@ -2783,7 +2782,7 @@ CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cach
 
 class KVCache:
     """Every layer's keys and values, in buffers allocated once for a whole window; on a CUDA
-    GPU, each number of tokens fed is recorded once as a CUDA graph (below) and replayed."""
+    GPU, each step is a replayed CUDA graph (below)."""
 
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
@@ -2816,8 +2815,8 @@ class KVCache:
         return logits  # (1, V)
 
     def mask(self, model: GPT, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """Section 7's M for queries at `positions` (T,) over n_keys slots: 0 where a slot may
-        be seen (written, and not after the query), -inf where not; a row per grouped query."""
+        """Section 7's M for queries at `positions` (T,) over n_keys slots, a row per grouped
+        query: 0 where a slot may be seen (written, not after the query), else -inf."""
         seen = self.slots[:n_keys] <= positions[:, None]  # (T, n_keys)
         group = model.cfg.n_head // model.cfg.kv_heads
         mask = torch.where(seen, 0.0, float("-inf")).to(model.lm_head.weight.dtype)
@@ -2854,8 +2853,8 @@ class KVCache:
 
 def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor, positions,
                    mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
-    """Section 9's forward pass for `tokens` (1, T) at `positions` (a slice, or a (T,) tensor),
-    keys and values into the cache, attending over n_keys slots: logits (1, V) after the last."""
+    """Section 9's forward pass for `tokens` (1, T) at `positions` (a slice or a (T,) tensor),
+    through the cache's first n_keys slots: logits (1, V) after the last token."""
     assert not model.training, "a step for generation: no dropout"
     x = model.embed.token(tokens)  # (1, T, C)
     if model.embed.pos_encoding == "learned":
@@ -2872,16 +2871,15 @@ def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor, positions,
 def cached_attention(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Tensor,
                      v_slots: torch.Tensor, positions, mask: torch.Tensor | None,
                      n_keys: int) -> torch.Tensor:
-    """Section 7's attention for T new tokens (1, T, C) -> (1, T, C): their keys and values go
-    into the slots of their positions, and their queries attend over the first n_keys slots."""
+    """Section 7's attention for T new tokens (1, T, C) -> (1, T, C): keys and values into the
+    slots of their positions, queries over the first n_keys slots."""
     T, Hkv, D = x.shape[1], attn.n_kv_head, attn.head_dim
     heads = attn.qkv(x).view(1, T, -1, D).transpose(1, 2)  # (1, H + 2Hkv, T, D)
     qk, v = heads.split([attn.n_head + Hkv, Hkv], dim=1)
     if attn.rope:  # each token turned by the angles of its own position
         qk = rope_rotate(qk, attn.rope_cos[positions], attn.rope_sin[positions])
     q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, T, D), (1, Hkv, T, D)
-    k_slots[:, :, positions] = k  # in place, into the slots of their positions
-    v_slots[:, :, positions] = v
+    k_slots[:, :, positions], v_slots[:, :, positions] = k, v  # in place
     # Query head h = j * group + g belongs to k/v head j: the group's queries become its rows.
     q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D), row g * T + t
     out = F.scaled_dot_product_attention(q, k_slots[:, :, :n_keys], v_slots[:, :, :n_keys],
@@ -2930,23 +2928,19 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### On a GPU: the same steps, replayed as a CUDA graph
 #
-# A GPU is driven by the CPU: for every operation the CPU *launches* a small program (a
-# *kernel*) on the GPU, which runs kernels in the order they come. One token of a small model is
-# a few hundred kernels, each a tiny amount of work, and launching one costs the CPU more time
-# than the GPU spends running it: without help, the GPU waits most of the time.
+# A GPU is driven by the CPU, which *launches* a small program (a *kernel*) for every operation. One
+# token of a small model is a few hundred kernels, each so small that launching it costs the CPU
+# more than running it costs the GPU: the GPU waits most of the time.
 #
 # A **CUDA graph** removes the launches: the GPU records a sequence of kernels once, then replays
-# all of them on one call. A recording is rigid: every replay runs the same kernels on tensors of
-# the same shapes at the same addresses, with any Python number frozen in. Hence the cache's
-# design: buffers allocated once; the position as a one-number tensor (`where`) that each step
-# reads to pick its position rows, RoPE angles and slots; and on a GPU, attention over all
-# `block_size` slots, the mask giving those not written yet weight exactly 0 (on a CPU, with no
-# launches to save, a step attends over the written slots only). Each number T of tokens fed is
-# recorded the first time it comes (the prompt's length, 1, half a window), after two real runs
-# on a *side stream* that do the one-time work (choosing kernels, setting memory aside).
-
-# %% [markdown]
-# The cache's gain, measured on this machine: 500 tokens written with and without it.
+# all of them on one call. A replay runs the same kernels on tensors of the same shapes at the same
+# addresses, with any Python number frozen in. Hence the cache's design: buffers allocated once; the
+# position as a one-number tensor (`where`) that each step reads for its position rows, RoPE angles
+# and slots; and on a GPU, attention over all `block_size` slots, the mask giving the unwritten ones
+# weight 0 (a CPU, with no launches to save, attends over the written slots only). Each number T of
+# tokens fed (the prompt's length, 1, half a window) is recorded the first time it comes, after two
+# real runs on a *side stream* that do the one-time work (choosing kernels, setting memory aside).
+# Below, the cache's gain on this machine: 500 tokens written with and without it.
 
 # %%
 if IN_NOTEBOOK:
@@ -2974,28 +2968,25 @@ def pick_device(name: str = "auto") -> torch.device:
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
+    missing = {"cpu": "", "cuda": not torch.cuda.is_available() and "PyTorch sees no CUDA GPU",
+               "mps": not has_mps and "no Apple GPU is available"}
+    if name not in missing:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU: "
-                        "use --device cpu")
-    if name == "mps" and not has_mps:
-        raise UserError("--device mps was asked for, but no Apple GPU is available: "
-                        "use --device cpu")
+    if missing[name]:
+        raise UserError(f"--device {name} was asked for, but {missing[name]}: use --device cpu")
     return torch.device(name)
 
 
 # %% [markdown]
 # ### Threads
 #
-# On a CPU, PyTorch splits each large enough operation into one share per thread, one thread
-# per core by default, and the operation is done only when its last share is. If another
-# program keeps one of those cores busy, every operation waits for that thread. Generating text
-# suffers most: one token's operations are too small to gain from being split, yet each waits
-# for its slowest thread (on a 2-core CPU with one core busy elsewhere, sampling ran about three
-# times slower on two threads than on one; on an idle machine, within 2%). So `sample` uses one
-# thread and training one per core; `--threads` overrides both. It is a property of the
-# machine, not of the model, so it is not part of the configuration.
+# On a CPU, PyTorch splits each large enough operation into one share per thread (one per core by
+# default), and the operation is done only when its last share is: if another program keeps a core
+# busy, every operation waits. Generating text suffers most, its operations too small to gain from
+# being split (on a 2-core CPU with one core busy elsewhere, sampling ran about three times slower
+# on two threads than on one; on an idle machine, within 2%). So `sample` uses one thread and
+# training one per core; `--threads` overrides both. It belongs to the machine, not the model, so it
+# is not part of the configuration.
 
 # %%
 SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
@@ -3020,21 +3011,15 @@ def using_threads(n: int):
 # %% [markdown]
 # ### On an NVIDIA GPU
 #
-# Four things change, none of which alters the maths:
-#
-# * The forward pass runs under bfloat16 **autocast** (the `Autocast` wrapper): matrix
-#   multiplications use the GPU's tensor cores at many times the float32 rate, while the weights
-#   and the optimiser's averages stay in float32. bfloat16 keeps float32's range (only its
-#   precision is lower), so no loss scaling is needed.
-# * AdamW updates all parameters in one **fused** kernel instead of one small kernel per tensor
-#   (section 10's `configure_optimizer` asks for it on a GPU).
-# * Batches are copied from **pinned** (page-locked) memory, which the GPU can read directly,
-#   without the CPU waiting for the copy.
-# * **Evaluation** runs through the same wrapper, on batches copied to the GPU once.
-#
-# `--compile true` also hands the model to `torch.compile`, which fuses operations into fewer,
-# larger kernels. It is opt-in, because compiling takes tens of seconds before the first step
-# (Appendix G measures the trade-off).
+# Four things change, none of which alters the maths: the forward pass, in training and evaluation,
+# runs under bfloat16 **autocast** (the `Autocast` wrapper), so matrix products use the GPU's tensor
+# cores at many times the float32 rate, while weights and optimiser state stay float32 (bfloat16
+# keeps float32's range, so no loss scaling is needed); AdamW updates all parameters in one
+# **fused** kernel (section 10's `configure_optimizer` asks for it); batches are copied from
+# **pinned** memory, which the GPU reads without the CPU waiting; and evaluation batches are copied
+# to the GPU once. `--compile true` also hands the model to `torch.compile`, which fuses operations
+# into fewer kernels; it is opt-in, as compiling takes tens of seconds (Appendix G measures the
+# trade-off).
 
 # %%
 class Autocast(nn.Module):
@@ -3059,21 +3044,20 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 # %% [markdown]
 # ### Beyond one process: data parallelism
 #
-# **Data parallelism** runs N copies of the same model, one per process (a GPU each, or CPU
-# cores), launched by `torchrun --nproc_per_node=N llm.py train`. Each copy computes gradients
-# on *different* batches; then an **all-reduce** (every process sends its gradients and receives
-# the average of all of them) leaves the same gradients everywhere, so the copies take the same
-# step and never drift apart. PyTorch's `DistributedDataParallel` (DDP) does it during the
-# backward pass, overlapping communication with computation.
+# **Data parallelism** runs N copies of the model, one per process (a GPU each, or CPU cores),
+# launched by `torchrun --nproc_per_node=N llm.py train`. Each copy computes gradients on
+# *different* batches; an **all-reduce** (every process sends its gradients and receives the average
+# of all) then leaves the same gradients everywhere, so the copies take the same step and never
+# drift apart. PyTorch's `DistributedDataParallel` (DDP) does it during the backward pass,
+# overlapping communication with computation.
 #
-# The **global batch** stays that of one process: with N processes each runs its share of a
-# step's `grad_accum_steps` batches, and plain `torchrun` sets `grad_accum_steps` to N when it is
-# not given, the same run as one process with `--grad-accum-steps N`. Every process draws the
-# same batches from the same seeded generator and keeps only its share; every process
-# evaluates, but only process 0 ("rank 0") prints and writes files. The backend is `gloo` on
-# CPUs and `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through the
-# module it steps (`wrap_for_device`) and the stream of batches (`process_batches`). Each
-# process gets its own dropout randomness; the weights start equal, since DDP copies rank 0's.
+# The **global batch** stays that of one process: each of N processes runs its share of a step's
+# `grad_accum_steps` batches, and plain `torchrun` sets `grad_accum_steps` to N, the same run as one
+# process with `--grad-accum-steps N`. Every process draws the same batches from the same seeded
+# generator and keeps its share; all evaluate, only rank 0 prints and writes files. The backend is
+# `gloo` on CPUs, `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through
+# the module it steps (`wrap_for_device`) and the stream of batches (`process_batches`). The weights
+# start equal (DDP copies rank 0's); dropout's randomness differs per process.
 
 # %%
 @dataclass
@@ -3383,8 +3367,7 @@ if hasattr(signal, "SIGHUP"):  # (not on Windows) the terminal, or the SSH conne
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP ended the command; `status` is its exit status, and the message (if
-    any) says what was saved."""
+    """A signal ended the command: `status` is its exit status; the message says what was saved."""
 
     def __init__(self, message: str = "", status: int = 130):
         super().__init__(message)
@@ -3547,8 +3530,7 @@ def read_text(path: Path) -> str:
 
 
 def raw_chunks(path: Path) -> Iterator[bytes]:
-    """The bytes of a big text, TOKEN_CHUNK_BYTES at a time. Every pass over it reads here, so
-    an error reading it is one line, read_text's, whatever the text's size."""
+    """A big text's bytes, TOKEN_CHUNK_BYTES at a time (every pass reads here: one error line)."""
     try:
         with open(path, "rb") as f:
             while raw := f.read(TOKEN_CHUNK_BYTES):
@@ -3559,8 +3541,7 @@ def raw_chunks(path: Path) -> Iterator[bytes]:
 
 
 def text_chunks(path: Path, progress: Callable = lambda done: None) -> Iterator[str]:
-    """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8 (without a
-    byte-order mark, as section 3's load_text)."""
+    """The text of `path`, decoded as load_text does, in pieces of about TOKEN_CHUNK_BYTES."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     done = 0
     for raw in raw_chunks(path):
@@ -3594,7 +3575,7 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
         known = json.loads(remembered.read_text(encoding="utf-8"))
         return TextScan(path, sha256, known["n_chars"], known["chars"])
     n_chars, chars = 0, set()
-    for chunk in text_chunks(path, Progress(path, "reading", log)):
+    for chunk in text_chunks(path, progress(path, "reading", log)):
         n_chars += len(chunk)
         chars.update(chunk)
     if n_chars == 0:
@@ -3606,29 +3587,23 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
     return scan
 
 
-class Progress:
-    """Reports, every few seconds, how far a pass over a big file has come."""
+def progress(path: Path, doing: str, log: Callable, every: float = 5.0) -> Callable:
+    """report(bytes done) for a pass over a big file: says, every few seconds, how far it is."""
+    total, started, last = path.stat().st_size, time.perf_counter(), [time.perf_counter()]
 
-    def __init__(self, path: Path, doing: str, log: Callable, every: float = 5.0):
-        self.path, self.doing, self.log, self.every = path, doing, log, every
-        self.total, self.started = path.stat().st_size, time.perf_counter()
-        self.last = self.started
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every:
-            return
-        self.last, rate = now, done / (now - self.started)
-        self.log(f"{self.doing} {self.path}: {done / 2 ** 20:,.0f} of {self.total / 2 ** 20:,.0f}"
-                 f" MiB, {rate / 2 ** 20:.0f} MiB/s, {format_duration((self.total - done) / rate)}"
-                 " left")
+    def report(done: int) -> None:
+        if (now := time.perf_counter()) - last[0] >= every:
+            last[0], rate = now, done / (now - started)
+            log(f"{doing} {path}: {done / 2 ** 20:,.0f} of {total / 2 ** 20:,.0f} MiB, "
+                f"{rate / 2 ** 20:.0f} MiB/s, {format_duration((total - done) / rate)} left")
+    return report
 
 
 def split_pieces(scan: TextScan, log: Callable) -> Iterator[tuple[str, str]]:
     """("train" or "val", piece) over the whole text, split at 90% of its characters as
     split_train_val splits, each piece cut where BPE's pre-splitting cuts anyway."""
     n_train, seen, carry, split = int(scan.n_chars * 0.9), 0, "", "train"
-    for chunk in text_chunks(scan.path, Progress(scan.path, "tokenising", log)):
+    for chunk in text_chunks(scan.path, progress(scan.path, "tokenising", log)):
         while chunk:
             room = n_train - seen if split == "train" else len(chunk)
             part, chunk = chunk[:room], chunk[room:]
@@ -3927,18 +3902,16 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 #
 # Any `--arch`, `--size`, `--device`, `--threads` or configuration option applies, except
 # `--compile`. It prints the median time of a training step (on random tokens of the configured
-# shape: speed does not depend on the text), and from it:
-#
-# * **FLOPs per token**: about $6N$ for the $N$ parameters that take part in matrix
-#   multiplications (2 per multiply-add in the forward pass, twice that in the backward pass;
-#   a lookup table such as learned positions multiplies nothing), plus $12 \cdot L \cdot C
-#   \cdot T$ for attention itself (the PaLM paper's formula);
-# * **achieved GFLOP/s**, and its fraction of the **matmul peak**: the speed of one large matrix
-#   product in training's number type (2048 × 2048 in float32 on a CPU; 8192 × 8192 in bfloat16
-#   on a GPU, which needs the bigger product to keep its cores busy);
-# * the time of an **evaluation** and its share of a run; **sampling tokens/s** with and without
-#   the KV cache, on `sample`'s threads (on a GPU also with the CUDA graphs, and the time to the
-#   second token, which includes recording them); and **peak memory**.
+# shape: speed does not depend on the text), and from it the **FLOPs per token**, about $6N$ for
+# the $N$ parameters that take part in matrix products (2 per multiply-add forward, twice that
+# backward; a lookup table such as learned positions multiplies nothing) plus $12 \cdot L \cdot C
+# \cdot T$ for attention itself (the PaLM paper's formula); the **achieved GFLOP/s**, and its
+# fraction of the **matmul peak**, the speed of one large matrix product in training's number type
+# (2048 × 2048 in float32 on a CPU; 8192 × 8192 in bfloat16 on a GPU, which needs the bigger
+# product to keep its cores busy). Then the time of an **evaluation** and its share of a run,
+# **sampling tokens/s** with and without the KV cache, on `sample`'s threads (on a GPU also with
+# CUDA graphs, and the time to the second token, which includes recording them), and **peak
+# memory**.
 #
 # **Where the time of a sampled token goes.** A forward pass of the quick-run model is about
 # $2N \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the
