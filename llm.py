@@ -2177,8 +2177,7 @@ CHUNK_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every occurrence of `pair` in `ids` (left to right) by `new_id`:
-    merge_pair([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]."""
+    """Replace each `pair` in `ids`, left to right, by new_id: [1, 2, 3, 1, 2] -> [4, 3, 4]."""
     out, i = [], 0
     while i < len(ids):
         if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
@@ -2659,8 +2658,7 @@ def tokens_per_step(cfg: RunConfig) -> int:
 
 
 def train_for(cfg: RunConfig, text: str, seconds: float, n_evals: int = 4) -> dict:
-    """Train `cfg` on the CPU for about `seconds` of training steps; a summary row for a table.
-    Coarsely: 5 timed steps decide the length, and an evaluation reads 10 batches per split."""
+    """Train `cfg` on the CPU for about `seconds` of training steps: a row of a table."""
     tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
     corpus = encode_corpus(text, tokenizer, cfg.block_size)
     per_step, _ = seconds_per_step(cfg, tokenizer.vocab_size, probe_steps=5)
@@ -2815,8 +2813,7 @@ class KVCache:
         return logits  # (1, V)
 
     def mask(self, model: GPT, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """Section 7's M for queries at `positions` (T,) over n_keys slots, a row per grouped
-        query: 0 where a slot may be seen (written, not after the query), else -inf."""
+        """Section 7's M for queries at `positions` (T,) over n_keys slots, per grouped query."""
         seen = self.slots[:n_keys] <= positions[:, None]  # (T, n_keys)
         group = model.cfg.n_head // model.cfg.kv_heads
         mask = torch.where(seen, 0.0, float("-inf")).to(model.lm_head.weight.dtype)
@@ -2891,8 +2888,7 @@ def cached_attention(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.T
 def generate_fast(model: GPT, prompt_ids: list[int], max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   generator: torch.Generator | None = None) -> Iterator[int]:
-    """Section 11's `generate` with a KV cache; past block_size tokens, the window keeps its
-    last half and is read again (above)."""
+    """Section 11's `generate` with a KV cache; past block_size, it keeps the last half."""
     check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
     if not prompt_ids:
         raise UserError("the prompt is empty: give at least one token")
@@ -2994,8 +2990,7 @@ SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sa
 
 @contextmanager
 def using_threads(n: int):
-    """PyTorch's CPU operations run on n threads inside the block; 0 leaves the number as it is
-    (PyTorch's default of one per core, unless something changed it)."""
+    """PyTorch's CPU operations on n threads inside the block (0: as they are)."""
     if n < 0:
         raise UserError(f"--threads must be 0 (PyTorch's default, one per core) or positive, "
                         f"got {n}")
@@ -3098,8 +3093,7 @@ def process_device(cfg: RunConfig, env: Distributed) -> torch.device:
 
 def wrap_for_device(model: GPT, cfg: RunConfig, env: Distributed,
                     device: torch.device) -> nn.Module:
-    """The module the training steps run: compiled if asked, spread over the processes under
-    torchrun, in bfloat16 on a CUDA GPU. Its weights are the model's."""
+    """The module the steps run: compiled if asked, under DDP, in bfloat16 on a CUDA GPU."""
     if cfg.compile:
         model = torch.compile(model)
     if env.world_size > 1:
@@ -3111,8 +3105,7 @@ def wrap_for_device(model: GPT, cfg: RunConfig, env: Distributed,
 
 
 def process_batches(batches: Iterator, env: Distributed, device: torch.device) -> Iterator:
-    """This process's share of a stream of batches, on its device: every process draws the same
-    batches, N at a time, and process r keeps the r-th of each N."""
+    """This process's share of the batches, on its device: the r-th of every N drawn."""
     while True:
         x, y = [next(batches) for _ in range(env.world_size)][env.rank]
         yield to_device(x, device), to_device(y, device)
@@ -3376,8 +3369,7 @@ class Interrupted(KeyboardInterrupt):
 
 @contextmanager
 def stop_flag_on_signals():
-    """Inside the block, a first Ctrl-C, SIGTERM or SIGHUP sets flag["stop"] (and flag["signal"])
-    instead of ending the program; a second raises Interrupted at once."""
+    """Inside the block, a first signal sets flag['stop']; a second raises Interrupted."""
     flag = {"stop": False, "signal": None, "trained": False}  # "trained": there is a step to save
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -3564,8 +3556,7 @@ class TextScan:
 
 
 def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextScan:
-    """A big text's checksum (of the raw bytes: quick), length in characters and distinct
-    characters (decoded: slow, so remembered in cache_dir under the checksum)."""
+    """A big text's checksum, length and characters (the last two remembered in cache_dir)."""
     digest = hashlib.sha256()
     for raw in raw_chunks(path):
         digest.update(raw)
@@ -3600,8 +3591,7 @@ def progress(path: Path, doing: str, log: Callable, every: float = 5.0) -> Calla
 
 
 def split_pieces(scan: TextScan, log: Callable) -> Iterator[tuple[str, str]]:
-    """("train" or "val", piece) over the whole text, split at 90% of its characters as
-    split_train_val splits, each piece cut where BPE's pre-splitting cuts anyway."""
+    """("train" or "val", piece) over the text, split at 90% and cut where BPE would cut."""
     n_train, seen, carry, split = int(scan.n_chars * 0.9), 0, "", "train"
     for chunk in text_chunks(scan.path, progress(scan.path, "tokenising", log)):
         while chunk:
@@ -3623,8 +3613,7 @@ SAFE_CUT = re.compile(r"[ \t\n\r\v\f](?=\S)")  # read backwards: whitespace afte
 
 
 def safe_cut(text: str) -> int:
-    """The last index where text can be cut without changing BPE's chunks (Appendix B's, or
-    GPT-2's): before whitespace that follows a non-space (0 if there is none)."""
+    """The last index before whitespace after a non-space, where BPE's chunks can end (or 0)."""
     match = SAFE_CUT.search(text[::-1])  # the text backwards: the first match is the last cut
     return len(text) - 1 - match.start() if match else 0
 
@@ -3883,8 +3872,7 @@ def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, 
 def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
                 tokenizer: Tokenizer | None, out_dir: Path, env: Distributed,
                 log: Callable) -> Corpus:
-    """The corpus of a text in memory, or of a big text through its token file; the tokenizer
-    is made here unless a resumed run brings its own."""
+    """The corpus of a text in memory, or of a big text's token file; the tokenizer made here."""
     if scan is None:
         tokenizer = tokenizer or make_tokenizer(cfg.tokenizer, cfg.vocab_size, text,
                                                 split_train_val(text)[0])
@@ -3954,8 +3942,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def sampling_speed(model: GPT, n_tokens: int, generate_ids: Callable) -> tuple[float, float]:
-    """Tokens per second generating `n_tokens` after a one-token prompt, counted after the
-    second token, and the seconds until then (on a GPU: recording the first CUDA graphs)."""
+    """Tokens/s generating n_tokens after the second, and the seconds to the second token."""
     tokens = generate_ids(model, [0], n_tokens,
                           generator=torch.Generator(device=model.device).manual_seed(0))
     synchronize(model.device)
@@ -4151,8 +4138,7 @@ def gpt2_text(data: bytes) -> str:
 
 
 def unicode_class(category: str) -> str:
-    """The body of a `re` character class matching every character whose Unicode category
-    starts with `category` ('L': letters, 'N': numbers), as ranges of code points."""
+    """A `re` class body of the code points whose Unicode category starts with `category`."""
     ranges, start = [], None
     for code in range(sys.maxunicode + 2):  # (one past the end closes the last range)
         inside = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == category
@@ -4233,8 +4219,7 @@ TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["mer
 
 # %%
 def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
-    """Write an Appendix B tokenizer as GPT-2's vocab.json and merges.txt (plus <|endoftext|>);
-    returns the vocabulary size."""
+    """Write an Appendix B tokenizer as GPT-2's two files, plus <|endoftext|>: its size."""
     by_gpt2_order = sorted(range(256), key=lambda byte: gpt2_byte_chars()[byte])
     vocab = {gpt2_text(bytes([byte])): i for i, byte in enumerate(by_gpt2_order)}
     lines = ["#version: 0.2"]
@@ -4384,8 +4369,7 @@ def read_safetensors(path: Path) -> dict:
 
 
 def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
-    """The tensors of model.safetensors under our names, transposed where stored transposed,
-    each checked against the shape of the model `cfg` describes."""
+    """model.safetensors' tensors under our names, transposed where needed, shapes checked."""
     tensors = {name.removeprefix("transformer."): t for name, t in read_safetensors(path).items()}
     with torch.device("meta"):  # shapes only: no memory, no random numbers
         shapes = {name: t.shape for name, t in GPT(cfg, vocab_size).state_dict().items()}
@@ -4469,8 +4453,7 @@ GPT2_BY_HAND = (f"put {', '.join(GPT2_FILES)} from https://huggingface.co/{GPT2_
 
 
 def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> Path:
-    """The folder with GPT-2's files: `weights`, else the Hugging Face cache; downloaded into
-    that cache only when `download` is True."""
+    """The folder of GPT-2's files: `weights`, else the cache; downloaded if `download`."""
     if weights is not None:
         missing = [name for name in GPT2_FILES if not (Path(weights) / name).is_file()]
         if missing:
@@ -4707,8 +4690,7 @@ def add_preset_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_options(parser: argparse.ArgumentParser, *options: tuple) -> None:
-    """Options given as (flag, default, help[, type]): typed like the default, unless a type is
-    given (for a default of None), and the help ends with the default."""
+    """Options as (flag, default, help[, type]): typed like the default; help ends with it."""
     for flag, default, text, *kind in options:
         parser.add_argument(flag, default=default, type=kind[0] if kind else type(default),
                             help=text + (f" (default: {default})" if default is not None else ""))
