@@ -1593,9 +1593,8 @@ if IN_NOTEBOOK:
 
 # %% [markdown]
 # **What the sampling filters do** (section 11) to the trained model's real prediction. Given the
-# context below,
-# the bars show the probability of the most likely next characters: low temperature piles the
-# mass onto the favourite, high temperature spreads it over more candidates, and top-k and
+# context below, the bars show the probability of the most likely next characters: low temperature
+# piles the mass onto the favourite, high temperature spreads it over more candidates, and top-k and
 # top-p cut the tail off completely.
 
 # %%
@@ -1667,10 +1666,9 @@ if IN_NOTEBOOK:
 # the baseline. Each copy has 32 *different* characters, so that every character of the second
 # copy has exactly one earlier occurrence, which the measurements below rely on.
 #
-# The loss is measured per position, `reduction="none"`: one number for each predicted
-# character. The prediction of the second copy's first character is left out of both means: it
-# repeats the first character of the first copy, but nothing in the context announces where the
-# copy starts.
+# The loss is measured per position, `reduction="none"`: one number for each predicted character.
+# The prediction of the second copy's first character is left out of both means: it repeats the
+# first character of the first copy, but nothing in the context announces where the copy starts.
 #
 # **The notebook's model does not copy.** Over 64 such sequences it scores 7.98 nats on the
 # first copy and 7.99 on the second: no better, where a copier would approach zero. The same
@@ -1741,9 +1739,8 @@ if IN_NOTEBOOK:
 # ### Head roles, measured
 #
 # To see a head's attention we need its layer's input: `recording` (above) attaches a hook to each
-# of
-# a list of modules and keeps what passes, the first argument going in (`"input"`, a pre-hook)
-# or the result coming out (`"output"`). For `block.attn` the input is `norm1`'s output, and
+# of a list of modules and keeps what passes, the first argument going in (`"input"`, a pre-hook) or
+# the result coming out (`"output"`). For `block.attn` the input is `norm1`'s output, and
 # `attention_weights(block.attn, x)` recomputes that layer's weights from it.
 #
 # Two scores for each head, both means of attention weights, so between 0 and 1:
@@ -1754,13 +1751,12 @@ if IN_NOTEBOOK:
 #   $t - L + 1$, the one just after the earlier occurrence of the current character (the
 #   current character sits at $t$ and at $t - L$), averaged over the second copy.
 #
-# A head that attended evenly to everything up to itself would give each position $1/(t+1)$:
-# about 0.06 on average as previous-token score (over positions 1 to 63), and 0.02 to 0.03 as
-# induction score (positions 32 to 63); a head that does the job scores near 1. Both scores
-# are measured on the same repeated random sequences, where nothing but the two rules could
-# place attention on those positions: no word or line structure to follow. A head is *named*
-# only when a score passes 0.3, five times the uniform head's previous-token score and more than
-# ten times its induction score.
+# A head that attended evenly to everything up to itself would give each position $1/(t+1)$: about
+# 0.06 on average as previous-token score (over positions 1 to 63), and 0.02 to 0.03 as induction
+# score (positions 32 to 63); a head that does the job scores near 1. Both scores are measured on
+# the same repeated random sequences, where nothing but the two rules could place attention on those
+# positions: no word or line structure to follow. A head is *named* only when a score passes 0.3,
+# five times the uniform head's previous-token score and more than ten times its induction score.
 #
 # **In the notebook's model** no head earns a name. Every head puts 0.08 to 0.29 of its weight
 # on the previous character (on validation text, 0.13 to 0.45: Shakespeare's spelling rewards
@@ -1880,14 +1876,13 @@ if IN_NOTEBOOK:
 #
 # On the notebook's model (five validation batches): 10.57 nats read after the embedding, then
 # 2.53, 2.16, 1.97 and 1.80 after blocks 1 to 4. The first number is far above the uniform
-# guess's 4.17 for a reason worth seeing: the output layer *is* the embedding table (weight
-# tying, section 9), so the embedding of a character, read through it, predicts that same
-# character, confidently. The table of top predictions shows it: after the embedding, each
-# position predicts its own character. One block of attention is enough to turn that into a
-# guess about the next (2.53 already beats the 3.31 of a model that knows only how common each
-# character is, section 10), and each further block buys less: 0.37, 0.19, 0.17. Words form
-# late: where the line has "what", the guesses spell "tiat" after block 2 and "that" from block 3
-# on.
+# guess's 4.17 for a reason worth seeing: the output layer *is* the embedding table (weight tying,
+# section 9), so the embedding of a character, read through it, predicts that same character,
+# confidently. The table of top predictions shows it: after the embedding, each position predicts
+# its own character. One block of attention is enough to turn that into a guess about the next (2.53
+# already beats the 3.31 of a model that knows only how common each character is, section 10), and
+# each further block buys less: 0.37, 0.19, 0.17. Words form late: where the line has "what", the
+# guesses spell "tiat" after block 2 and "that" from block 3 on.
 
 # %%
 def residual_streams(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
@@ -2099,17 +2094,15 @@ if IN_NOTEBOOK:
 # the model needs.
 #
 # **The plateau's length is luck.** The same model and data with other seeds (1337 and 1, all
-# else equal) stayed on the plateau for all 1000 steps, second copy within 0.01 nats of the
-# first, best induction score 0.03 (change `seed` in `tiny_config` to see it). So the step of the
-# phase
+# else equal) stayed on the plateau for all 1000 steps, second copy within 0.01 nats of the first,
+# best induction score 0.03 (change `seed` in `tiny_config` to see it). So the step of the phase
 # change is a property of a run, not of the recipe, and this appendix uses a seed where it comes
 # within the notebook's few seconds.
 #
 # ### When does copying appear?
 #
-# The measurements of this appendix, side by side. "Second" is the
-# second copy's loss on random sequences written twice, "first" the first copy's; "induction"
-# the best head's score:
+# The measurements of this appendix, side by side. "Second" is the second copy's loss on random
+# sequences written twice, "first" the first copy's; "induction" the best head's score:
 #
 # | model | trained on | steps | first | second | induction |
 # |---|---|---|---|---|---|
@@ -2473,16 +2466,16 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 # | `n_kv_head` | one per query head | grouped: 2 for our 4 query heads |
 # | `bias` | in every linear layer and norm | none |
 #
-# `--arch gpt2` or `--arch llama` selects a whole set, and any switch can still be flipped on
-# top (`--arch llama --norm layernorm`). Llama drops biases because they cost memory and bring
-# nothing measurable at scale; Llama 3 shares each key/value head among 4 query heads (32 and
-# 8), and with only 4 query heads we use groups of 2.
+# `--arch gpt2` or `--arch llama` selects a whole set; any switch can still be flipped on top
+# (`--arch llama --norm layernorm`). Llama drops biases, which cost memory and bring nothing
+# measurable at scale; Llama 3 shares each key/value head among 4 query heads (32 and 8); with our 4
+# query heads we use groups of 2.
 #
-# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps, `python
-# llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of 1.70 and
-# `llama` 1.61 in the same time, so `llama` is the default. `--size` picks the shape: `cpu` is
-# Part I's quick run; `gpu` is about ten times bigger, for a GPU (Appendix E), and the default
-# when `train` finds one; `gpt2` is GPT-2's own (Appendix H).
+# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps, `python llm.py
+# train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of 1.70 and `llama` 1.61
+# in the same time, so `llama` is the default. `--size` picks the shape: `cpu` is Part I's quick
+# run; `gpu`, about ten times bigger, the default when `train` finds a GPU (Appendix E); `gpt2` is
+# GPT-2's own (Appendix H).
 
 # %%
 import dataclasses
@@ -2604,10 +2597,10 @@ if IN_NOTEBOOK:
 # ### The race
 #
 # A fair race gives each configuration the same **time**, not the same number of steps: a slower
-# architecture should pay for its slowness. So we time a few training steps of each, give it as
-# many steps as fit in the budget, and scale its learning-rate schedule to that length
-# (evaluations come on top). Here each race lasts seconds, not the quick run's two minutes, so
-# its losses are far above the full runs' (1.61 and 1.70) and show only who learns faster first.
+# architecture should pay for its slowness. So each gets as many steps as a few timed ones say fit
+# in the budget, its learning-rate schedule scaled to that length (evaluations come on top). Each
+# race lasts seconds, not two minutes, so its losses are far above the full runs' and show only who
+# learns faster first.
 
 # %%
 def synchronize(device: torch.device) -> None:
@@ -2710,11 +2703,10 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **One switch at a time.** Starting from the classic `gpt2` set, we flip one switch at a time,
-# two seconds each: about fifty steps, so a few hundredths are run-to-run noise. In longer runs
-# of the same comparison, rotary positions gave the one consistent gain; the other switches pay
-# elsewhere: grouped keys/values and dropped biases in memory and speed, SwiGLU at larger scale
-# (where the Llama and PaLM papers measured it).
+# **One switch at a time.** From the classic `gpt2` set, one switch flipped at a time, two seconds
+# each: about fifty steps, so a few hundredths are noise. In longer runs, rotary positions gave the
+# one consistent gain; the other switches pay elsewhere: grouped keys/values and dropped biases in
+# memory and speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
 
 # %%
 ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
@@ -3128,10 +3120,9 @@ def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
 #
 # ### Settings checked once
 #
-# Options enter the program on the command line, so that is where they are checked, once,
-# each with one line naming the problem and the fix. Inside the model and the loop, the same
-# conditions are only `assert`ed, as invariants: if one fails there, the bug is in the code,
-# not in the user's input.
+# Options enter on the command line, so they are checked there, once, each failure one line naming
+# the problem and the fix. Inside the model and the loop the same conditions are only `assert`ed: if
+# one fails there, the bug is in the code, not in the user's input.
 
 # %%
 import array
@@ -3297,11 +3288,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu",
 # %% [markdown]
 # ### Resuming exactly
 #
-# `--resume` continues the run saved in `latest.pt` with its configuration, tokenizer, weights,
-# optimiser state, step and random generators, so the resumed run's losses are bit-for-bit those
-# of an uninterrupted one (in one process on the CPU: GPU kernels are not always deterministic,
-# and under torchrun only rank 0's random state is saved). The text's checksum must match:
-# resuming on another text would silently train a different run.
+# `--resume` continues the run in `latest.pt` with its configuration, tokenizer, weights, optimiser
+# state, step and random generators, so its losses are bit-for-bit those of an uninterrupted run (in
+# one process on the CPU: GPU kernels are not always deterministic, and under torchrun only rank 0's
+# random state is saved). The text's checksum must match: resuming on another text would silently
+# train a different run.
 
 # %%
 RESUME_FIX = "start a new run without --resume"
@@ -3342,14 +3333,14 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # status (130, 143 and 129). A second signal abandons the step at once. A loss that is not a
 # finite number stops the run before the broken weights can reach a checkpoint.
 #
-# **Under torchrun** a stop must be agreed: if one process stopped while the others waited for
-# its gradients, they would wait forever. So after every step the processes exchange two numbers
-# in one all-reduce ("a broken loss?", "a signal?") and all stop after the same step.
+# **Under torchrun** a stop must be agreed: a process that stopped while the others waited for its
+# gradients would leave them waiting forever. So after every step the processes share two numbers in
+# one all-reduce ("a broken loss?", "a signal?") and all stop after the same step.
 #
-# **One run per folder.** Two runs writing into the same `--out-dir` would leave a mix of both,
-# so `train` holds an exclusive lock on the folder (`fcntl.flock` on its file `.lock`), which
-# the operating system releases when the process ends, however it ends; a second `train` into
-# it stops at once. (Windows has no `flock`: there a run says so.)
+# **One run per folder.** Two runs writing into one `--out-dir` would leave a mix of both, so
+# `train` holds an exclusive lock on the folder (`fcntl.flock` on `.lock`), which the operating
+# system releases when the process ends, however it ends; a second `train` there stops at once.
+# (Windows has no `flock`: there a run says so.)
 
 # %%
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
@@ -3677,11 +3668,9 @@ def write_tokens(scan: TextScan, tokenizer: Tokenizer, path: Path, log: Callable
 # %% [markdown]
 # ### The run
 #
-# `run_training` is `python llm.py train`. It sets up a run (fresh, resumed, or started from
-# given weights) and drives section 10's loop, unchanged, through the module and the batches of
-# Appendix E; after each row the loop yields, a `Supervisor` does what a real run needs: it
-# records each evaluation (`history.csv`, a progress line, checkpoints), checks each step's loss
-# and stops cleanly after a signal, agreed across processes.
+# `run_training` is `python llm.py train`: it sets up a run (fresh, resumed, or from given
+# weights) and drives section 10's loop, unchanged, through Appendix E's module and batches; a
+# `Supervisor` does all of the above with each row the loop yields.
 
 # %%
 @dataclass
@@ -3901,12 +3890,12 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # CUDA graphs, and the time to the second token, which includes recording them), and **peak
 # memory**.
 #
-# **Where the time of a sampled token goes.** A forward pass of the quick-run model is about
-# $2N \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the
-# rest is overhead, PyTorch's launch of each of some 165 tensor operations and Python's cost for
-# each module call. So generation gets faster by doing *fewer* operations: rotating queries and
-# keys together with precomputed tables (section 7) gave about 10% more tokens/s, and dropout 0
-# as an `nn.Identity` (section 6) about 8%.
+# **Where the time of a sampled token goes.** A forward pass of the quick-run model is about $2N
+# \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the rest is
+# overhead, the launch of each of some 165 tensor operations and Python's cost per module call. So
+# generation gets faster by doing *fewer* operations: rotating queries and keys together with
+# precomputed tables (section 7) gave about 10% more tokens/s, dropout 0 as an `nn.Identity`
+# (section 6) about 8%.
 #
 # **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer
 # than writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after
@@ -4640,10 +4629,10 @@ if IN_NOTEBOOK:
 # `UserError` is printed as one line, with exit status 2. A new `train` into a folder that holds
 # another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces it.
 #
-# Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample`
-# stops quietly with status 141, what a shell expects of a program a closed pipe ended
-# (128 + SIGPIPE, as for `yes | head -1`). A `train` has more to do than print: it goes on
-# quietly, saves its checkpoints and plots as usual, and ends with its own status.
+# Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample` stops
+# quietly with status 141 (128 + SIGPIPE, what a shell expects, as for `yes | head -1`). A `train`
+# has more to do than print: it goes on quietly, saves its checkpoints and plots, and ends with its
+# own status.
 
 # %%
 import argparse
@@ -4862,19 +4851,14 @@ def write_training_plots(result: TrainResult, val_text: str, out_dir: Path) -> N
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return
     matplotlib.use("Agg")  # render to files only, whatever display the machine has
-    line = attention_demo_line(val_text, result.model.cfg.block_size)
-    save_figure(plot_losses(result.history), out_dir / "loss.png")
-    save_figure(plot_attention_maps(result.model, result.tokenizer, line),
-                out_dir / "attention.png")
-    print(f"plots: {out_dir / 'loss.png'}, {out_dir / 'attention.png'}")
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a figure to a PNG file (atomically, like every output) and free its memory."""
     import matplotlib.pyplot as plt
-    write_output(Path(path),
-                 lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
+    line = attention_demo_line(val_text, result.model.cfg.block_size)
+    for name, fig in (("loss.png", plot_losses(result.history)), ("attention.png",
+                      plot_attention_maps(result.model, result.tokenizer, line))):
+        write_output(out_dir / name,  # (atomically, like every output)
+                     lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(fig)  # free its memory
+    print(f"plots: {out_dir / 'loss.png'}, {out_dir / 'attention.png'}")
 
 
 def default_prompt(tokenizer: Tokenizer) -> str:
