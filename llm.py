@@ -2741,30 +2741,28 @@ if IN_NOTEBOOK:
 # and 11 (`generate`). Adds `generate_fast`, which makes each new token cost one small step
 # instead of a pass over the whole window. `python llm.py sample` uses it.*
 #
-# When section 11's `generate` writes, every new token runs the model over the whole window again,
-# although the keys and values of the earlier tokens never change (in a causal model, earlier
-# positions never see later ones). So we keep them in a **KV cache**: the prompt is run through the
-# model once (the *prefill*), filling the cache; after that each step computes queries, keys and
-# values for the new token only, and its query attends to all the cached keys. Only the (small)
-# attention still grows with the context.
+# Section 11's `generate` runs the model over the whole window for every new token, although the
+# keys and values of earlier tokens never change (in a causal model, earlier positions never see
+# later ones). A **KV cache** keeps them: the prompt is run through once (the *prefill*), filling
+# the cache; then each step computes queries, keys and values for the new token only, its query
+# attending to all cached keys. Only the (small) attention still grows with the context.
 #
-# **One cache, allocated once.** `KVCache` holds, for every layer, key and value buffers with
-# `block_size` *slots*, one per position. A step writes its tokens' keys and values into their
-# slots, in place, and its queries attend over the slots with section 7's mask $M$, which hides the
-# slots after a query's position. The slots hold the key/value heads unrepeated, so grouped heads
-# save memory here too.
+# **One cache, allocated once.** `KVCache` holds, per layer, key and value buffers with `block_size`
+# *slots*, one per position. A step writes its tokens' keys and values into their slots, in place,
+# and its queries attend over the slots with section 7's mask $M$ hiding those after each query.
+# Key/value heads are held unrepeated, so grouped heads save memory here too.
 #
-# **A second forward pass, on the model's own weights.** The model's `forward` (section 9) always
-# starts at position 0, so `cached_forward` walks the same layers, calling the model's own modules,
-# and adds only the offset positions and the attention over the slots. Two forward passes are two
-# places to keep right, so the cell below and the tests check that the cache gives a full pass's
-# logits at every position, for every positional scheme and for grouped heads.
+# **A second forward pass, on the model's own modules.** The model's `forward` always starts at
+# position 0, so `cached_forward` walks the same layers, adding only the offset positions and the
+# attention over the slots. Two forward passes are two places to keep right: the cell below and the
+# tests check that the cache gives a full pass's logits at every position, for every positional
+# scheme and for grouped heads.
 #
-# **Past `block_size`**, sliding the window by one token, as `generate` does, would mean refilling
-# the cache at every token (every cached key saw tokens that have left the window). So
-# `generate_fast` slides by half a window: when the window is full it keeps its last half and
-# **prefills again**. Its text then differs from `generate`'s, but every token is sampled from the
-# logits a full forward pass gives on its window, which the tests check.
+# **Past `block_size`**, sliding the window by one token, as `generate` does, would refill the cache
+# at every token (every cached key saw tokens that left the window). So `generate_fast` slides by
+# half a window: when full, it keeps the last half and **prefills again**. Its text then differs
+# from `generate`'s, but every token is sampled from the logits of a full pass on its window, which
+# the tests check.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
@@ -2916,19 +2914,16 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### On a GPU: the same steps, replayed as a CUDA graph
 #
-# A GPU is driven by the CPU, which *launches* a small program (a *kernel*) for every operation. One
-# token of a small model is a few hundred kernels, each so small that launching it costs the CPU
-# more than running it costs the GPU: the GPU waits most of the time.
-#
-# A **CUDA graph** removes the launches: the GPU records a sequence of kernels once, then replays
-# all of them on one call. A replay runs the same kernels on tensors of the same shapes at the same
-# addresses, with any Python number frozen in. Hence the cache's design: buffers allocated once; the
-# position as a one-number tensor (`where`) that each step reads for its position rows, RoPE angles
-# and slots; and on a GPU, attention over all `block_size` slots, the mask giving the unwritten ones
-# weight 0 (a CPU, with no launches to save, attends over the written slots only). Each number T of
-# tokens fed (the prompt's length, 1, half a window) is recorded the first time it comes, after two
-# real runs on a *side stream* that do the one-time work (choosing kernels, setting memory aside).
-# Below, the cache's gain on this machine: 500 tokens written with and without it.
+# A GPU is driven by the CPU, which *launches* a small program (a *kernel*) per operation; a small
+# model's token is a few hundred kernels, each cheaper to run than to launch, so the GPU mostly
+# waits. A **CUDA graph** records a sequence of kernels once and replays all of them on one call, on
+# tensors of the same shapes at the same addresses, any Python number frozen in. Hence the cache's
+# design: buffers allocated once; the position as a one-number tensor (`where`) each step reads for
+# its position rows, RoPE angles and slots; and on a GPU, attention over all `block_size` slots, the
+# mask giving unwritten ones weight 0 (a CPU attends over the written slots only). Each number T of
+# tokens fed (the prompt's length, 1, half a window) is recorded the first time, after two real runs
+# on a *side stream* that do the one-time work (choosing kernels, setting memory aside). Below, the
+# cache's gain on this machine: 500 tokens with and without it.
 
 # %%
 if IN_NOTEBOOK:
@@ -4066,20 +4061,18 @@ if IN_NOTEBOOK:
 # ### GPT-2's tokenizer, from its own files
 #
 # GPT-2's tokenizer is Appendix B's byte-level BPE, trained by OpenAI on its web text: 256 byte
-# tokens, 50,000 merges and one special token make its 50,257. It comes as two text files:
-# `merges.txt`, the merges in the order learned, one per line, the two tokens separated by a space
-# (after a first line `#version: 0.2`), and `vocab.json`, mapping each token's text to its id.
+# tokens, 50,000 merges and one special token make its 50,257. It comes as `merges.txt`, the merges
+# in the order learned, one per line as two tokens separated by a space (after a first line
+# `#version: 0.2`), and `vocab.json`, mapping each token's text to its id.
 #
 # **Bytes written as visible characters.** A space or a line break inside a token would break these
 # files, and many bytes are no character on their own (each byte of `é` in UTF-8). So every byte is
 # written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
-# `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order. The
-# space, byte 32, becomes `Ġ`: the token `Ġthe` is " the".
-#
-# **Ids.** The one-byte tokens are numbered in the order of those characters (`!` is 0; `Ā`, byte 0,
-# is 188), not by byte value, and a merged token's id is whatever `vocab.json` says. So
-# `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's rank and id) from the
-# files, and is otherwise `BPETokenizer`.
+# `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order; the
+# space, byte 32, becomes `Ġ`: the token `Ġthe` is " the". The one-byte tokens are numbered in the
+# order of those characters (`!` is 0; `Ā`, byte 0, is 188), and a merged token's id is whatever
+# `vocab.json` says: `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's rank
+# and id) from the files, and is otherwise `BPETokenizer`.
 #
 # **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex` package
 # and tried left to right:
@@ -4088,18 +4081,16 @@ if IN_NOTEBOOK:
 #
 # A contraction (`'s`, `'ll`, ...) is a chunk of its own; then come letters with at most one space
 # before them, digits likewise, other symbols likewise, and whitespace, a run of spaces before a
-# word leaving its last space to the word (`\s+(?!\S)`). Python's `re` has no `\p{L}` (any letter)
-# or `\p{N}` (any number, such as `²` or `½`), and `regex` would be a new dependency for one
-# pattern, so both classes are built as ranges from Python's Unicode tables (`unicodedata`), walking
-# all 1.1 million code points once, at the first use. `\s` is spelled out too: Python's counts four
-# control codes (U+001C to U+001F) that Unicode's does not. Appendix B's pattern has no rule for
+# word leaving its last space to the word (`\s+(?!\S)`). Python's `re` lacks `\p{L}` (any letter)
+# and `\p{N}` (any number, such as `²` or `½`), and the `regex` package would be a new dependency
+# for one pattern, so both classes are built as ranges from `unicodedata`, walking all 1.1 million
+# code points once, at the first use; `\s` is spelled out too. Appendix B's pattern has no
 # contractions (it cuts `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's.
 #
-# **`<|endoftext|>`.** GPT-2 read its training documents one after another with this marker between
-# them; it is the last token, id 50,256, and the model writes it where it thinks a document ends.
-# Encoded as text it would become `<|`, `endoftext` and `|>`, so the encoder cuts the text at every
-# marker and puts the marker's id between the pieces (as `transformers` does by default); decoding
-# writes it back as text.
+# **`<|endoftext|>`**, the last token (id 50,256), stood between GPT-2's training documents: the
+# model writes it where it thinks a document ends. Encoded as text it would become `<|`, `endoftext`
+# and `|>`, so the encoder puts the marker's id between the pieces of text around it (as
+# `transformers` does by default).
 
 # %%
 import functools
@@ -4108,7 +4099,7 @@ import warnings
 
 GPT2_END = "<|endoftext|>"  # GPT-2's special token: the border between two documents
 
-# Unicode's White_Space characters (what \s means in GPT-2's pattern), spelled out for `re`:
+# Unicode's White_Space, GPT-2's \s, spelled out (`re`'s \s adds U+001C to U+001F):
 UNICODE_WHITESPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
@@ -4258,11 +4249,10 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The weights: what each tensor is, and where it goes
 #
-# A GPT-2 *snapshot*, as the Hugging Face hub serves it (the 124M model is `openai-community/gpt2`),
-# is a folder of files; we need four: `config.json` (shape and switches), `model.safetensors` (the
-# weights), `vocab.json` and `merges.txt`. A safetensors file is a JSON header (each tensor's name,
-# number type, shape and place) followed by the raw numbers: reading it runs no code, unlike a
-# pickle, `torch.save`'s format (Appendix F).
+# A GPT-2 *snapshot*, as the Hugging Face hub serves it (`openai-community/gpt2` for the 124M
+# model), is a folder of files, four of which we read: `config.json` (shape and switches),
+# `model.safetensors` (the weights: a JSON header, then raw numbers, so reading it runs no code,
+# unlike `torch.save`'s pickles), `vocab.json` and `merges.txt`.
 #
 # The tensors of GPT-2 (124M), with shapes as stored and `{i}` the block, 0 to 11 (files written by
 # `transformers` put `transformer.` before each name; the loader drops it):
