@@ -2540,10 +2540,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The sine waves of section 6, drawn
 #
-# Neither preset uses the original Transformer's fixed sine waves (`--pos-encoding
-# sinusoidal`); here they are drawn, a row per position. The left channels oscillate quickly
-# from one position to the next, the right ones barely change over 64 positions: together they
-# give every position a distinct pattern.
+# Neither preset uses the original Transformer's fixed sine waves (`--pos-encoding sinusoidal`);
+# here they are, a row per position: the left channels change quickly from one position to the next,
+# the right ones barely over 64 positions, together a distinct pattern per position.
 
 # %%
 def plot_positional_encodings(n_positions: int = 64, dim: int = 64, channels=(0, 2, 10, 20, 40)):
@@ -2567,9 +2566,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### RoPE's preference for nearby tokens
 #
-# A query and a key with identical content, rotated by RoPE (section 7), scored at every offset:
-# the curve is the same wherever the query stands, and tends to fall as the offset grows, as the
-# fast-turning pairs stop agreeing: a gentle built-in preference for nearby tokens.
+# A query and a key with identical content, rotated by RoPE (section 7), scored at every offset: the
+# curve is the same wherever the query stands, and tends to fall with the offset as the fast-turning
+# pairs stop agreeing, a gentle preference for nearby tokens.
 
 # %%
 def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
@@ -2720,10 +2719,10 @@ if IN_NOTEBOOK:
     print_table(ablation)
 
 # %% [markdown]
-# **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In
-# full quick runs BPE reached the lower figure (2.18 against 2.32, `python llm.py train
-# --tokenizer bpe` and without): each step covers about twice as much text, which outweighs the
-# harder prediction. This notebook's few seconds are too short to be sure of it.
+# **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In full
+# quick runs BPE reached the lower figure (2.18 against 2.32, `python llm.py train --tokenizer bpe`
+# and without): each step covers about twice the text, which outweighs the harder prediction. A few
+# seconds are too short to be sure of it.
 
 # %%
 if IN_NOTEBOOK:
@@ -2778,8 +2777,7 @@ class KVCache:
         with torch.inference_mode(False):  # ordinary tensors: one made in inference mode
             # (`evaluating`, section 10) could not be changed outside it, and a cache is both
             shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
-            self.k = [weight.new_zeros(shape) for _ in model.blocks]
-            self.v = [weight.new_zeros(shape) for _ in model.blocks]
+            self.k, self.v = ([weight.new_zeros(shape) for _ in model.blocks] for _ in range(2))
             self.slots = torch.arange(P, device=device)  # (P,)
             self.where = torch.zeros(1, dtype=torch.long, device=device)  # first new position
         self.position = 0  # the same, as a Python number: how many tokens the cache holds
@@ -2941,9 +2939,9 @@ if IN_NOTEBOOK:
 #
 # ### Devices
 #
-# Part I ran everything on the CPU. The device is chosen in order of speed: an NVIDIA GPU
-# (`cuda`), an Apple GPU (`mps`), then the CPU; `--device` overrides the choice. A model moves
-# to a device with `model.to(device)`, and every tensor it meets must be there too.
+# Part I ran everything on the CPU. The device is chosen in order of speed, an NVIDIA GPU (`cuda`),
+# an Apple GPU (`mps`), then the CPU, unless `--device` says; a model moves with `model.to(device)`,
+# and every tensor it meets must be there too.
 
 # %%
 def pick_device(name: str = "auto") -> torch.device:
@@ -3014,13 +3012,6 @@ class Autocast(nn.Module):
     def forward(self, *args):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return self.model(*args)
-
-
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to the device; to a GPU through pinned memory, without waiting."""
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
 
 
 # %% [markdown]
@@ -3095,7 +3086,9 @@ def process_batches(batches: Iterator, env: Distributed, device: torch.device) -
     """This process's share of the batches, on its device: the r-th of every N drawn."""
     while True:
         x, y = [next(batches) for _ in range(env.world_size)][env.rank]
-        yield to_device(x, device), to_device(y, device)
+        if device.type == "cuda":  # through pinned memory, without waiting
+            x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+        yield x.to(device), y.to(device)
 
 
 def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
@@ -3177,18 +3170,17 @@ def validate_config(cfg: RunConfig) -> None:
 # %% [markdown]
 # ### Checkpoints
 #
-# A run keeps two checkpoints in its output folder (`--out-dir`): `ckpt.pt`, the **best** model
-# so far (lowest validation loss), which `sample` uses, and `latest.pt`, the state at the
-# **latest** evaluation (or at Ctrl-C), which `--resume` continues. Each holds a `Run`: the
-# weights, the optimiser's running averages, the step, the loss history, the configuration, the
-# tokenizer, a checksum of the training text, and the state of every random generator. Nothing
-# is saved before the first training step.
+# A run keeps two checkpoints in `--out-dir`: `ckpt.pt`, the **best** model so far (lowest
+# validation loss), which `sample` uses, and `latest.pt`, the state at the **latest** evaluation (or
+# at Ctrl-C), which `--resume` continues. Each holds a `Run`: weights, the optimiser's running
+# averages, step, loss history, configuration, tokenizer, the training text's checksum and every
+# random generator's state. Nothing is saved before the first training step.
 #
-# Every file a run writes goes first to a temporary file, flushed to the disk and renamed into
-# place when complete: a rename happens entirely or not at all, so a crash or a full disk leaves
-# the previous version intact. A checkpoint holds only tensors and plain values, so it is loaded
-# with `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file;
-# anything wrong with one becomes one line saying what to do.
+# Every file a run writes goes to a temporary file, flushed to disk and renamed into place when
+# complete: a rename happens entirely or not at all, so a crash or a full disk leaves the previous
+# version intact. A checkpoint holds only tensors and plain values, so it is loaded with
+# `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file; anything
+# wrong with one becomes one line saying what to do.
 
 # %%
 TRAIN_AGAIN = "train again with `python llm.py train`"
@@ -3317,16 +3309,15 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # %% [markdown]
 # ### Progress, history and a clean stop
 #
-# Every evaluation prints one progress line (the losses, also in bits per byte, the learning
-# rate, the speed and the time left) and rewrites `history.csv`, one row per evaluation.
+# Every evaluation prints a progress line (losses, also in bits per byte, learning rate, speed, time
+# left) and rewrites `history.csv`, a row per evaluation.
 #
-# **A signal stops the run cleanly.** Ctrl-C (the signal SIGINT), SIGTERM (what `kill`,
-# `timeout`, `docker stop` and a cluster's scheduler send) and SIGHUP (the terminal or SSH
-# connection closed) would end the program wherever it happens to be. While training runs,
-# `stop_flag_on_signals` makes each only raise a flag: the loop finishes the current step, saves
-# `latest.pt`, and stops with the command that resumes it, ready to paste, and the usual exit
-# status (130, 143 and 129). A second signal abandons the step at once. A loss that is not a
-# finite number stops the run before the broken weights can reach a checkpoint.
+# **A signal stops the run cleanly.** Ctrl-C (SIGINT), SIGTERM (sent by `kill`, `timeout`, `docker
+# stop` and cluster schedulers) and SIGHUP (the terminal or SSH connection closed) would end the
+# program wherever it is. While training runs, `stop_flag_on_signals` makes each only raise a flag:
+# the loop finishes the step, saves `latest.pt`, and stops with the command that resumes it, ready
+# to paste, and the usual exit status (130, 143 and 129); a second signal abandons the step at once.
+# A loss that is not finite stops the run before broken weights can reach a checkpoint.
 #
 # **Under torchrun** a stop must be agreed: a process that stopped while the others waited for its
 # gradients would leave them waiting forever. So after every step the processes share two numbers in
@@ -3445,14 +3436,13 @@ def write_history(path: Path, history: list) -> None:
 #
 # A text of a gigabyte, held as a Python string and then as 64-bit token ids, would need about
 # twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is read in chunks of
-# `TOKEN_CHUNK_BYTES`: once for its checksum, once for its length (for the 90/10 split) and its
-# characters, and once to write its tokens into a file of 16-bit ids (32-bit above 65,536
-# tokens), which training **memory-maps**: the operating system reads from disk only the pages
-# that batches touch. Both results are kept in `--out-dir` under the text's checksum, so the next
-# run on the same text starts in seconds. BPE learns from the first `BPE_SAMPLE_CHARS`
-# characters only (its counting holds every distinct chunk in memory). Pieces are cut only
-# before whitespace that ends a word, where BPE's pre-splitting cuts anyway, so the tokens are
-# those of the whole text at once.
+# `TOKEN_CHUNK_BYTES`: once for its checksum, once for its length (for the 90/10 split) and
+# characters, and once to write its tokens into a file of 16-bit ids (32-bit above 65,536 tokens),
+# which training **memory-maps**: the operating system reads from disk only the pages that batches
+# touch. Both results are kept in `--out-dir` under the text's checksum, so the next run on it
+# starts in seconds. BPE learns from the first `BPE_SAMPLE_CHARS` characters only (its counting
+# holds every distinct chunk in memory). Pieces are cut only before whitespace that ends a word,
+# where BPE cuts anyway, so the tokens are those of the whole text.
 
 # %%
 def quiet(*_) -> None:
@@ -3892,10 +3882,10 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # precomputed tables (section 7) gave about 10% more tokens/s, dropout 0 as an `nn.Identity`
 # (section 6) about 8%.
 #
-# **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer
-# than writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after
-# about 20 s of compiling, which the quick run's 3000 steps only just win back. So `--compile
-# true` is opt-in, and the sampler does not compile.
+# **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer than
+# writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after about 20 s
+# of compiling, which the quick run's 3000 steps only just win back. So `--compile true` is opt-in,
+# and the sampler never compiles.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
@@ -4178,11 +4168,9 @@ class GPT2Tokenizer(BPETokenizer):
 
     def encode(self, text: str) -> list[int]:
         pieces = text.split(GPT2_END) if self.end_id is not None else [text]
-        ids = []
-        for n, piece in enumerate(pieces):
-            if n > 0:
-                ids.append(self.end_id)  # the marker stood between this piece and the last
-            ids.extend(super().encode(piece))  # Appendix B's: chunks, then merges by rank
+        ids = super().encode(pieces[0])  # Appendix B's: chunks, then merges by rank
+        for piece in pieces[1:]:  # each after a marker
+            ids += [self.end_id] + super().encode(piece)
         return ids
 
     def state(self) -> dict:
@@ -4334,22 +4322,18 @@ def gpt2_config(folder: Path) -> tuple[dict, int]:
             "dropout": 0.0}, vocab_size
 
 
-def read_safetensors(path: Path) -> dict:
+def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
+    """model.safetensors' tensors under our names, transposed where needed, shapes checked."""
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise UserError("reading GPT-2's weights needs the safetensors package: "
                         "pip install safetensors") from None
     try:
-        return load_file(path)
+        tensors = {name.removeprefix("transformer."): t for name, t in load_file(path).items()}
     except Exception as e:  # a missing, truncated or foreign file
         raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}): "
                         "download the snapshot again") from None
-
-
-def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
-    """model.safetensors' tensors under our names, transposed where needed, shapes checked."""
-    tensors = {name.removeprefix("transformer."): t for name, t in read_safetensors(path).items()}
     with torch.device("meta"):  # shapes only: no memory, no random numbers
         shapes = {name: t.shape for name, t in GPT(cfg, vocab_size).state_dict().items()}
     shapes.pop("lm_head.weight")  # tied: it is the token table
