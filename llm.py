@@ -4390,10 +4390,8 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
     folder = Path(folder)
     arch, vocab_size = gpt2_config(folder)
     weights = gpt2_weights(folder / "model.safetensors", ModelConfig(**arch), vocab_size)
-    if not with_tokenizer:
-        return Pretrained(arch, weights, folder=folder)
-    tokenizer = GPT2Tokenizer.from_files(folder)
-    if tokenizer.vocab_size != vocab_size:
+    tokenizer = GPT2Tokenizer.from_files(folder) if with_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size != vocab_size:
         raise UserError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens, but "
                         f"config.json says {vocab_size}: the files come from different models")
     return Pretrained(arch, weights, tokenizer, folder)
