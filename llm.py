@@ -2134,9 +2134,9 @@ if IN_NOTEBOOK:
 # chosen with `--tokenizer bpe`, and a unit that compares models across tokenizers.*
 #
 # Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become one token,
-# rare words are spelled in pieces. Sequences get shorter (more text fits in the context), at the
-# price of a bigger vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a
-# vocabulary from data:
+# rare words come in pieces. Sequences get shorter (more text fits in the context), for a bigger
+# vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a vocabulary from
+# data:
 #
 # 1. Start from the 256 byte values of the text's UTF-8 encoding: every string can be written in
 #    bytes, so, unlike with the character tokenizer, no character is unknown.
@@ -2156,9 +2156,6 @@ if IN_NOTEBOOK:
 # once, with a count: 512 tokens train on tiny Shakespeare in about a second, not minutes.
 # **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its adjacent
 # pairs, until none is left; each distinct chunk is encoded once and kept.
-#
-# **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its
-# adjacent pairs, until no learned pair is left. Each distinct chunk is encoded once and kept.
 
 # %%
 import codecs
@@ -4474,9 +4471,8 @@ if IN_NOTEBOOK:
     try:
         reference = save_random_gpt2(tiny_folder)
     except ImportError:
-        reference = None
         print("skipped: transformers is not installed (pip install transformers)")
-    if reference is not None:
+    else:
         tiny = read_gpt2(tiny_folder, with_tokenizer=False).model()
         ids = torch.randint(300, (2, 32), generator=torch.Generator().manual_seed(0))  # (B, T)
         with torch.no_grad():
@@ -4499,10 +4495,9 @@ if IN_NOTEBOOK:
     try:
         gpt2 = read_gpt2(find_gpt2_snapshot())  # the cache only: nothing is downloaded here
     except UserError as e:
-        gpt2 = None
         print(f"{e}\n(in the notebook: find_gpt2_snapshot(download=True))\n"
               "The demonstration is skipped: no weights, no GPT-2 text.")
-    if gpt2 is not None:
+    else:
         print(generate_text(gpt2.model(), gpt2.tokenizer, "The meaning of a word is", 400,
                             temperature=0.8, top_k=50, generate_ids=generate_fast))
 
@@ -4594,10 +4589,10 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix I. The command line
 #
-# *Builds on everything: `python llm.py train`, `sample`, `tokenize` and `bench` drive the same
-# functions as the notebook.* Every `RunConfig` field becomes an option of `train` (`n_layer` →
-# `--n-layer`), typed like its default and documented by its one-line explanation, so the help
-# can never drift from the code. Options are checked once, here (`validate_config`), and any
+# *Builds on everything: `python llm.py train`, `sample`, `tokenize`, `bench` and `inspect` drive
+# the same functions as the notebook.* Every `RunConfig` field becomes an option of `train`
+# (`n_layer` → `--n-layer`), typed like its default and documented by its one-line explanation, so
+# the help cannot drift from the code. Options are checked once, here (`validate_config`), and a
 # `UserError` is printed as one line, with exit status 2. A new `train` into a folder that holds
 # another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces it.
 #
