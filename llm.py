@@ -2765,8 +2765,7 @@ CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cach
 
 
 class KVCache:
-    """Every layer's keys and values, in buffers allocated once for a whole window; on a CUDA
-    GPU, each step is a replayed CUDA graph (below)."""
+    """Every layer's keys and values, in buffers allocated once for a whole window (above)."""
 
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
@@ -3468,9 +3467,8 @@ def text_source(path: Path, log: Callable = quiet) -> str | Path:
 
 
 def read_text(path: Path) -> str:
-    """Section 3's load_text, checked: anything wrong with the file is one line naming the
-    problem and the fix. What is not a regular file (a pipe, a device: no size to check first)
-    is read only up to the size of a text held in memory, and refused if it goes on."""
+    """Section 3's load_text, each problem one line with its fix. What is not a regular file (a
+    pipe, a device: no size to check first) is read up to IN_MEMORY_BYTES, refused beyond."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a UTF-8 text file")
@@ -4609,9 +4607,8 @@ from contextlib import nullcontext
 
 @contextmanager
 def naming(options: str | dict):
-    """A UserError inside the block, said in the command line's words: one option's name
-    (`--data`) goes before its message; the names of a dict, Part I's parameters (`top_k must
-    be ...`), become options (`--top-k must be ...`)."""
+    """A UserError in the block, in the command line's words: "--data" goes before its message;
+    a dict's names, Part I's parameters (`top_k must ...`), become options (`--top-k must ...`)."""
     try:
         yield
     except UserError as e:
