@@ -3537,7 +3537,7 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
         known = json.loads(remembered.read_text(encoding="utf-8"))
         return TextScan(path, sha256, known["n_chars"], known["chars"])
     n_chars, chars = 0, set()
-    for chunk in text_chunks(path, progress(path, "reading", log)):
+    for chunk in text_chunks(path, progress_of(path, "reading", log)):
         n_chars += len(chunk)
         chars.update(chunk)
     if n_chars == 0:
@@ -3549,7 +3549,7 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
     return scan
 
 
-def progress(path: Path, doing: str, log: Callable, every: float = 5.0) -> Callable:
+def progress_of(path: Path, doing: str, log: Callable, every: float = 5.0) -> Callable:
     """report(bytes done) for a pass over a big file: says, every few seconds, how far it is."""
     total, started, last = path.stat().st_size, time.perf_counter(), [time.perf_counter()]
 
@@ -3564,7 +3564,7 @@ def progress(path: Path, doing: str, log: Callable, every: float = 5.0) -> Calla
 def split_pieces(scan: TextScan, log: Callable) -> Iterator[tuple[str, str]]:
     """("train" or "val", piece) over the text, split at 90% and cut where BPE would cut."""
     n_train, seen, carry, split = int(scan.n_chars * 0.9), 0, "", "train"
-    for chunk in text_chunks(scan.path, progress(scan.path, "tokenising", log)):
+    for chunk in text_chunks(scan.path, progress_of(scan.path, "tokenising", log)):
         while chunk:
             room = n_train - seen if split == "train" else len(chunk)
             part, chunk = chunk[:room], chunk[room:]
