@@ -1593,9 +1593,8 @@ if IN_NOTEBOOK:
 
 # %% [markdown]
 # **What the sampling filters do** (section 11) to the trained model's real prediction. Given the
-# context below,
-# the bars show the probability of the most likely next characters: low temperature piles the
-# mass onto the favourite, high temperature spreads it over more candidates, and top-k and
+# context below, the bars show the probability of the most likely next characters: low temperature
+# piles the mass onto the favourite, high temperature spreads it over more candidates, and top-k and
 # top-p cut the tail off completely.
 
 # %%
@@ -1667,10 +1666,9 @@ if IN_NOTEBOOK:
 # the baseline. Each copy has 32 *different* characters, so that every character of the second
 # copy has exactly one earlier occurrence, which the measurements below rely on.
 #
-# The loss is measured per position, `reduction="none"`: one number for each predicted
-# character. The prediction of the second copy's first character is left out of both means: it
-# repeats the first character of the first copy, but nothing in the context announces where the
-# copy starts.
+# The loss is measured per position, `reduction="none"`: one number for each predicted character.
+# The prediction of the second copy's first character is left out of both means: it repeats the
+# first character of the first copy, but nothing in the context announces where the copy starts.
 #
 # **The notebook's model does not copy.** Over 64 such sequences it scores 7.98 nats on the
 # first copy and 7.99 on the second: no better, where a copier would approach zero. The same
@@ -1741,9 +1739,8 @@ if IN_NOTEBOOK:
 # ### Head roles, measured
 #
 # To see a head's attention we need its layer's input: `recording` (above) attaches a hook to each
-# of
-# a list of modules and keeps what passes, the first argument going in (`"input"`, a pre-hook)
-# or the result coming out (`"output"`). For `block.attn` the input is `norm1`'s output, and
+# of a list of modules and keeps what passes, the first argument going in (`"input"`, a pre-hook) or
+# the result coming out (`"output"`). For `block.attn` the input is `norm1`'s output, and
 # `attention_weights(block.attn, x)` recomputes that layer's weights from it.
 #
 # Two scores for each head, both means of attention weights, so between 0 and 1:
@@ -1754,13 +1751,12 @@ if IN_NOTEBOOK:
 #   $t - L + 1$, the one just after the earlier occurrence of the current character (the
 #   current character sits at $t$ and at $t - L$), averaged over the second copy.
 #
-# A head that attended evenly to everything up to itself would give each position $1/(t+1)$:
-# about 0.06 on average as previous-token score (over positions 1 to 63), and 0.02 to 0.03 as
-# induction score (positions 32 to 63); a head that does the job scores near 1. Both scores
-# are measured on the same repeated random sequences, where nothing but the two rules could
-# place attention on those positions: no word or line structure to follow. A head is *named*
-# only when a score passes 0.3, five times the uniform head's previous-token score and more than
-# ten times its induction score.
+# A head that attended evenly to everything up to itself would give each position $1/(t+1)$: about
+# 0.06 on average as previous-token score (over positions 1 to 63), and 0.02 to 0.03 as induction
+# score (positions 32 to 63); a head that does the job scores near 1. Both scores are measured on
+# the same repeated random sequences, where nothing but the two rules could place attention on those
+# positions: no word or line structure to follow. A head is *named* only when a score passes 0.3,
+# five times the uniform head's previous-token score and more than ten times its induction score.
 #
 # **In the notebook's model** no head earns a name. Every head puts 0.08 to 0.29 of its weight
 # on the previous character (on validation text, 0.13 to 0.45: Shakespeare's spelling rewards
@@ -1880,14 +1876,13 @@ if IN_NOTEBOOK:
 #
 # On the notebook's model (five validation batches): 10.57 nats read after the embedding, then
 # 2.53, 2.16, 1.97 and 1.80 after blocks 1 to 4. The first number is far above the uniform
-# guess's 4.17 for a reason worth seeing: the output layer *is* the embedding table (weight
-# tying, section 9), so the embedding of a character, read through it, predicts that same
-# character, confidently. The table of top predictions shows it: after the embedding, each
-# position predicts its own character. One block of attention is enough to turn that into a
-# guess about the next (2.53 already beats the 3.31 of a model that knows only how common each
-# character is, section 10), and each further block buys less: 0.37, 0.19, 0.17. Words form
-# late: where the line has "what", the guesses spell "tiat" after block 2 and "that" from block 3
-# on.
+# guess's 4.17 for a reason worth seeing: the output layer *is* the embedding table (weight tying,
+# section 9), so the embedding of a character, read through it, predicts that same character,
+# confidently. The table of top predictions shows it: after the embedding, each position predicts
+# its own character. One block of attention is enough to turn that into a guess about the next (2.53
+# already beats the 3.31 of a model that knows only how common each character is, section 10), and
+# each further block buys less: 0.37, 0.19, 0.17. Words form late: where the line has "what", the
+# guesses spell "tiat" after block 2 and "that" from block 3 on.
 
 # %%
 def residual_streams(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
@@ -2099,17 +2094,15 @@ if IN_NOTEBOOK:
 # the model needs.
 #
 # **The plateau's length is luck.** The same model and data with other seeds (1337 and 1, all
-# else equal) stayed on the plateau for all 1000 steps, second copy within 0.01 nats of the
-# first, best induction score 0.03 (change `seed` in `tiny_config` to see it). So the step of the
-# phase
+# else equal) stayed on the plateau for all 1000 steps, second copy within 0.01 nats of the first,
+# best induction score 0.03 (change `seed` in `tiny_config` to see it). So the step of the phase
 # change is a property of a run, not of the recipe, and this appendix uses a seed where it comes
 # within the notebook's few seconds.
 #
 # ### When does copying appear?
 #
-# The measurements of this appendix, side by side. "Second" is the
-# second copy's loss on random sequences written twice, "first" the first copy's; "induction"
-# the best head's score:
+# The measurements of this appendix, side by side. "Second" is the second copy's loss on random
+# sequences written twice, "first" the first copy's; "induction" the best head's score:
 #
 # | model | trained on | steps | first | second | induction |
 # |---|---|---|---|---|---|
@@ -2140,39 +2133,29 @@ if IN_NOTEBOOK:
 # *Builds on sections 4 (the character tokenizer) and 5 (the loss). Adds a second tokenizer,
 # chosen with `--tokenizer bpe`, and a unit that compares models across tokenizers.*
 #
-# Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become a single
-# token, rare words are spelled out in pieces. Sequences get shorter (more text fits in the
-# context, and each step of the model covers more of it), at the price of a bigger vocabulary.
+# Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become one token,
+# rare words come in pieces. Sequences get shorter (more text fits in the context), for a bigger
+# vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a vocabulary from
+# data:
 #
-# **Byte-level BPE** (used by GPT-2 and most models since) builds such a vocabulary from data:
+# 1. Start from the 256 byte values of the text's UTF-8 encoding: every string can be written in
+#    bytes, so, unlike with the character tokenizer, no character is unknown.
+# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...), and
+#    every occurrence of the pair is replaced by it. Ties go to the smaller pair of ids (first
+#    id, then second), so the same text always gives the same merges.
+# 3. Repeat until the vocabulary has the size asked for. The list of merges *is* the tokenizer.
 #
-# 1. Start from the 256 possible byte values of the text's UTF-8 encoding. Every string can be
-#    written in bytes, so — unlike the character tokenizer — there are no unknown characters.
-# 2. Count every pair of adjacent tokens in the training text; the most frequent pair becomes a
-#    new token (id 256, then 257, ...), and every occurrence of the pair is replaced by it.
-# 3. Repeat until the vocabulary has the size we asked for. The list of merges *is* the
-#    tokenizer.
+# **Pre-splitting.** The text is first cut into word-like chunks (a word with its leading space, a
+# number, a run of punctuation, a run of whitespace), and merges never cross a chunk boundary, so no
+# vocabulary is wasted on accidents of adjacency such as `"e t"` in `"the tree"`. For GPT-2's
+# "letter", `\p{L}`, which Python's `re` lacks, `[^\W\d_]` (a word character, not a digit or `_`)
+# covers letters of every script.
 #
-# Ties between equally frequent pairs are broken by the smaller pair of ids (first id, then
-# second), so the same text always gives the same merges.
-#
-# **Pre-splitting.** Before counting, the text is cut into word-like chunks — a word with its
-# leading space, a number, a run of punctuation, a run of whitespace — and merges never cross a
-# chunk boundary. Otherwise the most frequent pairs would glue the end of one word to the start of
-# the next (`"e t"` in `"the tree"`), wasting vocabulary on accidents of adjacency. GPT-2 cuts with
-# the regular expression class `\p{L}` ("any letter"), which Python's `re` lacks; we write
-# "letter" as `[^\W\d_]`: a word character (`\w`) that is neither a digit nor `_`, which covers
-# letters of every script.
-#
-# **Counting incrementally.** Recounting all pairs after every merge costs a pass over the whole
-# text per merge. Instead we count the pairs once, remember which chunks contain each pair, and
-# after a merge update only the counts of those chunks: subtract their old pairs, add their new
-# ones. Identical chunks (every `" the"`) are stored once, with a count. Training 512 tokens on
-# tiny Shakespeare then takes about a second instead of minutes.
-#
-# **Encoding** new text applies the merges in the order they were learned: within each chunk,
-# repeatedly merge the adjacent pair that was learned *earliest*, until no learned pair is left.
-# Each distinct chunk is encoded once and remembered.
+# **Counting incrementally.** The pairs are counted once, noting which chunks hold each; a merge
+# then recounts only the chunks that held its pair, and identical chunks (every `" the"`) are stored
+# once, with a count: 512 tokens train on tiny Shakespeare in about a second, not minutes.
+# **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its adjacent
+# pairs, until none is left; each distinct chunk is encoded once and kept.
 
 # %%
 import codecs
@@ -2184,8 +2167,7 @@ CHUNK_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every occurrence of `pair` in `ids` (left to right) by `new_id`:
-    merge_pair([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]."""
+    """Replace each `pair` in `ids`, left to right, by new_id: [1, 2, 3, 1, 2] -> [4, 3, 4]."""
     out, i = [], 0
     while i < len(ids):
         if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
@@ -2195,17 +2177,6 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
             out.append(ids[i])
             i += 1
     return out
-
-
-def count_pairs(words: list[list[int]], counts: list[int]):
-    """How often each adjacent pair occurs (weighted by chunk count), and in which chunks:
-    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): {0}, (2, 1): {0}})."""
-    pair_counts, where = collections.Counter(), collections.defaultdict(set)
-    for w, ids in enumerate(words):
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += counts[w]
-            where[pair].add(w)
-    return pair_counts, where
 
 
 class BPETokenizer:
@@ -2228,7 +2199,19 @@ class BPETokenizer:
         chunk_counts = collections.Counter(CHUNK_PATTERN.findall(text))
         words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # each distinct chunk once
         counts = list(chunk_counts.values())
-        pair_counts, where = count_pairs(words, counts)
+        pair_counts = collections.Counter()  # pair -> occurrences, weighted by chunk count
+        where = collections.defaultdict(set)  # pair -> the chunks that hold it
+
+        def count(w: int, sign: int) -> None:  # add (+1) or take away (-1) chunk w's pairs
+            for pair in zip(words[w], words[w][1:]):
+                pair_counts[pair] += sign * counts[w]
+                if sign > 0:
+                    where[pair].add(w)
+                elif pair_counts[pair] == 0:
+                    del pair_counts[pair]
+
+        for w in range(len(words)):
+            count(w, +1)
         merges = []
         for new_id in range(256, vocab_size):
             if not pair_counts:
@@ -2236,14 +2219,9 @@ class BPETokenizer:
             best = max(pair_counts, key=lambda pair: (pair_counts[pair], -pair[0], -pair[1]))
             merges.append(best)
             for w in where.pop(best):  # only the chunks that contain the pair change
-                for pair in zip(words[w], words[w][1:]):  # forget the chunk's old pairs...
-                    pair_counts[pair] -= counts[w]
-                    if pair_counts[pair] == 0:
-                        del pair_counts[pair]
+                count(w, -1)
                 words[w] = merge_pair(words[w], best, new_id)
-                for pair in zip(words[w], words[w][1:]):  # ...and count its new ones
-                    pair_counts[pair] += counts[w]
-                    where[pair].add(w)
+                count(w, +1)
         return cls(merges)
 
     @property
@@ -2304,8 +2282,8 @@ if IN_NOTEBOOK:
     print("round trip of text it never saw:", bpe.decode(bpe.encode(unseen)) == unseen)
 
 # %% [markdown]
-# Drawn with alternating colours (spaces shown as ␣), the token boundaries show what the merges
-# learned: common words with their leading space are single tokens, rarer words come in pieces.
+# Drawn in alternating colours (spaces as ␣), the tokens show what the merges learned: common words
+# with their leading space are single tokens, rarer ones come in pieces.
 
 # %%
 def plot_token_boundaries(tokenizer, line: str, title: str):
@@ -2332,10 +2310,9 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# How much shorter do sequences get? The **compression** — UTF-8 bytes per token on the
-# validation text, which none of these tokenizers was trained on — grows with the vocabulary,
-# fast at first and then slowly: the most frequent pairs are merged first, and every further
-# merge saves less.
+# How much shorter do sequences get? The **compression**, UTF-8 bytes per token on the validation
+# text (which no tokenizer here was trained on), grows with the vocabulary, fast at first, then
+# slowly: the most frequent pairs are merged first.
 
 # %%
 def plot_compression(train_text: str, val_text: str, sizes=(256, 512, 1024)):
@@ -2356,11 +2333,10 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# Both tokenizers can be rebuilt from a few plain values (`tokenizer_state`), which checkpoints
-# store, so a model is always decoded with exactly the tokenizer it was trained with. The character
-# vocabulary is taken from the whole text — a character that occurs only in the validation part
-# would otherwise have no id — while BPE is trained on the training part alone: it can encode any
-# text anyway, and its merges should not be tuned on the text that measures the model.
+# Checkpoints store each tokenizer as a few plain values (`tokenizer_state`), so a model is always
+# decoded with its own tokenizer. The character vocabulary comes from the whole text (a character
+# only in the validation part would otherwise have no id); BPE learns from the training part alone:
+# it encodes any text anyway, and should not be tuned on the text that measures the model.
 
 # %%
 Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
@@ -2399,16 +2375,15 @@ def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> To
 # ### Bits per byte
 #
 # A loss in nats *per token* cannot compare the two tokenizers: a BPE token carries about two
-# characters, so predicting it is harder, and its loss is higher even when the model is
-# better. The fair unit is **bits per byte**: the loss per token, converted to bits (divided by
-# ln 2), divided by the number of UTF-8 bytes per token of the validation text. It is the
-# number of bits the model would need to compress the text, per byte, whatever the tokenizer.
-# **Bits per character** divides by characters instead; for plain English text the two are
-# equal. Runs report both beside the loss (Appendix F), and Appendix C races the tokenizers.
+# characters, so predicting it is harder and its loss higher, even from a better model. The fair
+# unit is **bits per byte**: the loss per token in bits (divided by ln 2), divided by the UTF-8
+# bytes per token of the validation text; the bits the model would need to compress the text, per
+# byte, whatever the tokenizer. **Bits per character** divides by characters instead (for plain
+# English, the same). Runs report both (Appendix F).
 #
-# A `Corpus` is a text made ready for training: its tokenizer, both splits as tensors of token
-# ids, and how many bytes and characters a validation token stands for. This is where a text
-# meets the model's settings, so it is where a text too short for the context is refused.
+# A `Corpus` is a text made ready for training: its tokenizer, both splits as token ids, and the
+# bytes and characters a validation token stands for. Here a text meets the model's settings, so
+# here a text too short for the context is refused.
 
 # %%
 @dataclass
@@ -2444,20 +2419,16 @@ def with_bits(row: dict, corpus: Corpus) -> dict:
 # %% [markdown]
 # ### Text as it is generated
 #
-# The command line prints text while it is being written. `stream_text` turns the token ids of a
-# generator (section 11's `generate`, or Appendix D's faster `generate_fast`) into text, piece by
-# piece. A byte-level token can end in the middle of a multi-byte character, which is why it
-# decodes through an incremental decoder.
+# The command line prints text as it is written: `stream_text` turns the token ids of a generator
+# (section 11's `generate`, or Appendix D's `generate_fast`) into text, piece by piece. A byte-level
+# token can end inside a multi-byte character, so the bytes go through an incremental UTF-8 decoder,
+# which holds a partial character back until the rest arrives.
 
 # %%
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
                 generate_ids: Callable = generate, **sampling) -> Iterator[str]:
     """Yield the continuation of `prompt`, piece by piece, until it has `num_chars` characters.
-
-    A byte-level token may end in the middle of a multi-byte character, so bytes go through
-    an incremental UTF-8 decoder, which holds a partial character back until the rest
-    arrives. Each token adds at least one byte and a character has at most 4, so 4 * num_chars
-    tokens always suffice; we stop as soon as there are enough characters."""
+    Each token adds at least one byte and a character has at most 4: 4 * num_chars tokens do."""
     generator = torch.Generator(device=model.device).manual_seed(seed)  # same seed, same text
     new_ids = generate_ids(model, tokenizer.encode(prompt), 4 * num_chars, generator=generator,
                            **sampling)
@@ -2492,21 +2463,16 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 # | `n_kv_head` | one per query head | grouped: 2 for our 4 query heads |
 # | `bias` | in every linear layer and norm | none |
 #
-# `--arch gpt2` or `--arch llama` selects a whole set, and any switch can still be flipped on
-# top (`--arch llama --norm layernorm`). Llama drops biases because they cost memory and bring
-# nothing measurable at scale. For grouping, Llama 3 shares each key/value head among 4 query
-# heads (32 query, 8 key/value); with only 4 query heads we use groups of 2, so the model
-# keeps more than one key/value head.
+# `--arch gpt2` or `--arch llama` selects a whole set; any switch can still be flipped on top
+# (`--arch llama --norm layernorm`). Llama drops biases, which cost memory and bring nothing
+# measurable at scale; Llama 3 shares each key/value head among 4 query heads (32 and 8); with our 4
+# query heads we use groups of 2.
 #
-# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps,
-# `python llm.py train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of
-# 1.70 and `llama` 1.61, in the same time (`gpt2` reached 1.70 with the exact GELU and with
-# GPT-2's tanh formula alike). So `llama` is the default.
-# Below, the notebook repeats the comparison on equal time and flips the switches one at a time.
-#
-# `--size` picks the model's shape: `cpu` is the quick run of Part I; `gpu` is a model about
-# ten times bigger, for a GPU (Appendix E), and the default when `train` finds a CUDA GPU;
-# `gpt2` is GPT-2's own shape (Appendix H).
+# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps, `python llm.py
+# train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of 1.70 and `llama` 1.61
+# in the same time, so `llama` is the default. `--size` picks the shape: `cpu` is Part I's quick
+# run; `gpu`, about ten times bigger, the default when `train` finds a GPU (Appendix E); `gpt2` is
+# GPT-2's own (Appendix H).
 
 # %%
 import dataclasses
@@ -2595,11 +2561,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The sine waves of section 6, drawn
 #
-# Neither preset uses the original Transformer's fixed sine waves (`--pos-encoding
-# sinusoidal`); they are here for comparison. Each row of the table is the code of one position.
-# The left channels oscillate quickly from one position to the next, the right ones so slowly
-# that they barely change over 64 positions: together they give every position a distinct
-# pattern.
+# Neither preset uses the original Transformer's fixed sine waves (`--pos-encoding sinusoidal`);
+# here they are, a row per position: the left channels change quickly from one position to the next,
+# the right ones barely over 64 positions, together a distinct pattern per position.
 
 # %%
 def plot_positional_encodings(n_positions: int = 64, dim: int = 64, channels=(0, 2, 10, 20, 40)):
@@ -2623,10 +2587,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### RoPE's preference for nearby tokens
 #
-# A query and a key with identical content, rotated by RoPE (section 7), scored at every offset.
-# The curve is the same wherever the query stands (three query positions, one curve), and it
-# tends to fall as the offset grows, because the fast-turning pairs stop agreeing: a gentle
-# built-in preference for nearby tokens.
+# A query and a key with identical content, rotated by RoPE (section 7), scored at every offset: the
+# curve is the same wherever the query stands, and tends to fall with the offset as the fast-turning
+# pairs stop agreeing, a gentle preference for nearby tokens.
 
 # %%
 def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
@@ -2640,8 +2603,7 @@ def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 9
         ax.plot(offsets, scores, label=f"query at position {m}",
                 linewidth=5 - query_positions.index(m) * 1.5)  # thinner lines drawn on top
     ax.set(title="RoPE: query·key score depends only on the offset",
-           xlabel="offset m - n (key before query)",
-           ylabel="query · key")
+           xlabel="offset m - n (key before query)", ylabel="query · key")
     ax.legend()
     return fig
 
@@ -2654,14 +2616,11 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The race
 #
-# Here the notebook measures the two presets again, on whatever machine runs it. A fair race
-# gives both the same **time**, not the same number of steps: a slower architecture should pay
-# for its slowness. So we first time a few training steps of each configuration, give it as many
-# steps as fit in the budget, and scale its learning-rate schedule to that length (warmup for
-# the first 1/30 of the steps, as in the quick run). The budget covers the training steps;
-# evaluations come on top. To keep the notebook quick, each race here lasts seconds, not the
-# quick run's two minutes, so its losses are far higher than the full runs' (1.61 and 1.70) and
-# show only who learns faster at first.
+# A fair race gives each configuration the same **time**, not the same number of steps: a slower
+# architecture should pay for its slowness. So each gets as many steps as a few timed ones say fit
+# in the budget, its learning-rate schedule scaled to that length (evaluations come on top). Each
+# race lasts seconds, not two minutes, so its losses are far above the full runs' and show only who
+# learns faster first.
 
 # %%
 def synchronize(device: torch.device) -> None:
@@ -2672,9 +2631,10 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def median_seconds(call: Callable, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median time of `call()` over `repeats` timed calls, after `warmup` untimed ones (the
-    first calls allocate memory and pick kernels); the median resists the odd slow call."""
+def seconds_per_call(call: Callable, device: torch.device, repeats: int, warmup: int,
+                     fastest: bool = False) -> float:
+    """Median (or fastest) time of `call()` over `repeats` timed calls, after `warmup` untimed
+    ones (the first calls allocate memory and pick kernels); a median resists the odd slow call."""
     for _ in range(warmup):
         call()
     times = []
@@ -2684,15 +2644,14 @@ def median_seconds(call: Callable, device: torch.device, repeats: int, warmup: i
         call()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times) if fastest else sorted(times)[len(times) // 2]
 
 
 def seconds_per_step(cfg: RunConfig, vocab_size: int, probe_steps: int = 20,
                      device: torch.device = torch.device("cpu"),
                      wrap: Callable = lambda model: model) -> tuple[float, GPT]:
-    """Median time of one training step of `cfg` on `device` (random tokens of the real shapes:
-    speed does not depend on the text), and the model it was measured with. `wrap` gives the
-    module the steps run (Appendix E's `wrap_for_device`, say)."""
+    """Median time of one training step of `cfg` on `device`, on random tokens, and the model it
+    was measured with; `wrap` gives the module the steps run (Appendix E's `wrap_for_device`)."""
     set_seed(cfg.seed)
     model = build_model(cfg, vocab_size).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -2703,7 +2662,7 @@ def seconds_per_step(cfg: RunConfig, vocab_size: int, probe_steps: int = 20,
     def step() -> None:
         train_step(stepped, optimizer, batches, cfg.learning_rate, cfg.grad_clip)
 
-    return median_seconds(step, device, probe_steps, warmup=3), model
+    return seconds_per_call(step, device, probe_steps, warmup=3), model
 
 
 def tokens_per_step(cfg: RunConfig) -> int:
@@ -2712,9 +2671,7 @@ def tokens_per_step(cfg: RunConfig) -> int:
 
 
 def train_for(cfg: RunConfig, text: str, seconds: float, n_evals: int = 4) -> dict:
-    """Train `cfg` on the CPU for about `seconds` of training steps; a summary row for a table.
-    Short races measure coarsely: 5 timed steps decide their length, and each evaluation reads
-    10 batches per split instead of the quick run's 20."""
+    """Train `cfg` on the CPU for about `seconds` of training steps: a row of a table."""
     tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size, text, split_train_val(text)[0])
     corpus = encode_corpus(text, tokenizer, cfg.block_size)
     per_step, _ = seconds_per_step(cfg, tokenizer.vocab_size, probe_steps=5)
@@ -2766,14 +2723,10 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **One switch at a time.** Which of the five changes matters? Starting from the classic
-# `gpt2` set, we flip one switch at a time and train each variant for the same short budget.
-# Two seconds is only about fifty steps, so this measures how fast each variant learns at
-# the very start, and a few hundredths are within run-to-run noise: the table below may rank
-# them differently from run to run. In longer runs of the same comparison, rotary positions
-# gave the one consistent gain, and the other switches moved the loss by about as much as the
-# noise; what they buy shows elsewhere: grouped keys/values and dropped biases in memory and
-# speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
+# **One switch at a time.** From the classic `gpt2` set, one switch flipped at a time, two seconds
+# each: about fifty steps, so a few hundredths are noise. In longer runs, rotary positions gave the
+# one consistent gain; the other switches pay elsewhere: grouped keys/values and dropped biases in
+# memory and speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
 
 # %%
 ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
@@ -2787,11 +2740,10 @@ if IN_NOTEBOOK:
     print_table(ablation)
 
 # %% [markdown]
-# **Characters or BPE?** Both tokenizers of Appendix B, with the default architecture, for the
-# same time, compared in bits per byte. In full quick runs BPE reached the lower bits per byte
-# (2.18 against 2.32, `python llm.py train --tokenizer bpe` and without): each of its steps
-# covers about twice as much text, which outweighs the harder prediction and the larger output
-# layer. The curves below are this notebook's few seconds, too short to be sure of it.
+# **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In full
+# quick runs BPE reached the lower figure (2.18 against 2.32, `python llm.py train --tokenizer bpe`
+# and without): each step covers about twice the text, which outweighs the harder prediction. A few
+# seconds are too short to be sure of it.
 
 # %%
 if IN_NOTEBOOK:
@@ -2809,62 +2761,43 @@ if IN_NOTEBOOK:
 # and 11 (`generate`). Adds `generate_fast`, which makes each new token cost one small step
 # instead of a pass over the whole window. `python llm.py sample` uses it.*
 #
-# When section 11's `generate` writes, every new token runs the model over the whole window
-# again, although the keys and values of the earlier tokens never change: in a causal model,
-# earlier positions never see later ones. So we keep them in a **KV cache** and compute
-# queries, keys and values for the new token only. The prompt is run through the model once
-# (the *prefill*), filling the cache; after that each step runs only the new token, whose query
-# attends to all the cached keys. The projections and the MLP no longer grow with the context,
-# only the (small) attention does.
+# Section 11's `generate` runs the model over the whole window for every new token, although the
+# keys and values of earlier tokens never change (in a causal model, earlier positions never see
+# later ones). A **KV cache** keeps them: the prompt is run through once (the *prefill*), filling
+# the cache; then each step computes queries, keys and values for the new token only, its query
+# attending to all cached keys. Only the (small) attention still grows with the context.
 #
-# **One cache, allocated once.** `KVCache` holds, for every layer, a key buffer and a value
-# buffer with room for a whole window: `block_size` *slots*, one per position, allocated when
-# generation starts. A step writes its tokens' keys and values into the slots of their
-# positions, in place, and its queries attend over the slots, with section 7's mask $M$ (0 where
-# a slot may be seen, $-\infty$ where not) added to the scores. One comparison builds $M$: a slot
-# after a query's position is hidden. The slots are kept before grouped heads are repeated,
-# which is how grouped-query attention saves memory here: each query head reads its group's
-# key/value head directly (its H / Hkv query heads become rows of one attention, so nothing is
-# repeated).
+# **One cache, allocated once.** `KVCache` holds, per layer, key and value buffers with `block_size`
+# *slots*, one per position. A step writes its tokens' keys and values into their slots, in place,
+# and its queries attend over the slots with section 7's mask $M$ hiding those after each query.
+# Key/value heads are held unrepeated, so grouped heads save memory here too.
 #
-# **A second forward pass, on the model's own weights.** The model's `forward` (section 9) knows
-# nothing of caches: it always starts at position 0. So `cached_forward` walks the same layers
-# itself, calling each module of the model (the token table, the norms, `qkv`, `proj`, the MLP,
-# the output layer), and adds only what a cache needs: positions that start after the tokens
-# already held, and attention over the slots. Two copies of a forward pass are two places to
-# keep right, so the cell below and the tests check that the cache gives the logits of a full
-# forward pass at every position, for every positional scheme and for grouped heads.
+# **A second forward pass, on the model's own modules.** The model's `forward` always starts at
+# position 0, so `cached_forward` walks the same layers, adding only the offset positions and the
+# attention over the slots. Two forward passes are two places to keep right: the cell below and the
+# tests check that the cache gives a full pass's logits at every position, for every positional
+# scheme and for grouped heads.
 #
-# **Past `block_size`: the window policy.** The model knows positions 0 to `block_size − 1`
-# only. Section 11's `generate` slides its window by one token per token, which here would mean
-# starting the cache afresh at every token: every cached key was computed while its token could
-# still see tokens that have now left the window (through the layers below), and with learned or
-# sinusoidal positions every position would shift by one. So `generate_fast` slides by half a
-# window at a time: when the window is full it keeps its last half, starts the cache afresh and
-# **prefills again** from position 0, then goes on token by token until the window is full again.
-# That costs one prefill per `block_size / 2` tokens, and right after each jump the model sees
-# only the last `block_size / 2` tokens instead of a full window: within the first `block_size`
-# tokens, `generate_fast` writes exactly what `generate` writes; past them, their texts differ.
-# What it claims, and the tests check, is that every token it writes is sampled from the logits a
-# full forward pass gives on its window.
+# **Past `block_size`**, sliding the window by one token, as `generate` does, would refill the cache
+# at every token (every cached key saw tokens that left the window). So `generate_fast` slides by
+# half a window: when full, it keeps the last half and **prefills again**. Its text then differs
+# from `generate`'s, but every token is sampled from the logits of a full pass on its window, which
+# the tests check.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
 
 
 class KVCache:
-    """Every layer's keys and values, in buffers allocated once for a whole window; on a CUDA
-    GPU, each number of tokens fed is recorded once as a CUDA graph (below) and replayed."""
+    """Every layer's keys and values, in buffers allocated once for a whole window (above)."""
 
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
         P, device = model.cfg.block_size, weight.device
-        with torch.inference_mode(False):  # ordinary tensors: written inside inference mode
-            # (`evaluating`, section 10) and outside it (PyTorch forbids changing a tensor made
-            # inside it anywhere else: the price of its speed)
+        with torch.inference_mode(False):  # ordinary tensors: one made in inference mode
+            # (`evaluating`, section 10) could not be changed outside it, and a cache is both
             shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
-            self.k = [weight.new_zeros(shape) for _ in model.blocks]
-            self.v = [weight.new_zeros(shape) for _ in model.blocks]
+            self.k, self.v = ([weight.new_zeros(shape) for _ in model.blocks] for _ in range(2))
             self.slots = torch.arange(P, device=device)  # (P,)
             self.where = torch.zeros(1, dtype=torch.long, device=device)  # first new position
         self.position = 0  # the same, as a Python number: how many tokens the cache holds
@@ -2888,8 +2821,7 @@ class KVCache:
         return logits  # (1, V)
 
     def mask(self, model: GPT, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """Section 7's M for queries at `positions` (T,) over n_keys slots: 0 where a slot may
-        be seen (written, and not after the query), -inf where not; a row per grouped query."""
+        """Section 7's M for queries at `positions` (T,) over n_keys slots, per grouped query."""
         seen = self.slots[:n_keys] <= positions[:, None]  # (T, n_keys)
         group = model.cfg.n_head // model.cfg.kv_heads
         mask = torch.where(seen, 0.0, float("-inf")).to(model.lm_head.weight.dtype)
@@ -2926,9 +2858,8 @@ class KVCache:
 
 def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor, positions,
                    mask: torch.Tensor | None, n_keys: int) -> torch.Tensor:
-    """Section 9's forward pass for `tokens` (1, T) at `positions` (a slice, or a (T,) tensor),
-    writing their keys and values into the cache and attending over its first n_keys slots
-    with `mask` (None: all of them). Logits (1, V) after the last token."""
+    """Section 9's forward pass for `tokens` (1, T) at `positions` (a slice or a (T,) tensor),
+    through the cache's first n_keys slots: logits (1, V) after the last token."""
     assert not model.training, "a step for generation: no dropout"
     x = model.embed.token(tokens)  # (1, T, C)
     if model.embed.pos_encoding == "learned":
@@ -2945,16 +2876,15 @@ def cached_forward(model: GPT, cache: KVCache, tokens: torch.Tensor, positions,
 def cached_attention(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.Tensor,
                      v_slots: torch.Tensor, positions, mask: torch.Tensor | None,
                      n_keys: int) -> torch.Tensor:
-    """Section 7's attention for T new tokens (1, T, C) -> (1, T, C): their keys and values go
-    into the slots of their positions, and their queries attend over the first n_keys slots."""
+    """Section 7's attention for T new tokens (1, T, C) -> (1, T, C): keys and values into the
+    slots of their positions, queries over the first n_keys slots."""
     T, Hkv, D = x.shape[1], attn.n_kv_head, attn.head_dim
     heads = attn.qkv(x).view(1, T, -1, D).transpose(1, 2)  # (1, H + 2Hkv, T, D)
     qk, v = heads.split([attn.n_head + Hkv, Hkv], dim=1)
     if attn.rope:  # each token turned by the angles of its own position
         qk = rope_rotate(qk, attn.rope_cos[positions], attn.rope_sin[positions])
     q, k = qk.split([attn.n_head, Hkv], dim=1)  # (1, H, T, D), (1, Hkv, T, D)
-    k_slots[:, :, positions] = k  # in place, into the slots of their positions
-    v_slots[:, :, positions] = v
+    k_slots[:, :, positions], v_slots[:, :, positions] = k, v  # in place
     # Query head h = j * group + g belongs to k/v head j: the group's queries become its rows.
     q = q.reshape(1, Hkv, -1, D)  # (1, Hkv, group * T, D), row g * T + t
     out = F.scaled_dot_product_attention(q, k_slots[:, :, :n_keys], v_slots[:, :, :n_keys],
@@ -2966,8 +2896,7 @@ def cached_attention(attn: MultiHeadAttention, x: torch.Tensor, k_slots: torch.T
 def generate_fast(model: GPT, prompt_ids: list[int], max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   generator: torch.Generator | None = None) -> Iterator[int]:
-    """Section 11's `generate` with a KV cache; past block_size tokens, the window keeps its
-    last half and is read again (above)."""
+    """Section 11's `generate` with a KV cache; past block_size, it keeps the last half."""
     check_sampling_args(temperature, top_k, top_p, model.lm_head.out_features)
     if not prompt_ids:
         raise UserError("the prompt is empty: give at least one token")
@@ -3003,32 +2932,16 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### On a GPU: the same steps, replayed as a CUDA graph
 #
-# A GPU is driven by the CPU: for every operation, the CPU tells the GPU which small program (a
-# *kernel*) to run on which tensors, it *launches* the kernel, and the GPU runs kernels in the
-# order they come (Appendix E has more on GPUs). One token of a small model is a few hundred
-# kernels, each a tiny amount of work, and launching one costs the CPU more time than the GPU
-# spends running it: without help, the GPU waits most of the time.
-#
-# A **CUDA graph** removes the launches: the GPU records a sequence of kernels once, then replays
-# all of them on one call. A recording is rigid: every replay runs the same kernels, on tensors of
-# the same shapes at the same memory addresses, and any Python number used while recording is
-# frozen into it. That is why the cache is built as it is: the buffers are allocated once; the
-# position is a one-number tensor (`where`) that each step reads to pick its position rows, its
-# RoPE angles and its slots, so replays at positions 7 and 70 run the same kernels on the same
-# memory; and on a GPU the queries attend over all `block_size` slots, the mask hiding the ones
-# not written yet (or left over from an earlier window), which gives them weight exactly 0.
-# On a CPU there are no launches to save, so the step attends over the written slots only.
-#
-# A recording fixes the number T of tokens fed, so each T is recorded the first time it comes:
-# the prompt's length, then 1 for every new token, then half a window at each restart: at most
-# three recordings, replayed thousands of times. Before recording, the step runs twice for real,
-# to do the one-time work (choosing kernels, setting memory aside) that must not end up in the
-# recording; PyTorch's documentation prescribes doing that on a *side stream*, a second queue of
-# GPU work, and `wait_stream` makes each queue wait for the other's work so far. The tests check
-# the graphs against full forward passes whenever a GPU runs them.
-
-# %% [markdown]
-# The cache's gain, measured on this machine: 500 tokens written with and without it.
+# A GPU is driven by the CPU, which *launches* a small program (a *kernel*) per operation; a small
+# model's token is a few hundred kernels, each cheaper to run than to launch, so the GPU mostly
+# waits. A **CUDA graph** records a sequence of kernels once and replays all of them on one call, on
+# tensors of the same shapes at the same addresses, any Python number frozen in. Hence the cache's
+# design: buffers allocated once; the position as a one-number tensor (`where`) each step reads for
+# its position rows, RoPE angles and slots; and on a GPU, attention over all `block_size` slots, the
+# mask giving unwritten ones weight 0 (a CPU attends over the written slots only). Each number T of
+# tokens fed (the prompt's length, 1, half a window) is recorded the first time, after two real runs
+# on a *side stream* that do the one-time work (choosing kernels, setting memory aside). Below, the
+# cache's gain on this machine: 500 tokens with and without it.
 
 # %%
 if IN_NOTEBOOK:
@@ -3046,9 +2959,9 @@ if IN_NOTEBOOK:
 #
 # ### Devices
 #
-# Part I ran everything on the CPU. The device is chosen in order of speed: an NVIDIA GPU
-# (`cuda`), an Apple GPU (`mps`), then the CPU; `--device` overrides the choice. A model moves
-# to a device with `model.to(device)`, and every tensor it meets must be there too.
+# Part I ran everything on the CPU. The device is chosen in order of speed, an NVIDIA GPU (`cuda`),
+# an Apple GPU (`mps`), then the CPU, unless `--device` says; a model moves with `model.to(device)`,
+# and every tensor it meets must be there too.
 
 # %%
 def pick_device(name: str = "auto") -> torch.device:
@@ -3056,30 +2969,25 @@ def pick_device(name: str = "auto") -> torch.device:
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
+    missing = {"cpu": "", "cuda": not torch.cuda.is_available() and "PyTorch sees no CUDA GPU",
+               "mps": not has_mps and "no Apple GPU is available"}
+    if name not in missing:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU: "
-                        "use --device cpu")
-    if name == "mps" and not has_mps:
-        raise UserError("--device mps was asked for, but no Apple GPU is available: "
-                        "use --device cpu")
+    if missing[name]:
+        raise UserError(f"--device {name} was asked for, but {missing[name]}: use --device cpu")
     return torch.device(name)
 
 
 # %% [markdown]
 # ### Threads
 #
-# On a CPU, PyTorch splits each large enough operation into one share per thread, one thread
-# per core by default, and the operation is done only when its last share is. That is the
-# right choice on an idle machine. But if another program is using a thread's core, every
-# operation waits for that thread, and a step can take longer on two threads than on one.
-# Generating text is the extreme case: one token's operations are too small to gain much from
-# being split, yet each still waits for its slowest thread: on a 2-core CPU with one core busy
-# elsewhere, sampling ran about three times slower on two threads than on one, while on an idle
-# machine the two were within 2%. So `sample` uses one thread, and training one per core;
-# `--threads` overrides both. It is a property of the machine, not of the model, so it is not
-# part of the configuration.
+# On a CPU, PyTorch splits each large enough operation into one share per thread (one per core by
+# default), and the operation is done only when its last share is: if another program keeps a core
+# busy, every operation waits. Generating text suffers most, its operations too small to gain from
+# being split (on a 2-core CPU with one core busy elsewhere, sampling ran about three times slower
+# on two threads than on one; on an idle machine, within 2%). So `sample` uses one thread and
+# training one per core; `--threads` overrides both. It belongs to the machine, not the model, so it
+# is not part of the configuration.
 
 # %%
 SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
@@ -3087,8 +2995,7 @@ SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sa
 
 @contextmanager
 def using_threads(n: int):
-    """PyTorch's CPU operations run on n threads inside the block; 0 leaves the number as it is
-    (PyTorch's default of one per core, unless something changed it)."""
+    """PyTorch's CPU operations on n threads inside the block (0: as they are)."""
     if n < 0:
         raise UserError(f"--threads must be 0 (PyTorch's default, one per core) or positive, "
                         f"got {n}")
@@ -3104,23 +3011,15 @@ def using_threads(n: int):
 # %% [markdown]
 # ### On an NVIDIA GPU
 #
-# Four things change, none of which alters the maths:
-#
-# * The forward pass runs under bfloat16 **autocast**: matrix multiplications use the GPU's
-#   tensor cores at many times the float32 rate, while the weights and the optimiser's
-#   averages stay in float32. bfloat16 keeps float32's range (only its precision is lower), so
-#   no loss scaling is needed. `Autocast` is a module that wraps the model for that.
-# * AdamW updates all parameters in one **fused** kernel instead of one small kernel per
-#   tensor (`configure_optimizer` in section 10 asks for it on a GPU).
-# * Batches are copied from **pinned** (page-locked) memory, which the GPU can read directly,
-#   without waiting for the copy to finish.
-# * **Evaluation** runs through the same wrapper, so in bfloat16 too, on batches copied to the
-#   GPU once and kept there (section 10's `estimate_loss` already waits for the GPU once per
-#   split: `.item()` makes the CPU wait for the answer, and it is called once, on the mean).
-#
-# `--compile true` also hands the model to `torch.compile`, which fuses operations into fewer,
-# larger kernels. It is opt-in, because compiling takes tens of seconds before the first step;
-# Appendix G gives the measured trade-off, on a CPU and on a GPU.
+# Four things change, none of which alters the maths: the forward pass, in training and evaluation,
+# runs under bfloat16 **autocast** (the `Autocast` wrapper), so matrix products use the GPU's tensor
+# cores at many times the float32 rate, while weights and optimiser state stay float32 (bfloat16
+# keeps float32's range, so no loss scaling is needed); AdamW updates all parameters in one
+# **fused** kernel (section 10's `configure_optimizer` asks for it); batches are copied from
+# **pinned** memory, which the GPU reads without the CPU waiting; and evaluation batches are copied
+# to the GPU once. `--compile true` also hands the model to `torch.compile`, which fuses operations
+# into fewer kernels; it is opt-in, as compiling takes tens of seconds (Appendix G measures the
+# trade-off).
 
 # %%
 class Autocast(nn.Module):
@@ -3135,43 +3034,23 @@ class Autocast(nn.Module):
             return self.model(*args)
 
 
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to the device; to a GPU through pinned memory, without waiting."""
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
-
-
 # %% [markdown]
 # ### Beyond one process: data parallelism
 #
-# One process can only be so fast. **Data parallelism** runs N copies of the same model, one
-# per process (a GPU each, or CPU cores), launched by `torchrun --nproc_per_node=N llm.py
-# train`. Each copy computes gradients on *different* batches; then an **all-reduce** (every
-# process sends its gradients and receives the average of all of them) leaves identical
-# averaged gradients everywhere, so every copy takes the identical optimiser step and the
-# copies never drift apart. PyTorch's `DistributedDataParallel` (DDP) does the all-reduce
-# during the backward pass, overlapping communication with computation.
+# **Data parallelism** runs N copies of the model, one per process (a GPU each, or CPU cores),
+# launched by `torchrun --nproc_per_node=N llm.py train`. Each copy computes gradients on
+# *different* batches; an **all-reduce** (every process sends its gradients and receives the average
+# of all) then leaves the same gradients everywhere, so the copies take the same step and never
+# drift apart. PyTorch's `DistributedDataParallel` (DDP) does it during the backward pass,
+# overlapping communication with computation.
 #
-# To keep results comparable with a single process, the **global batch** stays the same: a
-# step averages gradients over `grad_accum_steps` batches of `batch_size` sequences. One
-# process runs them one after another (`train_step` adds up their gradients before stepping);
-# with N processes each runs its share of `grad_accum_steps / N`. So the plain command,
-# `torchrun --nproc_per_node=N llm.py train`, sets `grad_accum_steps` to N when it is not given:
-# one batch per process, and the same run as one process with `--grad-accum-steps N` (the first
-# line says so). Every process draws the same
-# batches from the same seeded generator and keeps only its share, so the union of what the
-# processes train on is exactly what one process would have trained on. Every process also
-# evaluates (the same batches give the same answer everywhere), but only process 0 ("rank 0")
-# prints and writes files. The backend is `gloo` on CPUs and `nccl` on NVIDIA GPUs. (A process
-# that runs several batches per step all-reduces after each; DDP's `no_sync` could skip all but
-# the last, at the price of a branch in `train_step`: not done here.)
-#
-# All of this reaches section 10's loop from outside, through what the loop is given: the
-# module it steps (`wrap_for_device`: compiled, spread over processes, in bfloat16) and the
-# stream of batches (`process_batches`: this process's share, on its device). Each process also
-# gets its own dropout randomness (seeded from the seed, its rank and the step it starts at); the
-# weights start equal everywhere anyway, since DDP copies rank 0's.
+# The **global batch** stays that of one process: each of N processes runs its share of a step's
+# `grad_accum_steps` batches, and plain `torchrun` sets `grad_accum_steps` to N, the same run as one
+# process with `--grad-accum-steps N`. Every process draws the same batches from the same seeded
+# generator and keeps its share; all evaluate, only rank 0 prints and writes files. The backend is
+# `gloo` on CPUs, `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through
+# the module it steps (`wrap_for_device`) and the stream of batches (`process_batches`). The weights
+# start equal (DDP copies rank 0's); dropout's randomness differs per process.
 
 # %%
 @dataclass
@@ -3212,8 +3091,7 @@ def process_device(cfg: RunConfig, env: Distributed) -> torch.device:
 
 def wrap_for_device(model: GPT, cfg: RunConfig, env: Distributed,
                     device: torch.device) -> nn.Module:
-    """The module the training steps run: compiled if asked, spread over the processes under
-    torchrun, in bfloat16 on a CUDA GPU. Its weights are the model's."""
+    """The module the steps run: compiled if asked, under DDP, in bfloat16 on a CUDA GPU."""
     if cfg.compile:
         model = torch.compile(model)
     if env.world_size > 1:
@@ -3225,11 +3103,12 @@ def wrap_for_device(model: GPT, cfg: RunConfig, env: Distributed,
 
 
 def process_batches(batches: Iterator, env: Distributed, device: torch.device) -> Iterator:
-    """This process's share of a stream of batches, on its device: every process draws the same
-    batches, N at a time, and process r keeps the r-th of each N."""
+    """This process's share of the batches, on its device: the r-th of every N drawn."""
     while True:
         x, y = [next(batches) for _ in range(env.world_size)][env.rank]
-        yield to_device(x, device), to_device(y, device)
+        if device.type == "cuda":  # through pinned memory, without waiting
+            x, y = (t.pin_memory().to(device, non_blocking=True) for t in (x, y))
+        yield x.to(device), y.to(device)
 
 
 def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
@@ -3249,10 +3128,9 @@ def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
 #
 # ### Settings checked once
 #
-# Options enter the program on the command line, so that is where they are checked, once,
-# each with one line naming the problem and the fix. Inside the model and the loop, the same
-# conditions are only `assert`ed, as invariants: if one fails there, the bug is in the code,
-# not in the user's input.
+# Options enter on the command line, so they are checked there, once, each failure one line naming
+# the problem and the fix. Inside the model and the loop the same conditions are only `assert`ed: if
+# one fails there, the bug is in the code, not in the user's input.
 
 # %%
 import array
@@ -3273,47 +3151,23 @@ def option(name: str) -> str:
 
 def validate_config(cfg: RunConfig) -> None:
     """Raise UserError naming the first setting that cannot work."""
-    check_numbers(cfg)
-    check_switches(cfg)
-    check_recipe(cfg)
-
-
-def check_recipe(cfg: RunConfig) -> None:
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
-                        f"got {cfg.optimizer!r}")
-    for name in trick_names(cfg):
-        if name not in MODEL_TRICKS:
-            raise UserError(f"--tricks: unknown trick {name!r}; the tricks are "
-                            f"{', '.join(MODEL_TRICKS)}")
-
-
-def check_numbers(cfg: RunConfig) -> None:
-    for name in ("block_size", "batch_size", "grad_accum_steps", "n_layer", "n_head", "n_embd",
-                 "max_iters", "eval_interval", "eval_iters"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{option(name)} must be positive, got {getattr(cfg, name)}")
-    if not (cfg.learning_rate > 0):  # also catches NaN
-        raise UserError(f"--learning-rate must be positive, got {cfg.learning_rate}")
-    if not (0 <= cfg.min_lr <= cfg.learning_rate):
-        raise UserError(f"--min-lr must be between 0 and --learning-rate, got {cfg.min_lr}")
-    if not (0 <= cfg.dropout < 1):
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    for name in ("warmup_iters", "weight_decay", "grad_clip"):
-        if not (getattr(cfg, name) >= 0):  # also catches NaN
-            raise UserError(f"{option(name)} must not be negative, got {getattr(cfg, name)}")
-    for name in ("beta1", "beta2"):
-        if not (0 <= getattr(cfg, name) < 1):
-            raise UserError(f"{option(name)} must be in [0, 1), got {getattr(cfg, name)}")
-
-
-def check_switches(cfg: RunConfig) -> None:
+    ranges = {  # what each number must be (any comparison with NaN fails: NaN is refused too)
+        "be positive": (lambda v: v > 0, ("block_size", "batch_size", "grad_accum_steps",
+                        "n_layer", "n_head", "n_embd", "max_iters", "eval_interval",
+                        "eval_iters", "learning_rate")),
+        "be between 0 and --learning-rate": (lambda v: 0 <= v <= cfg.learning_rate, ["min_lr"]),
+        "be in [0, 1)": (lambda v: 0 <= v < 1, ("dropout", "beta1", "beta2")),
+        "not be negative": (lambda v: v >= 0, ("warmup_iters", "weight_decay", "grad_clip"))}
+    for must, (holds, names) in ranges.items():
+        for name in names:
+            if not holds(getattr(cfg, name)):
+                raise UserError(f"{option(name)} must {must}, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"--n-embd ({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head}): "
                         "each head gets an equal slice of the channels")
     choices = {"pos_encoding": ("learned", "sinusoidal", "rope"),
                "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"),
-               "tokenizer": ("char", "bpe")}
+               "tokenizer": ("char", "bpe"), "optimizer": tuple(OPTIMIZERS)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{option(name)} must be one of {', '.join(allowed)}, "
@@ -3331,35 +3185,26 @@ def check_switches(cfg: RunConfig) -> None:
     if cfg.pos_encoding == "rope" and (cfg.n_embd // cfg.n_head) % 2 != 0:
         raise UserError(f"rope rotates pairs of channels, so the head width n_embd / n_head "
                         f"({cfg.n_embd // cfg.n_head}) must be even: change --n-embd or --n-head")
+    for name in trick_names(cfg):
+        if name not in MODEL_TRICKS:
+            raise UserError(f"--tricks: unknown trick {name!r}; the tricks are "
+                            f"{', '.join(MODEL_TRICKS)}")
 
 
 # %% [markdown]
 # ### Checkpoints
 #
-# A run keeps two checkpoints in its output folder (`--out-dir`):
+# A run keeps two checkpoints in `--out-dir`: `ckpt.pt`, the **best** model so far (lowest
+# validation loss), which `sample` uses, and `latest.pt`, the state at the **latest** evaluation (or
+# at Ctrl-C), which `--resume` continues. Each holds a `Run`: weights, the optimiser's running
+# averages, step, loss history, configuration, tokenizer, the training text's checksum and every
+# random generator's state. Nothing is saved before the first training step.
 #
-# * `ckpt.pt`, the **best** model so far (lowest validation loss), which `sample` uses;
-# * `latest.pt`, the state at the **latest** evaluation (or at Ctrl-C), which `--resume`
-#   continues.
-#
-# Each holds what is needed to use the model and everything a continuation needs to be
-# *exactly* the run that was interrupted, a `Run`: the weights, the optimiser's running
-# averages, the step (and so the position in the learning-rate schedule), the loss history, the
-# generator that draws the training batches, the configuration, the tokenizer, a checksum of the
-# training text, and the states of the other random generators: Python's, and PyTorch's on the
-# CPU and on CUDA GPUs (dropout draws from them). Nothing is saved before the first training
-# step: an untrained model is not worth replacing an older checkpoint with.
-#
-# > **Engineering note: atomic writes.** A checkpoint is written to a temporary file that is
-# > renamed into place only when complete (and flushed to the disk first, `fsync`). A rename
-# > happens entirely or not at all, so a crash or a full disk during a save leaves the previous
-# > checkpoint intact, never half a file; a failed write becomes one line naming the file. Every
-# > file a run writes goes this way, with the permissions a plain `open` would give it (the
-# > umask's, not the temporary file's private 0600). A checkpoint holds only tensors and plain
-# > Python values, so it is loaded with `torch.load(weights_only=True)`, which refuses to run
-# > code hidden in a malicious file.
-# > Anything wrong with a checkpoint (a truncated file, one from another version of this
-# > program, an edited one) is caught in one place and becomes one line saying what to do.
+# Every file a run writes goes to a temporary file, flushed to disk and renamed into place when
+# complete: a rename happens entirely or not at all, so a crash or a full disk leaves the previous
+# version intact. A checkpoint holds only tensors and plain values, so it is loaded with
+# `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file; anything
+# wrong with one becomes one line saying what to do.
 
 # %%
 TRAIN_AGAIN = "train again with `python llm.py train`"
@@ -3371,7 +3216,9 @@ def atomic_write(path: Path, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, 0o666 & ~current_umask())  # not mkstemp's 0600: what open() gives
+            umask = os.umask(0o022)  # (the umask can only be read by setting it: set it back)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's private 0600: what open() gives
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -3379,13 +3226,6 @@ def atomic_write(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def current_umask() -> int:
-    """The process's umask (which can only be read by setting it, so it is set back at once)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def write_output(path: Path, write: Callable) -> None:
@@ -3459,12 +3299,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu",
 # %% [markdown]
 # ### Resuming exactly
 #
-# `--resume` continues the run saved in `latest.pt`: the same configuration, the same
-# tokenizer, the weights and the optimiser's state, the step, and every random generator's
-# state, so the resumed run's losses are bit-for-bit those of an uninterrupted one (in one
-# process on the CPU: GPU kernels are not always deterministic, and under torchrun only rank
-# 0's random state is saved). The text's checksum must match: resuming on
-# another text would silently train a different run.
+# `--resume` continues the run in `latest.pt` with its configuration, tokenizer, weights, optimiser
+# state, step and random generators, so its losses are bit-for-bit those of an uninterrupted run (in
+# one process on the CPU: GPU kernels are not always deterministic, and under torchrun only rank 0's
+# random state is saved). The text's checksum must match: resuming on another text would silently
+# train a different run.
 
 # %%
 RESUME_FIX = "start a new run without --resume"
@@ -3494,55 +3333,35 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # %% [markdown]
 # ### Progress, history and a clean stop
 #
-# Every evaluation prints one progress line (the losses, also in bits per byte, the learning
-# rate, the speed and the time left) and rewrites `history.csv`, one row per evaluation.
+# Every evaluation prints a progress line (losses, also in bits per byte, learning rate, speed, time
+# left) and rewrites `history.csv`, a row per evaluation.
 #
-# **Ctrl-C, and SIGTERM**, do not kill the run in the middle of an update. SIGTERM is what
-# `kill`, `timeout`, `docker stop`, a cluster's scheduler and a shutting-down machine send, so
-# it is treated exactly as Ctrl-C: it only raises a flag; the loop finishes the current step,
-# saves `latest.pt`, and stops with the command that resumes it (its paths quoted for the
-# shell, ready to paste), with the usual exit status (130 after Ctrl-C, 143 after SIGTERM).
-# SIGHUP, sent when the terminal or the SSH connection the run was started from closes, is
-# treated the same way (status 129): what is printed after it goes nowhere, but the checkpoint
-# is saved. A second signal abandons the current step at once, and `latest.pt` keeps the state
-# of the last evaluation. A loss that is not a finite number stops the run at once, before the
-# broken weights can reach a checkpoint.
+# **A signal stops the run cleanly.** Ctrl-C (SIGINT), SIGTERM (sent by `kill`, `timeout`, `docker
+# stop` and cluster schedulers) and SIGHUP (the terminal or SSH connection closed) would end the
+# program wherever it is. While training runs, `stop_flag_on_signals` makes each only raise a flag:
+# the loop finishes the step, saves `latest.pt`, and stops with the command that resumes it, ready
+# to paste, and the usual exit status (130, 143 and 129); a second signal abandons the step at once.
+# A loss that is not finite stops the run before broken weights can reach a checkpoint.
 #
-# **Under torchrun** a stop must be agreed: if one process stopped (or hit a broken loss) while
-# the others waited for its gradients, they would wait forever. So after every step the
-# processes exchange two numbers in one all-reduce, "did anyone see a broken loss?" and "did
-# anyone get a signal?", and all stop after the same step; rank 0 saves and speaks. (Two
-# numbers cost little next to a step's gradients; a single process skips the exchange.)
+# **Under torchrun** a stop must be agreed: a process that stopped while the others waited for its
+# gradients would leave them waiting forever. So after every step the processes share two numbers in
+# one all-reduce ("a broken loss?", "a signal?") and all stop after the same step.
 #
-# **One run per folder.** Two runs writing `ckpt.pt`, `latest.pt` and `history.csv` into the
-# same `--out-dir` would leave a mix of both, so `train` holds an exclusive lock on the folder
-# (a lock file, `.lock`) for the whole run, and a second `train` into it stops at once. The
-# operating system releases the lock when the process ends, however it ends.
-#
-# > **Engineering note: signals and locks.** Ctrl-C reaches a program as the signal SIGINT,
-# > which Python normally turns into a `KeyboardInterrupt` wherever the program happens to be;
-# > SIGTERM normally ends it on the spot. `stop_flag_on_signals` installs a handler for both
-# > that sets a flag instead, for as long as training runs, and puts the previous handlers back
-# > afterwards. Signals reach only the main thread, so elsewhere the flag never rises. The lock
-# > is `fcntl.flock`, which does not exist on Windows: there a run says so, and goes on.
+# **One run per folder.** Two runs writing into one `--out-dir` would leave a mix of both, so
+# `train` holds an exclusive lock on the folder (`fcntl.flock` on `.lock`), which the operating
+# system releases when the process ends, however it ends; a second `train` there stops at once.
+# (Windows has no `flock`: there a run says so.)
 
 # %%
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
-
-
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
-
-
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-
-
 if hasattr(signal, "SIGHUP"):  # (not on Windows) the terminal, or the SSH connection, closed
     EXIT_STATUS[signal.SIGHUP], SIGNAL_NAMES[signal.SIGHUP] = 129, "SIGHUP"
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP ended the command; `status` is its exit status, and the message (if
-    any) says what was saved."""
+    """A signal ended the command: `status` is its exit status; the message says what was saved."""
 
     def __init__(self, message: str = "", status: int = 130):
         super().__init__(message)
@@ -3551,8 +3370,7 @@ class Interrupted(KeyboardInterrupt):
 
 @contextmanager
 def stop_flag_on_signals():
-    """Inside the block, a first Ctrl-C, SIGTERM or SIGHUP sets flag["stop"] (and flag["signal"])
-    instead of ending the program; a second raises Interrupted at once."""
+    """Inside the block, a first signal sets flag['stop']; a second raises Interrupted."""
     flag = {"stop": False, "signal": None, "trained": False}  # "trained": there is a step to save
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -3640,26 +3458,15 @@ def write_history(path: Path, history: list) -> None:
 # %% [markdown]
 # ### Texts bigger than memory
 #
-# Tiny Shakespeare fits in memory many times over, but a text of a gigabyte or more, held as a
-# Python string and then as 64-bit token ids, would need about twenty times its size. So a text
-# larger than `IN_MEMORY_BYTES` is never held whole. It is read in chunks of
-# `TOKEN_CHUNK_BYTES`: once for its checksum; once to learn its length in characters (for the
-# 90/10 split) and, for the character tokenizer, its vocabulary; once to tokenise it into a file
-# of 16-bit token ids (32-bit when the vocabulary has more than 65,536 tokens). Training then
-# **memory-maps** that file: the operating system reads from disk only the pages that batches
-# touch. Both results are kept in `--out-dir` under names made from the text's checksum (and the
-# tokenizer), so the next run on the same text only recomputes the checksum and starts in
-# seconds, while a text changed by even one byte gets new files (and the old token file, which
-# nothing would read again, is removed). A small description written last (`.json`) marks a
-# token file complete. BPE learns its merges from the first `BPE_SAMPLE_CHARS` characters of
-# the training text only: its merge counting holds every distinct chunk in memory, and 50
-# million characters (50 times tiny Shakespeare) give it far more text than its 512 tokens
-# need. Chunks are cut only before a space, a tab or a line break that ends a word, a place
-# where BPE's pre-splitting (Appendix B's pattern, and GPT-2's) cuts anyway: a chunk that holds
-# anything but whitespace holds no whitespace except one leading space. So the tokens are the
-# same as for the whole text at once, and what is carried from one piece to the next is about a
-# word, whether the lines end in `\n`, in Windows' `\r\n`, or the text is one long line. (Only
-# a text without any whitespace would be carried whole.)
+# A text of a gigabyte, held as a Python string and then as 64-bit token ids, would need about
+# twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is read in chunks of
+# `TOKEN_CHUNK_BYTES`: once for its checksum, once for its length (for the 90/10 split) and
+# characters, and once to write its tokens into a file of 16-bit ids (32-bit above 65,536 tokens),
+# which training **memory-maps**: the operating system reads from disk only the pages that batches
+# touch. Both results are kept in `--out-dir` under the text's checksum, so the next run on it
+# starts in seconds. BPE learns from the first `BPE_SAMPLE_CHARS` characters only (its counting
+# holds every distinct chunk in memory). Pieces are cut only before whitespace that ends a word,
+# where BPE cuts anyway, so the tokens are those of the whole text.
 
 # %%
 def quiet(*_) -> None:
@@ -3675,16 +3482,21 @@ def text_source(path: Path, log: Callable = quiet) -> str | Path:
     """The text itself when it is small (or missing, or not a file: read_text says why), else
     the path of a text to be streamed; `log` says when a byte-order mark is dropped."""
     path = Path(path)
-    if path.is_file() and starts_with_bom(path):
-        log(f"note: {path} begins with a byte-order mark (U+FEFF): it is dropped, not learned")
-    if path.is_file() and path.stat().st_size > IN_MEMORY_BYTES:
-        return path
-    return text_in_memory(path)
+    if not path.is_file():
+        return read_text(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:
+                log(f"note: {path} begins with a byte-order mark (U+FEFF): it is dropped, "
+                    "not learned")
+    except OSError:  # reading the text will say what is wrong
+        pass
+    return path if path.stat().st_size > IN_MEMORY_BYTES else read_text(path)
 
 
-def read_text(path: Path, limit: int = -1) -> str:
-    """Section 3's load_text, checked: at most `limit` characters (-1: all), and anything
-    wrong with the file is one line naming the problem and the fix."""
+def read_text(path: Path) -> str:
+    """Section 3's load_text, each problem one line with its fix. What is not a regular file (a
+    pipe, a device: no size to check first) is read up to IN_MEMORY_BYTES, refused beyond."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a UTF-8 text file")
@@ -3693,7 +3505,7 @@ def read_text(path: Path, limit: int = -1) -> str:
         raise UserError(f"{path} does not exist: give a UTF-8 text file{restore}")
     try:
         with open(path, encoding="utf-8-sig") as f:  # "-sig": without a byte-order mark
-            text = f.read(limit)
+            text = f.read(-1 if path.is_file() else IN_MEMORY_BYTES + 1)
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): "
                         "convert it to UTF-8 or choose another file") from None
@@ -3702,33 +3514,14 @@ def read_text(path: Path, limit: int = -1) -> str:
                         "check the file's permissions") from None
     if not text:
         raise UserError(f"{path} is empty: give a file with some text in it")
-    return text
-
-
-def text_in_memory(path: Path) -> str:
-    """read_text, but what is not a regular file (a device, a pipe: no size to check first) is
-    read only up to the size of a text held in memory, and refused if it goes on."""
-    path = Path(path)
-    if path.is_file() or path.is_dir() or not path.exists():
-        return read_text(path)
-    text = read_text(path, limit=IN_MEMORY_BYTES + 1)
-    if len(text) > IN_MEMORY_BYTES:
+    if len(text) > IN_MEMORY_BYTES and not path.is_file():
         raise UserError(f"{path} is not a regular file and gives more than "
                         f"{IN_MEMORY_BYTES // 2 ** 20} MiB: save the text to a file, and give that")
     return text
 
 
-def starts_with_bom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
-    except OSError:  # reading the text will say what is wrong
-        return False
-
-
 def raw_chunks(path: Path) -> Iterator[bytes]:
-    """The bytes of a big text, TOKEN_CHUNK_BYTES at a time. Every pass over it reads here, so
-    an error reading it is one line, read_text's, whatever the text's size."""
+    """A big text's bytes, TOKEN_CHUNK_BYTES at a time (every pass reads here: one error line)."""
     try:
         with open(path, "rb") as f:
             while raw := f.read(TOKEN_CHUNK_BYTES):
@@ -3739,8 +3532,7 @@ def raw_chunks(path: Path) -> Iterator[bytes]:
 
 
 def text_chunks(path: Path, progress: Callable = lambda done: None) -> Iterator[str]:
-    """The text of `path` in pieces of about TOKEN_CHUNK_BYTES, decoded as UTF-8 (without a
-    byte-order mark, as section 3's load_text)."""
+    """The text of `path`, decoded as load_text does, in pieces of about TOKEN_CHUNK_BYTES."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     done = 0
     for raw in raw_chunks(path):
@@ -3763,9 +3555,7 @@ class TextScan:
 
 
 def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextScan:
-    """A big text's checksum, length in characters and distinct characters. The checksum is
-    taken from the raw bytes (quick); the rest needs decoding, and is remembered in cache_dir
-    under the checksum, so that a second run on the same text skips it."""
+    """A big text's checksum, length and characters (the last two remembered in cache_dir)."""
     digest = hashlib.sha256()
     for raw in raw_chunks(path):
         digest.update(raw)
@@ -3775,7 +3565,7 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
         known = json.loads(remembered.read_text(encoding="utf-8"))
         return TextScan(path, sha256, known["n_chars"], known["chars"])
     n_chars, chars = 0, set()
-    for chunk in text_chunks(path, Progress(path, "reading", log)):
+    for chunk in text_chunks(path, progress_of(path, "reading", log)):
         n_chars += len(chunk)
         chars.update(chunk)
     if n_chars == 0:
@@ -3787,29 +3577,22 @@ def scan_text(path: Path, log: Callable, cache_dir: Path | None = None) -> TextS
     return scan
 
 
-class Progress:
-    """Reports, every few seconds, how far a pass over a big file has come."""
+def progress_of(path: Path, doing: str, log: Callable, every: float = 5.0) -> Callable:
+    """report(bytes done) for a pass over a big file: says, every few seconds, how far it is."""
+    total, started, last = path.stat().st_size, time.perf_counter(), [time.perf_counter()]
 
-    def __init__(self, path: Path, doing: str, log: Callable, every: float = 5.0):
-        self.path, self.doing, self.log, self.every = path, doing, log, every
-        self.total, self.started = path.stat().st_size, time.perf_counter()
-        self.last = self.started
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every:
-            return
-        self.last, rate = now, done / (now - self.started)
-        self.log(f"{self.doing} {self.path}: {done / 2 ** 20:,.0f} of {self.total / 2 ** 20:,.0f}"
-                 f" MiB, {rate / 2 ** 20:.0f} MiB/s, {format_duration((self.total - done) / rate)}"
-                 " left")
+    def report(done: int) -> None:
+        if (now := time.perf_counter()) - last[0] >= every:
+            last[0], rate = now, done / (now - started)
+            log(f"{doing} {path}: {done / 2 ** 20:,.0f} of {total / 2 ** 20:,.0f} MiB, "
+                f"{rate / 2 ** 20:.0f} MiB/s, {format_duration((total - done) / rate)} left")
+    return report
 
 
 def split_pieces(scan: TextScan, log: Callable) -> Iterator[tuple[str, str]]:
-    """("train" or "val", piece) over the whole text, split at 90% of its characters as
-    split_train_val splits, each piece cut where BPE's pre-splitting cuts anyway."""
+    """("train" or "val", piece) over the text, split at 90% and cut where BPE would cut."""
     n_train, seen, carry, split = int(scan.n_chars * 0.9), 0, "", "train"
-    for chunk in text_chunks(scan.path, Progress(scan.path, "tokenising", log)):
+    for chunk in text_chunks(scan.path, progress_of(scan.path, "tokenising", log)):
         while chunk:
             room = n_train - seen if split == "train" else len(chunk)
             part, chunk = chunk[:room], chunk[room:]
@@ -3829,9 +3612,7 @@ SAFE_CUT = re.compile(r"[ \t\n\r\v\f](?=\S)")  # read backwards: whitespace afte
 
 
 def safe_cut(text: str) -> int:
-    """The last index where text can be cut without changing BPE's chunks (Appendix B's, or
-    GPT-2's): just before a space, a tab or a line break that follows a character that is not
-    whitespace (0 if there is none)."""
+    """The last index before whitespace after a non-space, where BPE's chunks can end (or 0)."""
     match = SAFE_CUT.search(text[::-1])  # the text backwards: the first match is the last cut
     return len(text) - 1 - match.start() if match else 0
 
@@ -3895,12 +3676,9 @@ def write_tokens(scan: TextScan, tokenizer: Tokenizer, path: Path, log: Callable
 # %% [markdown]
 # ### The run
 #
-# `run_training` is `python llm.py train`. It sets up a run (fresh, resumed, or started from
-# given weights), then drives section 10's `train` through the module and the batches of
-# Appendix E, and does, after each row the loop yields, what a real run needs: a `Supervisor`
-# records each evaluation (bits per byte, `history.csv`, a progress line, checkpoints), checks
-# each step's loss (agreed across processes), and stops the run cleanly when a signal came. The
-# loop itself is section 10's, unchanged.
+# `run_training` is `python llm.py train`: it sets up a run (fresh, resumed, or from given
+# weights) and drives section 10's loop, unchanged, through Appendix E's module and batches; a
+# `Supervisor` does all of the above with each row the loop yields.
 
 # %%
 @dataclass
@@ -4091,8 +3869,7 @@ def supervise(run: Run, corpus: Corpus, env: Distributed, device: torch.device, 
 def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
                 tokenizer: Tokenizer | None, out_dir: Path, env: Distributed,
                 log: Callable) -> Corpus:
-    """The corpus of a text in memory, or of a big text through its token file; the tokenizer
-    is made here unless a resumed run brings its own."""
+    """The corpus of a text in memory, or of a big text's token file; the tokenizer made here."""
     if scan is None:
         tokenizer = tokenizer or make_tokenizer(cfg.tokenizer, cfg.vocab_size, text,
                                                 split_train_val(text)[0])
@@ -4109,77 +3886,45 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # machine running this model.*
 #
 # Any `--arch`, `--size`, `--device`, `--threads` or configuration option applies, except
-# `--compile`. It prints:
+# `--compile`. It prints the median time of a training step (on random tokens of the configured
+# shape: speed does not depend on the text), and from it the **FLOPs per token**, about $6N$ for
+# the $N$ parameters that take part in matrix products (2 per multiply-add forward, twice that
+# backward; a lookup table such as learned positions multiplies nothing) plus $12 \cdot L \cdot C
+# \cdot T$ for attention itself (the PaLM paper's formula); the **achieved GFLOP/s**, and its
+# fraction of the **matmul peak**, the speed of one large matrix product in training's number type
+# (2048 × 2048 in float32 on a CPU; 8192 × 8192 in bfloat16 on a GPU, which needs the bigger
+# product to keep its cores busy). Then the time of an **evaluation** and its share of a run,
+# **sampling tokens/s** with and without the KV cache, on `sample`'s threads (on a GPU also with
+# CUDA graphs, and the time to the second token, which includes recording them), and **peak
+# memory**.
 #
-# * **training ms/iter and tokens/s**: the time of one optimiser step on random tokens of the
-#   configured shape (speed does not depend on the text), the median of several timed steps;
-# * **FLOPs per token**: training costs about $6N$ floating-point operations per token for
-#   the $N$ parameters that take part in matrix multiplications (2 per multiply-add in the
-#   forward pass, twice that in the backward pass), plus $12 \cdot L \cdot C \cdot T$ for
-#   attention itself (queries times keys and weights times values, forward and backward; the
-#   formula of the PaLM paper). Lookup tables such as learned positions cost no
-#   multiplications;
-# * **achieved GFLOP/s** = FLOPs per token × tokens/s, and that as a fraction of the **matmul
-#   peak**, measured by the same command as the speed of one large matrix product in the type
-#   training computes in (2048 × 2048 in float32 on a CPU, 8192 × 8192 in bfloat16 on a GPU,
-#   which needs the bigger product to keep all its cores busy): the most this machine does
-#   with PyTorch on ideal work;
-# * **evaluation**: the time of one evaluation as `train` runs it (`eval_iters` batches of each
-#   split), and the share of a whole run of `max_iters` steps that evaluations take;
-# * **sampling tokens/s** with and without the KV cache, generating 2000 tokens from a single
-#   token, on the threads `sample` uses, counted after the second token; on a GPU also with
-#   the CUDA graphs (Appendix D), the path `sample` takes there, and the time to its second
-#   token, which includes recording the first two graphs;
-# * **peak memory** of the process (resident set on a CPU, allocated tensors on a GPU), and
-#   the device with its thread counts.
+# **Where the time of a sampled token goes.** A forward pass of the quick-run model is about $2N
+# \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the rest is
+# overhead, the launch of each of some 165 tensor operations and Python's cost per module call. So
+# generation gets faster by doing *fewer* operations: rotating queries and keys together with
+# precomputed tables (section 7) gave about 10% more tokens/s, dropout 0 as an `nn.Identity`
+# (section 6) about 8%.
 #
-# **Where the time of a sampled token goes.** A token's arithmetic is tiny: a forward pass of
-# the quick-run model costs about $2N \approx 1.5$ million floating-point operations, a few
-# microseconds at the matmul peak. The rest is overhead. One token passes through about 165
-# separate tensor operations (counted by intercepting every call to a torch function during
-# one step): 17 matrix products, 4 attentions, and the small multiplications, additions,
-# reshapes and splits around them. PyTorch spends microseconds launching each one, plus
-# Python's cost for every module call. So generation gets faster by doing *fewer* operations,
-# not faster ones, and three details of the book come from this, each measured with `bench`,
-# one at a time:
-#
-# * RoPE rotates queries and keys together, with precomputed tables (section 7): about 10% more
-#   tokens/s than rotating them apart, pair by pair;
-# * dropout with probability 0 is an `nn.Identity` (section 6): about 8%, since even a
-#   `Dropout(0)` call costs microseconds, nine times per token;
-# * SwiGLU's two widening matrices are one layer (section 8): no measurable change on the
-#   CPU. It stays because it reads like attention's stacked `qkv`, and costs no clarity.
-#
-# **Compiling.** `torch.compile` of the one-token step made sampling about twice as fast, but
-# its compile took longer than writing 2000 characters without it, so the sampler does not use
-# it. For training (`--compile true`), a step on a 2-core CPU became about 20% faster after
-# about 20 s of compiling, as much time as the quick run's 3000 steps then save: opt-in. On a
-# GPU, compiling also costs tens of seconds before the first step, and pays only over a run long
-# enough to win them back; it stays opt-in there too.
+# **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer than
+# writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after about 20 s
+# of compiling, which the quick run's 3000 steps only just win back. So `--compile true` is opt-in,
+# and the sampler never compiles.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
 
 
 def matmul_size(device: torch.device) -> tuple[int, torch.dtype]:
-    """A matrix product big enough to reach the device's peak, in the type training uses:
-    2048 x 2048 in float32 on a CPU; 8192 x 8192 in bfloat16 on a GPU (at 2048, an H100
-    reached well under half of what it does at 8192)."""
+    """A matrix product big enough to reach the device's peak, in the type training uses (on
+    a GPU, 2048 x 2048 reached well under half of what an H100 does at 8192 x 8192)."""
     return (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
 
 
 def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
-    """GFLOP/s of the best of a few products of matmul_size."""
+    """GFLOP/s of the fastest of a few products of matmul_size."""
     n, dtype = matmul_size(device)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, device, repeats, 0, fastest=True) / 1e9
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -4194,8 +3939,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def sampling_speed(model: GPT, n_tokens: int, generate_ids: Callable) -> tuple[float, float]:
-    """Tokens per second generating `n_tokens` after a one-token prompt, counted after the
-    second token, and the seconds until then (on a GPU: recording the first CUDA graphs)."""
+    """Tokens/s generating n_tokens after the second, and the seconds to the second token."""
     tokens = generate_ids(model, [0], n_tokens,
                           generator=torch.Generator(device=model.device).manual_seed(0))
     synchronize(model.device)
@@ -4209,27 +3953,20 @@ def sampling_speed(model: GPT, n_tokens: int, generate_ids: Callable) -> tuple[f
     return (n_tokens - 2) / (time.perf_counter() - second), second - start
 
 
-@contextmanager
-def plain_cache_on_gpu():
-    """Inside the block, `generate_fast` runs its steps one by one on a GPU too (no graph)."""
-    global CUDA_GRAPHS
-    before, CUDA_GRAPHS = CUDA_GRAPHS, False
-    try:
-        yield
-    finally:
-        CUDA_GRAPHS = before
-
-
 def sampling_figures(model: GPT, n_tokens: int) -> dict:
     """Sampling tokens/s: with the KV cache, without it, and on a GPU with the CUDA graph."""
+    global CUDA_GRAPHS
     model.eval()  # as `sample` loads it
     figures = {}
     if model.device.type == "cuda":
         graphed, startup = sampling_speed(model, n_tokens, generate_fast)
         figures["sampling tokens/s, CUDA graph"] = f"{graphed:,.0f}"
         figures["CUDA graph: to the 2nd token"] = f"{1000 * startup:.0f} ms"
-    with plain_cache_on_gpu():
+    before, CUDA_GRAPHS = CUDA_GRAPHS, False  # the cache's steps one by one, on a GPU too
+    try:
         cached = sampling_speed(model, n_tokens, generate_fast)[0]
+    finally:
+        CUDA_GRAPHS = before
     uncached = sampling_speed(model, n_tokens, generate)[0]
     figures |= {"sampling tokens/s, KV cache": f"{cached:,.0f}",
                 "sampling tokens/s, no cache": f"{uncached:,.0f}",
@@ -4247,7 +3984,7 @@ def evaluation_seconds(stepped: nn.Module, cfg: RunConfig, vocab_size: int, devi
         for batches in splits:
             estimate_loss(stepped, batches)
 
-    return median_seconds(evaluation, device, repeats, warmup=1)
+    return seconds_per_call(evaluation, device, repeats, warmup=1)
 
 
 def evaluations_per_run(cfg: RunConfig) -> int:
@@ -4304,42 +4041,23 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # Appendix F (checkpoints and `run_training`). Adds GPT-2's own tokenizer, read from its files, a
 # loader for the weights OpenAI released, and `--init-from gpt2` on `sample` and `train`.*
 #
-# In 2019 OpenAI trained GPT-2 on 40 GB of text from web pages (Radford et al., 2019) and
-# released its weights, the numbers that training found. The smallest GPT-2 has 124 million
-# parameters. Our `gpt2` preset is made of the same parts, so it can hold those very numbers.
-# This appendix loads them into it and shows that the model of this book *is* GPT-2: on the same
-# weights it computes the same logits as the reference implementation, the `GPT2LMHeadModel` of
-# Hugging Face's `transformers` library. That is checked below and by the tests on a small GPT-2
-# with random weights, to within 0.00001, because a test may not download anything; the real
-# weights are loaded by exactly the same code.
+# In 2019 OpenAI trained GPT-2 on 40 GB of web pages (Radford et al., 2019) and released its
+# weights; the smallest GPT-2 has 124 million parameters. Our `gpt2` preset is made of the same
+# parts, so it can hold those very numbers, and on them it computes the same logits as the reference
+# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers`. The tests check that on a
+# small GPT-2 with random weights (a test may not download anything); the real weights take the same
+# code.
 #
 # ### What still differed
 #
-# Every detail GPT-2 needs is a switch of Part I: LayerNorm with $\epsilon = 10^{-5}$ (section
-# 8), biases (`bias`), learned positions (section 6), the output layer tied to the token table
-# (section 9), and GELU computed by GPT-2's tanh formula (`mlp = 'gelu_tanh'`, section 8); the
-# `gpt2` preset sets them all, and `--size gpt2` gives GPT-2's shape. What differs is how the
-# numbers are stored, and dropout. The whole diff, for the smallest GPT-2:
-#
-# | | our `--arch gpt2 --size gpt2` | GPT-2, 124M |
-# |---|---|---|
-# | blocks, heads, channels | 12, 12, 768 (D = 64) | the same |
-# | context | `block_size` 1,024 | 1,024 positions |
-# | vocabulary | the tokenizer's: 65 characters, a BPE, or GPT-2's with `--init-from` | 50,257 |
-# | positions | a learned table, added to the token vectors | the same (`wpe`) |
-# | norm | LayerNorm before each sub-layer and after the last block, ε = 1e-5 | the same |
-# | MLP | 4C wide, GELU by the tanh formula | the same (`gelu_new`) |
-# | attention | one matrix makes queries, keys and values, in that order | the same (`c_attn`) |
-# | biases | in every linear layer and norm | the same |
-# | output layer | tied to the token table | the same |
-# | a matrix is stored | (out, in), as `nn.Linear` | (in, out), as `Conv1D`: see below |
-# | dropout in training | 0 by default (`--dropout`) | 0.1 (its `config.json`) |
-#
-# The last two rows change nothing the model computes when it writes: the orientation is fixed
-# once, on loading, and dropout is off outside training. The cell below counts the parameters of
-# the GPT-2 shape (on PyTorch's `meta` device, which gives tensors a shape but no numbers, so
-# nothing is allocated or initialised) and measures the gap between the exact GELU and GPT-2's
-# tanh formula (section 8).
+# Every detail GPT-2 needs is a switch of Part I, and the `gpt2` preset sets them (Appendix C's
+# table): learned positions, LayerNorm (ε = 1e-5) before each sub-layer and after the last block,
+# GELU by the tanh formula, biases, one matrix making queries, keys and values in that order, and
+# the output layer tied to the token table. `--size gpt2` gives the shape: 12 blocks, 12 heads, 768
+# channels, 1,024 positions. What still differs: the vocabulary (GPT-2's 50,257 tokens come with
+# `--init-from`), dropout in training (0 here, 0.1 for GPT-2), and four matrices stored as (in, out)
+# (below). The cell counts the GPT-2 shape's parameters on the `meta` device (shapes without
+# numbers: nothing is allocated), and the gap between the exact GELU and the tanh formula.
 
 # %%
 if IN_NOTEBOOK:
@@ -4355,58 +4073,37 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### GPT-2's tokenizer, from its own files
 #
-# GPT-2's tokenizer is the byte-level BPE of Appendix B, trained by OpenAI on its web text: 256
-# byte tokens, 50,000 merges, and one special token make its 50,257. It comes as two text files:
+# GPT-2's tokenizer is Appendix B's byte-level BPE, trained by OpenAI on its web text: 256 byte
+# tokens, 50,000 merges and one special token make its 50,257. It comes as `merges.txt`, the merges
+# in the order learned, one per line as two tokens separated by a space (after a first line
+# `#version: 0.2`), and `vocab.json`, mapping each token's text to its id.
 #
-# * `merges.txt`, the merges in the order they were learned, one per line: the two tokens that
-#   merge, separated by a space (after a first line, `#version: 0.2`);
-# * `vocab.json`, a JSON object from each token's text to its id.
+# **Bytes written as visible characters.** A space or a line break inside a token would break these
+# files, and many bytes are no character on their own (each byte of `é` in UTF-8). So every byte is
+# written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
+# `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order; the
+# space, byte 32, becomes `Ġ`: the token `Ġthe` is " the". The one-byte tokens are numbered in the
+# order of those characters (`!` is 0; `Ā`, byte 0, is 188), and a merged token's id is whatever
+# `vocab.json` says: `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's rank
+# and id) from the files, and is otherwise `BPETokenizer`.
 #
-# **Bytes written as visible characters.** Those files are text: a space separates the two
-# tokens of a merge and a line break ends it, and many bytes are no character at all on their
-# own (each of the two bytes of `é` in UTF-8, say). So GPT-2 writes every byte as one visible
-# character. The 188 bytes that are printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
-# `®` to `ÿ`) stand for themselves, and the other 68 (the space, the line breaks and other
-# control codes, a few more) take the characters from U+0100 on, in order. The space, byte 32,
-# is the 33rd of those, `Ġ` (U+0120); a line break, byte 10, is `Ċ`. A token's text is its
-# bytes written this way: `Ġthe` is " the".
-#
-# **Ids.** GPT-2's 256 one-byte tokens are numbered in the order of the characters that stand
-# for them: the 188 printable bytes first (`!` is 0), then the 68 others (`Ā`, byte 0, is 188),
-# not by byte value as in Appendix B; and a merged token's id is whatever `vocab.json` says. So
-# `GPT2Tokenizer` fills Appendix B's tables (the id of each byte, the rank and the id of each
-# merge) from the files, and is otherwise Appendix B's `BPETokenizer`: the same merging by rank,
-# the same decoding.
-#
-# **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex`
-# package and tried left to right:
+# **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex` package
+# and tried left to right:
 #
 # `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
 #
-# An English contraction (`'s`, `'ll`, ...) is a chunk of its own; then comes a run of letters
-# with at most one space before it; a run of digits, likewise; a run of other symbols; and
-# whitespace, except that a run of spaces before a word leaves its last space to the word
-# (`\s+(?!\S)`: whitespace not followed by a non-space), so `"a   b"` becomes `a`, `"  "`,
-# `" b"`. `\p{L}` means any letter and `\p{N}` any number, in every script, by the Unicode
-# tables. Python's `re` has no `\p{...}`. The `regex` package has, but would be a new
-# dependency for one pattern; instead we build the same two classes from Python's own copy of
-# the Unicode tables, `unicodedata`: every character whose category starts with `L` (letters),
-# or with `N` (digits, and numbers such as `²`, `½` or `Ⅻ`), as ranges, by walking all 1.1
-# million code points once, at the first use. `\s` needs care
-# too: Python's counts four control codes (U+001C to U+001F) as whitespace, while Unicode's
-# list, which `regex` and GPT-2 use, does not, so the whitespace class is spelled out as well.
-# The classes are exact for the Unicode version of this Python (`unicodedata.unidata_version`);
-# only characters added to Unicode in a later version could be cut differently elsewhere.
-# Appendix B's own pattern differs in two ways: it has no rule for contractions (it cuts
-# `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's `\w` and `\d`, which
-# draw the lines slightly differently.
+# A contraction (`'s`, `'ll`, ...) is a chunk of its own; then come letters with at most one space
+# before them, digits likewise, other symbols likewise, and whitespace, a run of spaces before a
+# word leaving its last space to the word (`\s+(?!\S)`). Python's `re` lacks `\p{L}` (any letter)
+# and `\p{N}` (any number, such as `²` or `½`), and the `regex` package would be a new dependency
+# for one pattern, so both classes are built as ranges from `unicodedata`, walking all 1.1 million
+# code points once, at the first use; `\s` is spelled out too. Appendix B's pattern has no
+# contractions (it cuts `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's.
 #
-# **`<|endoftext|>`.** GPT-2 read its training documents one after another, with this marker
-# between two of them; it is the last token, id 50,256 in GPT-2, and the model writes it where
-# it thinks a document ends. Written out as text it would be cut into `<|`, `endoftext` and
-# `|>`, so the encoder first cuts the text at every occurrence of the marker, encodes the
-# pieces, and puts the marker's id between them (as `transformers` does by default); decoding
-# writes it back as its text.
+# **`<|endoftext|>`**, the last token (id 50,256), stood between GPT-2's training documents: the
+# model writes it where it thinks a document ends. Encoded as text it would become `<|`, `endoftext`
+# and `|>`, so the encoder puts the marker's id between the pieces of text around it (as
+# `transformers` does by default).
 
 # %%
 import functools
@@ -4415,7 +4112,7 @@ import warnings
 
 GPT2_END = "<|endoftext|>"  # GPT-2's special token: the border between two documents
 
-# Unicode's White_Space characters (what \s means in GPT-2's pattern), spelled out for `re`:
+# Unicode's White_Space, GPT-2's \s, spelled out (`re`'s \s adds U+001C to U+001F):
 UNICODE_WHITESPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
@@ -4424,25 +4121,17 @@ def gpt2_byte_chars() -> tuple[str, ...]:
     """The visible character GPT-2 writes for each byte value: chars[32] == 'Ġ'."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)}  # the 188 bytes that stand for themselves
-    chars, others = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:  # the other 68, in order, take U+0100, U+0101, ...
-            chars.append(chr(256 + others))
-            others += 1
-    return tuple(chars)
+    others = iter(range(256, 512))  # the other 68, in order, take U+0100, U+0101, ...
+    return tuple(chr(b) if b in printable else chr(next(others)) for b in range(256))
 
 
 def gpt2_text(data: bytes) -> str:
     """Bytes as GPT-2's files write them: b' the' -> 'Ġthe'."""
-    chars = gpt2_byte_chars()
-    return "".join(chars[b] for b in data)
+    return "".join(gpt2_byte_chars()[b] for b in data)
 
 
 def unicode_class(category: str) -> str:
-    """The body of a `re` character class matching every character whose Unicode category
-    starts with `category` ('L': letters, 'N': numbers), as ranges of code points."""
+    """A `re` class body of the code points whose Unicode category starts with `category`."""
     ranges, start = [], None
     for code in range(sys.maxunicode + 2):  # (one past the end closes the last range)
         inside = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == category
@@ -4466,10 +4155,9 @@ class GPT2Tokenizer(BPETokenizer):
     """GPT-2's byte-level BPE: Appendix B's, with the ids and merges of GPT-2's files."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
-        """(Appendix B's __init__ numbers the merges itself; here the files give the numbers.)"""
+        """Appendix B's tables, filled from the files: `merges` are pairs of token texts."""
         if sorted(vocab.values()) != list(range(len(vocab))):
             raise ValueError("its ids are not 0, 1, 2, ... with none missing")
-        # (Unlike Appendix B's, these merges are pairs of token texts, as merges.txt has them.)
         self.token_ids, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.texts = sorted(vocab, key=vocab.get)  # id -> the token's text in vocab.json
         byte_of = {char: byte for byte, char in enumerate(gpt2_byte_chars())}
@@ -4503,11 +4191,9 @@ class GPT2Tokenizer(BPETokenizer):
 
     def encode(self, text: str) -> list[int]:
         pieces = text.split(GPT2_END) if self.end_id is not None else [text]
-        ids = []
-        for n, piece in enumerate(pieces):
-            if n > 0:
-                ids.append(self.end_id)  # the marker stood between this piece and the last
-            ids.extend(super().encode(piece))  # Appendix B's: chunks, then merges by rank
+        ids = super().encode(pieces[0])  # Appendix B's: chunks, then merges by rank
+        for piece in pieces[1:]:  # each after a marker
+            ids += [self.end_id] + super().encode(piece)
         return ids
 
     def state(self) -> dict:
@@ -4519,16 +4205,12 @@ TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["mer
 
 
 # %% [markdown]
-# GPT-2's own files come with its weights (below). To see the format without them, we can write
-# Appendix B's Shakespeare tokenizer in it: the 256 bytes in GPT-2's order, then the merges in
-# the order they were learned, each token spelled in visible characters, then `<|endoftext|>`.
-# The tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading of the
-# same two files.
+# To see the format without GPT-2's files, we write Appendix B's Shakespeare tokenizer in it; the
+# tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading.
 
 # %%
 def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
-    """Write an Appendix B tokenizer as GPT-2's vocab.json and merges.txt (plus <|endoftext|>);
-    returns the vocabulary size."""
+    """Write an Appendix B tokenizer as GPT-2's two files, plus <|endoftext|>: its size."""
     by_gpt2_order = sorted(range(256), key=lambda byte: gpt2_byte_chars()[byte])
     vocab = {gpt2_text(bytes([byte])): i for i, byte in enumerate(by_gpt2_order)}
     lines = ["#version: 0.2"]
@@ -4578,17 +4260,13 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The weights: what each tensor is, and where it goes
 #
-# A GPT-2 *snapshot*, as the Hugging Face hub serves it (the 124M model is
-# `openai-community/gpt2`), is a folder of files; we need four: `config.json` (the shape and the
-# switches), `model.safetensors` (the weights), `vocab.json` and `merges.txt`. A safetensors
-# file is a short JSON header, each tensor's name, number type, shape and place in the file,
-# followed by the raw numbers. Reading it runs no code, unlike a pickle, the format of
-# `torch.save`, which has to be loaded with `weights_only=True` to be safe (Appendix F); and the
-# `safetensors` package that reads it is made for exactly this job: sharing weights.
+# A GPT-2 *snapshot*, as the Hugging Face hub serves it (`openai-community/gpt2` for the 124M
+# model), is a folder of files, four of which we read: `config.json` (shape and switches),
+# `model.safetensors` (the weights: a JSON header, then raw numbers, so reading it runs no code,
+# unlike `torch.save`'s pickles), `vocab.json` and `merges.txt`.
 #
-# These are the tensors of GPT-2 (124M), with shapes as stored, and `{i}` the block, 0 to 11.
-# Files written by `transformers` put `transformer.` before each name, the original snapshot
-# does not, so the loader drops that prefix.
+# The tensors of GPT-2 (124M), with shapes as stored and `{i}` the block, 0 to 11 (files written by
+# `transformers` put `transformer.` before each name; the loader drops it):
 #
 # | GPT-2's tensor | shape | what it is | ours | transposed |
 # |---|---|---|---|---|
@@ -4604,33 +4282,20 @@ if IN_NOTEBOOK:
 # | `h.{i}.attn.bias` | (1, 1, 1024, 1024) | the causal mask, a buffer | none: ignored | |
 # | `lm_head.weight` | (50257, 768) | the output layer | must equal `wte.weight` | |
 #
-# `*` stands for `weight` and `bias`; a bias is a vector as long as its layer's output
-# (2304 for `c_attn`). `lm_head.weight` is in some files only, and is the token table again:
-# our `lm_head.weight` is tied to `embed.token.weight` (section 9). The mask buffers are in some
-# versions of the original snapshot.
+# `*` stands for `weight` and `bias`; the last two rows are in some files only. The 2304 columns of
+# `c_attn` are the queries, keys and values, each 12 heads of 64 side by side, exactly as section 7
+# splits `qkv`.
 #
-# The 2304 columns of `c_attn` are the 768 queries, then the 768 keys, then the 768 values, each
-# 12 heads of 64 side by side: exactly how section 7 splits the output of `qkv`, so the matrix
-# goes over whole.
+# **Why four matrices are stored the other way round.** OpenAI's TensorFlow code wrote these layers
+# as `x @ W + b` with W stored as (in, out) (its `conv1d`, kept by `transformers` as `Conv1D`);
+# `nn.Linear` stores (out, in) (section 2), so each is transposed on loading. The shape check would
+# catch a forgotten transpose, except for attention's square `c_proj`, which would load and compute
+# nonsense: so the equality with the reference, below, is the real test.
 #
-# **Why four matrices are stored the other way round.** OpenAI's original code (in TensorFlow)
-# wrote each of these layers with a function of its own called `conv1d` (after a *convolution* of
-# width 1, which is the same thing): a matrix product `x @ W + b`, with W stored as (in, out).
-# `transformers` kept the layout and the name (`Conv1D`), so that OpenAI's numbers load unchanged.
-# `nn.Linear` stores W as (out, in) and computes `x @ W.T + b` (section 2). Same numbers, other
-# orientation: each of those matrices is transposed once, on loading. A forgotten transpose would
-# be caught by the shape check for three of the four, but attention's `c_proj` is square, (768,
-# 768): it would load without complaint and compute nonsense. That is why the equality with the
-# reference, below, is the real test.
-#
-# **Checked before use.** `config.json` gives the shape; the loader builds our model for that
-# shape on the `meta` device, to know every tensor's shape, and checks every tensor of the file
-# against it. The first one missing, of the wrong shape, or not part of such a model at all is
-# named in one line: a snapshot whose files do not belong together fails there, not later with a
-# matrix error deep inside the model. The configuration is checked too: a GPT-2 variant that
-# computes something our model does not (another activation, untied output, attention scores
-# not divided by √D as in section 7 (`scale_attn_weights`), or divided further by the layer's
-# number (`scale_attn_by_inverse_layer_idx`)) is refused by name.
+# **Checked before use.** The loader builds our model for `config.json`'s shape on the `meta` device
+# and checks every tensor of the file against it, naming the first one missing, misshapen or
+# foreign. A GPT-2 variant that computes something ours does not (another activation, an untied
+# output, other scaling of the attention scores) is refused by name.
 
 # %%
 GPT2_NAMES = {"embed.token": "wte", "embed.position": "wpe", "norm": "ln_f",  # ours -> GPT-2's
@@ -4648,11 +4313,6 @@ def gpt2_name(ours: str) -> str:
         _, i, part = module.split(".", 2)
         return f"h.{i}.{GPT2_NAMES[part]}.{kind}"
     return f"{GPT2_NAMES[module]}.{kind}"
-
-
-def stored_transposed(name: str) -> bool:
-    """GPT-2's four matrices per block are Conv1D weights, stored as (in, out)."""
-    return name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
 
 
 def gpt2_config(folder: Path) -> tuple[dict, int]:
@@ -4681,27 +4341,22 @@ def gpt2_config(folder: Path) -> tuple[dict, int]:
     if activation not in GPT2_ACTIVATIONS or n_inner not in (None, 4 * shape["n_embd"]):
         raise UserError(f"{path} asks for an MLP llm.py does not have ({activation}, n_inner "
                         f"{n_inner}): this is not a model llm.py can run")
-    mlp = GPT2_ACTIVATIONS[activation]
-    return {**ARCHITECTURES["gpt2"], **shape, "mlp": mlp, "dropout": 0.0}, vocab_size
+    return {**ARCHITECTURES["gpt2"], **shape, "mlp": GPT2_ACTIVATIONS[activation],
+            "dropout": 0.0}, vocab_size
 
 
-def read_safetensors(path: Path) -> dict:
+def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
+    """model.safetensors' tensors under our names, transposed where needed, shapes checked."""
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise UserError("reading GPT-2's weights needs the safetensors package: "
                         "pip install safetensors") from None
     try:
-        return load_file(path)
+        tensors = {name.removeprefix("transformer."): t for name, t in load_file(path).items()}
     except Exception as e:  # a missing, truncated or foreign file
         raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}): "
                         "download the snapshot again") from None
-
-
-def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
-    """The tensors of model.safetensors under our names, transposed where stored transposed,
-    each checked against the shape of the model `cfg` describes."""
-    tensors = {name.removeprefix("transformer."): t for name, t in read_safetensors(path).items()}
     with torch.device("meta"):  # shapes only: no memory, no random numbers
         shapes = {name: t.shape for name, t in GPT(cfg, vocab_size).state_dict().items()}
     shapes.pop("lm_head.weight")  # tied: it is the token table
@@ -4712,26 +4367,20 @@ def gpt2_weights(path: Path, cfg: ModelConfig, vocab_size: int) -> dict:
             raise UserError(f"{path} has no tensor {name} (llm.py's {ours}): the file is "
                             "incomplete or not GPT-2's; download the snapshot again")
         tensor = tensors.pop(name).float()  # float32, also from a 16-bit snapshot
-        transposed = stored_transposed(name)
+        transposed = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))  # Conv1D
         expected = torch.Size(reversed(shape)) if transposed else shape  # as the file stores it
         if tensor.shape != expected:
             raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, but config.json "
                             f"asks for {tuple(expected)}: the two files come from different "
                             "models; download the snapshot again")
         weights[ours] = (tensor.t() if transposed else tensor).contiguous()  # (out, in)
-    check_leftovers(tensors, weights["embed.token.weight"], path)
-    return weights | {"lm_head.weight": weights["embed.token.weight"]}
-
-
-def check_leftovers(tensors: dict, token_table: torch.Tensor, path: Path) -> None:
-    """The file's tensors that have no place in our model: only masks, or a tied output layer."""
-    for name, tensor in tensors.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the causal mask, saved as a buffer: our attention computes its own
-        if name == "lm_head.weight" and torch.equal(tensor.float(), token_table):
-            continue  # the tied output layer, saved twice
-        raise UserError(f"{path} holds {name}, which a GPT-2 of config.json's shape does not "
-                        "have: the two files come from different models")
+    table = weights["embed.token.weight"]
+    for name, tensor in tensors.items():  # left over: causal masks, or the tied output layer
+        if not (name.endswith((".attn.bias", ".attn.masked_bias"))
+                or name == "lm_head.weight" and torch.equal(tensor.float(), table)):
+            raise UserError(f"{path} holds {name}, which a GPT-2 of config.json's shape does "
+                            "not have: the two files come from different models")
+    return weights | {"lm_head.weight": table}
 
 
 @dataclass
@@ -4764,10 +4413,8 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
     folder = Path(folder)
     arch, vocab_size = gpt2_config(folder)
     weights = gpt2_weights(folder / "model.safetensors", ModelConfig(**arch), vocab_size)
-    if not with_tokenizer:
-        return Pretrained(arch, weights, folder=folder)
-    tokenizer = GPT2Tokenizer.from_files(folder)
-    if tokenizer.vocab_size != vocab_size:
+    tokenizer = GPT2Tokenizer.from_files(folder) if with_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size != vocab_size:
         raise UserError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens, but "
                         f"config.json says {vocab_size}: the files come from different models")
     return Pretrained(arch, weights, tokenizer, folder)
@@ -4777,13 +4424,10 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
 # ### Getting the files
 #
 # `--weights DIR` names a folder that holds the four files. Without it, the loader looks in the
-# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`), where any earlier
-# download by `huggingface_hub`, `transformers` or this program left them. Nothing is
-# downloaded unless asked for: `--download` fetches the four files into that cache with
-# `huggingface_hub` (the repository also holds the same weights in other libraries' formats,
-# which we skip). The weights are 124 million numbers of 4 bytes, about 500 MB (the file is a
-# little bigger where it also holds the mask buffers). Offline,
-# without `huggingface_hub`, or with the files missing, one line says how to get them.
+# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`). Nothing is downloaded unless
+# `--download` asks: it fetches the four files (about 500 MB: 124 million numbers of 4 bytes) into
+# that cache with `huggingface_hub`. Offline, or without `huggingface_hub`, one line says how to get
+# them.
 
 # %%
 GPT2_REPO = "openai-community/gpt2"  # the 124M model on the Hugging Face hub
@@ -4793,8 +4437,7 @@ GPT2_BY_HAND = (f"put {', '.join(GPT2_FILES)} from https://huggingface.co/{GPT2_
 
 
 def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> Path:
-    """The folder with GPT-2's files: `weights`, else the Hugging Face cache; downloaded into
-    that cache only when `download` is True."""
+    """The folder of GPT-2's files: `weights`, else the cache; downloaded if `download`."""
     if weights is not None:
         missing = [name for name in GPT2_FILES if not (Path(weights) / name).is_file()]
         if missing:
@@ -4825,12 +4468,10 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
 # %% [markdown]
 # ### Equal to the reference
 #
-# The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2
-# blocks, 4 heads, 64 channels, 300 tokens, 32 positions: small enough to make at once, and
-# every kind of tensor is there), saved as a snapshot, read by `read_gpt2` into our model. On the
-# same random tokens both give the same logits, to rounding, and greedy generation (temperature
-# 0) writes the same 20 tokens, with and without the KV cache of Appendix D. `transformers` is
-# needed only for this check, and for the tests that make it; without it the cell says so.
+# The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2 blocks,
+# 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor), saved and read back by
+# `read_gpt2` into our model, gives the same logits, and greedy generation writes the same 20
+# tokens, with and without the KV cache. `transformers` is needed only here and in the tests.
 
 # %%
 def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_head: int = 4,
@@ -4856,9 +4497,8 @@ if IN_NOTEBOOK:
     try:
         reference = save_random_gpt2(tiny_folder)
     except ImportError:
-        reference = None
         print("skipped: transformers is not installed (pip install transformers)")
-    if reference is not None:
+    else:
         tiny = read_gpt2(tiny_folder, with_tokenizer=False).model()
         ids = torch.randint(300, (2, 32), generator=torch.Generator().manual_seed(0))  # (B, T)
         with torch.no_grad():
@@ -4873,69 +4513,51 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### GPT-2 writes
 #
-# With the weights on the machine, the cell below writes with GPT-2, through `generate` of
-# section 11 and the KV cache of Appendix D, with GPT-2's context of 1,024 tokens:
-# `python llm.py sample --init-from gpt2 --prompt "..."` does the same from the shell. Without
-# the weights the cell says how to get them, and writes nothing: there is no GPT-2 text to show
-# without GPT-2.
+# With the weights on the machine, the cell below writes with GPT-2, as `python llm.py sample
+# --init-from gpt2 --prompt "..."` does; without them it says how to get them.
 
 # %%
 if IN_NOTEBOOK:
     try:
         gpt2 = read_gpt2(find_gpt2_snapshot())  # the cache only: nothing is downloaded here
     except UserError as e:
-        gpt2 = None
         print(f"{e}\n(in the notebook: find_gpt2_snapshot(download=True))\n"
               "The demonstration is skipped: no weights, no GPT-2 text.")
-    if gpt2 is not None:
+    else:
         print(generate_text(gpt2.model(), gpt2.tokenizer, "The meaning of a word is", 400,
                             temperature=0.8, top_k=50, generate_ids=generate_fast))
 
 # %% [markdown]
 # ### Fine-tuning GPT-2 on your text
 #
-# `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE, which is
-# called **fine-tuning**. It is the run of Appendix F (`run_training`), with a different start:
-# the switches and the shape come from `config.json`, the tokenizer is GPT-2's, and the first
-# weights are GPT-2's instead of random numbers. The tokenizer is saved in every checkpoint
-# (Appendix B), so `sample --out-dir`, `tokenize --out-dir` and `--resume` work as after any
-# run; a resumed fine-tune restores `latest.pt` and does not need GPT-2's files again.
+# `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE:
+# **fine-tuning**. It is Appendix F's `run_training` with another start: switches and shape from
+# `config.json`, GPT-2's tokenizer, and GPT-2's weights instead of random ones. The checkpoints hold
+# the tokenizer (Appendix B), so `sample`, `tokenize` and `--resume` then work without GPT-2's
+# files.
 #
 # **The settings**, `FINETUNE`, each for a reason:
 #
-# * **Learning rate 3e-5**, a hundred times below the quick run's. The weights are already good:
-#   big steps would overwrite what 40 GB of text taught them with what one small file says, and
-#   the model would forget more than it learns. 3e-5 is a usual size for fine-tuning (nanoGPT's
-#   Shakespeare fine-tune uses it), not tuned here. It decays to a tenth, 3e-6, as in section
-#   10, after 10 warm-up steps: Adam's averages start empty here too, but section 10's 100 steps
-#   would be the whole run, and at a rate a hundred times smaller an unsteady first step does
-#   little harm; a tenth of the run is a compromise, not tuned.
-# * **Dropout 0**, not GPT-2's 0.1 (its `config.json`, which the loader sets aside): a hundred
-#   steps of 4 × 256 tokens read about 100,000 tokens, fewer than tiny Shakespeare's training
-#   text holds, too little to learn it by heart (section 6); `--dropout 0.1` gives GPT-2's.
-# * **256 tokens of context, 4 sequences a step.** Much of a step of a 124M model does not
-#   depend on the context (AdamW alone updates 124 million numbers), so 256 tokens, several
-#   lines of text, cost little more than 128 on a CPU; GPT-2 itself read 1,024, the natural
-#   choice on a GPU (`--block-size 1024`).
-# * **100 steps, evaluated every 25 on 4 batches per split**: a coarse estimate (4,096 tokens,
-#   beside section 10's 15,000 characters), because on a CPU each batch of this model costs
-#   seconds. `python llm.py bench` with the fine-tune's options tells what a step costs here.
-# * **Memory.** The weights, their gradients and AdamW's two averages are four copies of 124
-#   million 4-byte numbers, 2 GB, and the activations come on top. Each checkpoint holds the
-#   weights and AdamW's averages, about 1.5 GB.
+# * **Learning rate 3e-5**, a hundred times below the quick run's: big steps would overwrite
+#   what 40 GB of text taught with what one small file says. A usual size for fine-tuning
+#   (nanoGPT's Shakespeare fine-tune), not tuned here; it decays to 3e-6 after 10 warm-up steps.
+# * **Dropout 0**, not GPT-2's 0.1: 100 steps of 4 × 256 tokens read too little to learn it by
+#   heart (section 6); `--dropout 0.1` gives GPT-2's.
+# * **256 tokens of context, 4 sequences a step**: much of a 124M model's step does not depend
+#   on the context (AdamW alone updates 124 million numbers), so 256 cost little more than 128
+#   on a CPU; on a GPU, GPT-2's own 1,024 is the natural choice.
+# * **100 steps, evaluated every 25 on 4 batches per split**: coarse, as on a CPU each batch
+#   costs seconds (`python llm.py bench` with the same options tells).
+# * **Memory**: weights, gradients and AdamW's two averages are four copies of 124 million
+#   4-byte numbers, 2 GB, plus the activations; a checkpoint holds about 1.5 GB.
 #
-# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning
-# bought, in **bits per byte**: the unit that does not depend on the tokenizer (Appendix B), so
-# GPT-2's figure can stand beside those of the models this book trains from scratch on the same
-# text. To try the whole path without the download, a tiny GPT-2 with random weights does (it
-# writes nonsense, but trains, resumes and lowers its bits per byte like the real one; 299
-# tokens of BPE, plus `<|endoftext|>`, make the 300 of its `vocab_size`):
-# `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
+# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning bought,
+# in bits per byte, comparable with the models trained from scratch (Appendix B). To try the path
+# without the download, use a tiny GPT-2 with random weights (299 BPE tokens plus `<|endoftext|>`
+# make its `vocab_size` of 300): `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
 # llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
-# llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`.
-#
-# The options of `train` apply on top (`--block-size 1024`, `--max-iters 1000`, ...), except
-# those that GPT-2's files decide: its shape, switches and tokenizer.
+# llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`. The
+# other options of `train` apply on top, except those GPT-2's files decide.
 
 # %%
 FINETUNE = dict(learning_rate=3e-5, min_lr=3e-6, warmup_iters=10, max_iters=100, block_size=256,
@@ -4964,12 +4586,10 @@ def add_init_options(parser) -> None:
     """--init-from, --weights and --download, for `train` and `sample` (Appendix J)."""
     parser.add_argument("--init-from", choices=["gpt2"], default=None,
                         help="start from OpenAI's GPT-2 (124M) weights (Appendix H)")
-    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
-                        help="a folder with GPT-2's config.json, model.safetensors, vocab.json "
-                             "and merges.txt (default: the Hugging Face cache)")
+    parser.add_argument("--weights", type=Path, metavar="DIR", help=f"a folder with GPT-2's "
+                        f"{', '.join(GPT2_FILES)} (default: the Hugging Face cache)")
     parser.add_argument("--download", action="store_true",
-                        help="download GPT-2 (about 500 MB) into the Hugging Face cache when it "
-                             "is not there")
+                        help="download GPT-2 (about 500 MB) into the Hugging Face cache if missing")
 
 
 def pretrained_from_args(args) -> Pretrained | None:
@@ -5299,22 +4919,16 @@ MODEL_TRICKS.update({"qk_norm": qk_norm, "relu_squared": relu_squared, "untied_h
 RECIPES = {"plain": {}, "speedrun": dict(tricks="fused")}
 
 
-def bf16_speedup(n: int = 256, rounds: int = 5) -> float:
+def bf16_speedup(n: int = 256) -> float:
     """How many times faster one core multiplies (n, n) matrices in bfloat16 than in float32
-    (the best of a few rounds: a busy machine only ever slows a round down)."""
-    best = []
+    (the fastest of a few tries: a busy machine only ever slows a try down)."""
+    seconds = []
     with using_threads(1):
         for dtype in (torch.float32, torch.bfloat16):
             a = torch.randn(n, n).to(dtype)
-            a @ a  # (the first product sets things up)
-            best.append(min(seconds_of(lambda: [a @ a for _ in range(5)]) for _ in range(rounds)))
-    return best[0] / best[1]
-
-
-def seconds_of(call: Callable) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+            seconds.append(seconds_per_call(lambda: a @ a, torch.device("cpu"), repeats=25,
+                                            warmup=2, fastest=True))
+    return seconds[0] / seconds[1]
 
 
 def recipe_settings(name: str, device: torch.device) -> tuple[dict, str]:
@@ -5334,18 +4948,17 @@ def recipe_settings(name: str, device: torch.device) -> tuple[dict, str]:
 # %% [markdown]
 # ## Appendix J. The command line
 #
-# *Builds on everything: `python llm.py train`, `sample`, `tokenize` and `bench` drive the same
-# functions as the notebook.* Every `RunConfig` field becomes an option of `train` (`n_layer` →
-# `--n-layer`), typed like its default and documented by its one-line explanation, so the help
-# can never drift from the code. Options are checked once, here (`validate_config`), and any
-# `UserError` is printed as one line, with exit status 2. A new `train` into a folder that
-# holds another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces
-# it.
+# *Builds on everything: `python llm.py train`, `sample`, `tokenize`, `bench` and `inspect` drive
+# the same functions as the notebook.* Every `RunConfig` field becomes an option of `train`
+# (`n_layer` → `--n-layer`), typed like its default and documented by its one-line explanation, so
+# the help cannot drift from the code. Options are checked once, here (`validate_config`), and a
+# `UserError` is printed as one line, with exit status 2. A new `train` into a folder that holds
+# another run's checkpoints stops: `--resume` continues that run, `--overwrite` replaces it.
 #
-# Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample`
-# stops quietly with status 141, what a shell expects of a program a closed pipe ended
-# (128 + SIGPIPE, as for `yes | head -1`). A `train` has more to do than print: it goes on
-# quietly, saves its checkpoints and plots as usual, and ends with its own status.
+# Output may go into a pipe that closes early: `python llm.py sample | head -1`. Then `sample` stops
+# quietly with status 141 (128 + SIGPIPE, what a shell expects, as for `yes | head -1`). A `train`
+# has more to do than print: it goes on quietly, saves its checkpoints and plots, and ends with its
+# own status.
 
 # %%
 import argparse
@@ -5354,33 +4967,22 @@ from contextlib import nullcontext
 
 
 @contextmanager
-def naming(flag: str):
-    """A UserError inside the block is about the value of `flag`: its message says so."""
+def naming(options: str | dict):
+    """A UserError in the block, in the command line's words: "--data" goes before its message;
+    a dict's names, Part I's parameters (`top_k must ...`), become options (`--top-k must ...`)."""
     try:
         yield
     except UserError as e:
-        raise UserError(f"{flag} {e}") from None
-
-
-@contextmanager
-def naming_options(parameters: dict):
-    """Part I's errors name a function's parameters (`top_k must be ...`); on the command line
-    they name the options (`--top-k must be ...`)."""
-    try:
-        yield
-    except UserError as e:
-        message = str(e)
-        for name in parameters:
+        message = f"{options} {e}" if isinstance(options, str) else str(e)
+        for name in options if isinstance(options, dict) else ():
             message = re.sub(rf"\b{name}\b", option(name), message)
         raise UserError(message) from None
 
 
 def parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "yes", "1", "on"):
-        return True
-    if text.lower() in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "yes", "1", "on")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -5411,10 +5013,15 @@ def chosen_recipe(args: argparse.Namespace, size: str) -> str:
     return args.recipe or ("speedrun" if size == "cpu" else "plain")
 
 
+def add_options(parser: argparse.ArgumentParser, *options: tuple) -> None:
+    """Options as (flag, default, help[, type]): typed like the default; help ends with it."""
+    for flag, default, text, *kind in options:
+        parser.add_argument(flag, default=default, type=kind[0] if kind else type(default),
+                            help=text + (f" (default: {default})" if default is not None else ""))
+
+
 def add_threads_option(parser: argparse.ArgumentParser, default: int, note: str = "") -> None:
-    parser.add_argument("--threads", type=int, default=default,
-                        help=f"CPU threads for PyTorch; 0: one per core{note} "
-                             f"(default: {default})")
+    add_options(parser, ("--threads", default, f"CPU threads for PyTorch; 0: one per core{note}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -5454,22 +5061,15 @@ def add_train_command(commands) -> None:
 def add_sample_command(commands) -> None:
     sample_p = commands.add_parser("sample", help="generate text from OUT_DIR/ckpt.pt",
                                    description="Generate text with a model trained by `train`.")
-    sample_p.add_argument("--out-dir", type=Path, default=Path("out"),
-                          help="directory holding ckpt.pt (default: out)")
-    sample_p.add_argument("--prompt", default=None,
-                          help="text to continue (default: a newline, or the first vocabulary "
-                               "character)")
-    sample_p.add_argument("--num-chars", type=int, default=500,
-                          help="characters to generate (default: 500)")
-    sample_p.add_argument("--temperature", type=float, default=0.8,
-                          help="below 1 is safer, above 1 wilder, 0 is greedy (default: 0.8)")
-    sample_p.add_argument("--top-k", type=int, default=None,
-                          help="sample only from the K most likely tokens")
-    sample_p.add_argument("--top-p", type=float, default=None,
-                          help="sample only from the most likely tokens that cover probability P")
-    sample_p.add_argument("--seed", type=int, default=1337,
-                          help="seed of the sampler (default: 1337)")
-    sample_p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    add_options(sample_p, ("--out-dir", Path("out"), "directory holding ckpt.pt"),
+                ("--prompt", None, "text to continue (default: a newline, else token 0)", str),
+                ("--num-chars", 500, "characters to generate"),
+                ("--temperature", 0.8, "below 1 is safer, above 1 wilder, 0 is greedy"),
+                ("--top-k", None, "sample only from the K most likely tokens", int),
+                ("--top-p", None, "sample only from the likeliest tokens covering probability P",
+                 float),
+                ("--seed", 1337, "seed of the sampler"),
+                ("--device", "auto", "auto, cpu, cuda or mps"))
     add_init_options(sample_p)  # --init-from gpt2 (Appendix H)
     add_threads_option(sample_p, SAMPLING_THREADS)
 
@@ -5480,12 +5080,9 @@ def add_tokenize_command(commands) -> None:
         description="Print the tokens of TEXT: with the tokenizer of a trained model "
                     "(--out-dir), or with BPE trained on --data.")
     tokenize_p.add_argument("text", help="the text to split")
-    tokenize_p.add_argument("--out-dir", type=Path, default=None,
-                            help="use the tokenizer saved in OUT_DIR/ckpt.pt")
-    tokenize_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                            help=f"text to train a BPE tokenizer on (default: {DEFAULT_DATA})")
-    tokenize_p.add_argument("--vocab-size", type=int, default=512,
-                            help="BPE vocabulary size (default: 512)")
+    add_options(tokenize_p, ("--out-dir", None, "use the tokenizer saved in OUT_DIR/ckpt.pt", Path),
+                ("--data", DEFAULT_DATA, "text to train a BPE tokenizer on"),
+                ("--vocab-size", 512, "BPE vocabulary size"))
 
 
 def add_bench_command(commands) -> None:
@@ -5508,10 +5105,8 @@ def add_inspect_command(commands) -> None:
         description="For the model in OUT_DIR/ckpt.pt: the loss on random text written twice, "
                     "each head's previous-token and induction scores, the loss with each head "
                     "removed, and the logit lens on the validation text of --data.")
-    inspect_p.add_argument("--out-dir", type=Path, default=Path("out"),
-                           help="directory holding ckpt.pt (default: out)")
-    inspect_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                           help=f"the text the model was trained on (default: {DEFAULT_DATA})")
+    add_options(inspect_p, ("--out-dir", Path("out"), "directory holding ckpt.pt"),
+                ("--data", DEFAULT_DATA, "the text the model was trained on"))
 
 
 def chosen_size(args: argparse.Namespace, overrides: dict) -> str:
@@ -5571,8 +5166,7 @@ def command_train(args: argparse.Namespace) -> None:
 
 
 def refuse_to_replace_a_run(out_dir: Path) -> None:
-    """A new run into a folder that holds another run's checkpoints would replace them: only
-    when --overwrite says so."""
+    """A new run would replace the checkpoints of another: only with --overwrite."""
     for name in ("latest.pt", "ckpt.pt"):
         if (out_dir / name).exists():
             raise UserError(f"--out-dir {out_dir} holds another run ({name}): continue it with "
@@ -5601,19 +5195,14 @@ def write_training_plots(result: TrainResult, val_text: str, out_dir: Path) -> N
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return
     matplotlib.use("Agg")  # render to files only, whatever display the machine has
-    line = attention_demo_line(val_text, result.model.cfg.block_size)
-    save_figure(plot_losses(result.history), out_dir / "loss.png")
-    save_figure(plot_attention_maps(result.model, result.tokenizer, line),
-                out_dir / "attention.png")
-    print(f"plots: {out_dir / 'loss.png'}, {out_dir / 'attention.png'}")
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a figure to a PNG file (atomically, like every output) and free its memory."""
     import matplotlib.pyplot as plt
-    write_output(Path(path),
-                 lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
+    line = attention_demo_line(val_text, result.model.cfg.block_size)
+    for name, fig in (("loss.png", plot_losses(result.history)), ("attention.png",
+                      plot_attention_maps(result.model, result.tokenizer, line))):
+        write_output(out_dir / name,  # (atomically, like every output)
+                     lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(fig)  # free its memory
+    print(f"plots: {out_dir / 'loss.png'}, {out_dir / 'attention.png'}")
 
 
 def default_prompt(tokenizer: Tokenizer) -> str:
@@ -5636,7 +5225,7 @@ def command_sample(args: argparse.Namespace) -> None:
     else:
         model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt", pick_device(args.device))
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    with naming_options(sampling):  # checked here, before anything is printed
+    with naming(sampling):  # checked here, before anything is printed
         check_sampling_args(**sampling, vocab_size=tokenizer.vocab_size)
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     tokenizer.encode(prompt)  # a character the model does not know: said before any output
@@ -5657,7 +5246,7 @@ def command_tokenize(args: argparse.Namespace) -> None:
     else:
         validate_config(RunConfig(tokenizer="bpe", vocab_size=args.vocab_size))  # --vocab-size
         with naming("--data"):
-            text = text_in_memory(args.data)
+            text = read_text(args.data)
         tokenizer = BPETokenizer.train(split_train_val(text)[0], args.vocab_size)
     ids = tokenizer.encode(args.text)
     print(" ".join(repr(tokenizer.decode([i])) for i in ids))
@@ -5689,9 +5278,8 @@ def command_bench(args: argparse.Namespace) -> None:
 
 
 class ReaderGone(io.TextIOBase):
-    """sys.stdout or sys.stderr while a command runs: once nobody reads them any more (a pipe
-    closed by `head`, a terminal closed by a hangup), what is written is dropped, not raised,
-    and `gone` is set."""
+    """sys.stdout or sys.stderr while a command runs: once nobody reads them (a pipe closed by
+    `head`, a terminal closed by a hangup), what is written is dropped, and `gone` is set."""
 
     def __init__(self, stream):
         self.stream, self.gone = stream, False
@@ -5734,7 +5322,7 @@ CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE: the status of a program a closed pipe
 def command_inspect(args: argparse.Namespace) -> None:
     model, tokenizer, _ = load_checkpoint(args.out_dir / "ckpt.pt")
     with naming("--data"):
-        val_text = split_train_val(text_in_memory(args.data))[1]
+        val_text = split_train_val(read_text(args.data))[1]
     V, L = tokenizer.vocab_size, min(model.cfg.block_size // 2, tokenizer.vocab_size)
     repeated = repeated_random_tokens(64, L, V, torch.Generator().manual_seed(0))  # (64, 2L)
     first, second = copy_losses(model, repeated)
