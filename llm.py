@@ -4616,9 +4616,9 @@ if IN_NOTEBOOK:
 # ## Appendix I. A speedrun on a laptop
 #
 # *Builds on sections 8 to 10 (the block, the model, AdamW and the loop), Appendix C (presets)
-# and Appendix F (how a run builds its model and optimiser). Adds Muon, six modern tricks, each
-# measured against Part I's recipe in equal wall time, and the recipe the quick run uses:
-# `--recipe speedrun`, the default on a CPU, or `--recipe plain` for Part I's.*
+# and Appendix F (how a run builds its model and optimiser). Adds Muon, five changes to the model
+# and two to its arithmetic, each measured against Part I's recipe in equal wall time, and the
+# recipe the quick run uses: `--recipe speedrun`, the default on a CPU, or `--recipe plain`.*
 #
 # A *speedrun* asks how fast a fixed target can be reached. The NanoGPT speedrun (Jordan et al.,
 # 2024, "modded-nanogpt") took the time to train GPT-2's smallest model to a fixed loss from
@@ -4656,17 +4656,18 @@ if IN_NOTEBOOK:
 # the smaller square: (128, 128) for a (128, 682) matrix.
 
 # %%
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """About U V^T for g = U S V^T: g's directions, with every strength near 1."""
+def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32):
+    """About U V^T for g = U S V^T: g's directions, with every strength near 1 (computed in
+    `dtype`, returned in g's)."""
     a, b, c = 3.4445, -4.7750, 2.0315  # p(s) = a s + b s^3 + c s^5, tuned by Muon's authors
     x = g / (g.norm() + 1e-7)  # the norm bounds every strength: now each is at most 1
-    tall = x.shape[0] > x.shape[1]
-    if tall:  # work on the wide way round: x x^T is then the smaller square
-        x = x.T
+    tall = g.shape[0] > g.shape[1]
+    x = (x.T if tall else x).to(dtype).contiguous()  # wide: x x^T is then the smaller square
     for _ in range(steps):
         gram = x @ x.T  # (N, N)
-        x = a * x + (b * gram + c * gram @ gram) @ x  # = U p(S) V^T
-    return x.T if tall else x
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram @ gram
+        x = torch.addmm(x, poly, x, beta=a)  # a x + poly @ x = U p(S) V^T
+    return (x.T if tall else x).to(g.dtype)
 
 
 # %%
@@ -4698,9 +4699,9 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised by Newton-Schulz, for 2-D weight matrices."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0,
-                 ns_steps: int = 5):
+                 ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      ns_steps=ns_steps))
+                                      ns_steps=ns_steps, ns_dtype=ns_dtype))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -4711,7 +4712,8 @@ class Muon(torch.optim.Optimizer):
                     continue
                 average = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 average.mul_(beta).add_(p.grad)
-                update = newton_schulz(p.grad.add(average, alpha=beta), group["ns_steps"])
+                look_ahead = p.grad.add(average, alpha=beta)  # Nesterov's momentum
+                update = newton_schulz(look_ahead, group["ns_steps"], group["ns_dtype"])
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled, as in AdamW
                 p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
 
@@ -4747,7 +4749,8 @@ def muon_optimizer(model: GPT, cfg: Config) -> Optimizers:
     matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
     in_muon = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in in_muon]
-    muon = Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    ns_dtype = torch.bfloat16 if "bf16" in trick_names(cfg) else torch.float32  # (below)
+    muon = Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype)
     decay = [p for p in rest if p.dim() >= 2]
     no_decay = [p for p in rest if p.dim() < 2]
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -4759,33 +4762,37 @@ def muon_optimizer(model: GPT, cfg: Config) -> Optimizers:
 OPTIMIZERS["muon"] = muon_optimizer
 
 # %% [markdown]
-# ### Six changes to the model
+# ### Five changes to the model, and two to its arithmetic
 #
 # Each function below changes a freshly built model in place, from outside: it swaps a module
-# for another or wraps one, and initialises what it added with section 9's rules. A run lists
-# the ones it wants in `--tricks`; a checkpoint keeps the list, so `sample` and `--resume` build
-# the same model.
+# for another, or wraps one, and initialises what it adds by section 9's rules. A run lists the
+# ones it wants in `--tricks`; the checkpoint keeps the list, so that `sample` and `--resume`
+# rebuild the same model. The first five are from the NanoGPT speedrun:
 #
-# * **QK-norm** (Dehghani et al., 2023): normalise every query and key (RMS, section 8, with a
-#   learned gain) before their dot product. Attention scores then cannot grow without bound as
-#   weights grow, a cause of blow-ups at high learning rates. It wraps the layer's `qkv`, so
-#   every path through attention (the cache of Appendix D too) sees the normalised heads.
-# * **ReLU²** (So et al., 2021): the MLP of section 8 with $\max(0, x)^2$ for GELU or SwiGLU,
-#   4C wide. Squaring makes the activation sparse and sharp at once.
-# * **An untied output layer**: a (V, C) matrix of its own instead of section 9's tied one.
-# * **Zero-initialised projections**: the layers that write into the residual stream start at
-#   zero, so at first every block passes its input through unchanged and learns from there.
-# * **A logit soft-cap**: $15 \tanh(z / 15)$ squashes every logit into (−15, 15), so no logit
-#   can run away; it barely touches logits of ordinary size.
-# * **PyTorch's fused kernels**: Part I computes RMSNorm and SiLU in several operations, each
-#   reading and writing all its numbers, to show the formula; `F.rms_norm` and `F.silu` do the
-#   same arithmetic in one pass (the tests check that they agree). Same model, less time.
-# * **Matrix products in bfloat16**: a 16-bit number with float32's range but 8 bits of
-#   precision. CPUs with AMX units (Intel's Xeons since 2023) multiply bfloat16 matrices several
-#   times faster than float32 ones; `BF16Linear` rounds each linear layer's input and weight to
-#   bfloat16, multiplies, and returns float32. The weights, their gradients and the optimiser
-#   stay in float32, as in the GPU's mixed precision (Appendix E). The speedrun uses it only
-#   where a quick probe finds bfloat16 products faster: elsewhere they would be slower.
+# * **QK-norm** (`qk_norm`; Dehghani et al., 2023): RMS-normalise every query and key (with a
+#   learned gain) before their dot product, so attention scores cannot grow without bound as
+#   the weights grow, a cause of blow-ups at high learning rates. It wraps the layer's `qkv`,
+#   so every path through attention, Appendix D's cache included, sees normalised heads.
+# * **ReLU²** (`relu_squared`; So et al., 2021): an MLP 4C wide with $\max(0, x)^2$ in place of
+#   SwiGLU, found by a search over activations: sparse like ReLU, smooth near zero.
+# * **An untied output layer** (`untied_head`): a (V, C) matrix of its own instead of section
+#   9's shared one, so reading tokens in and scoring them out need not agree.
+# * **Zero-initialised projections** (`zero_init`): the layers that write into the residual
+#   stream start at zero, so every block starts by passing its input through untouched.
+# * **A logit soft-cap** (`soft_cap`): $15 \tanh(z / 15)$ squashes every logit into (−15, 15),
+#   so that no prediction becomes wildly overconfident; logits of ordinary size barely change.
+#
+# The last two change only how the same model is computed:
+#
+# * **PyTorch's fused kernels** (`fused`): Part I computes RMSNorm and SiLU in several
+#   operations to show their formulas, and each operation reads and writes all its numbers.
+#   `F.rms_norm` and `F.silu` do the same arithmetic in one pass each (the tests check that
+#   they agree).
+# * **Products in bfloat16** (`bf16`): a 16-bit number with float32's range and 8 bits of
+#   precision. CPUs with AMX units (Intel's Xeons since 2023) multiply bfloat16 matrices
+#   several times faster than float32 ones. `BF16Linear` rounds each linear layer's input and
+#   weight to bfloat16, multiplies, and returns float32; the weights, their gradients and the
+#   optimiser stay in float32, as in a GPU's mixed precision (Appendix E).
 
 # %%
 class QKNorm(nn.Module):
@@ -4906,17 +4913,22 @@ MODEL_TRICKS.update({"qk_norm": qk_norm, "relu_squared": relu_squared, "untied_h
 
 
 # %% [markdown]
+# ### What paid, measured
+#
+# MEASURED_TBD
+
+# %% [markdown]
 # ### The speedrun recipe
 #
 # `RECIPES` names the settings a recipe changes. `--recipe speedrun`, the default for the quick
-# run on a CPU, is what the measurements above kept: FUSED_KERNELS_AND_BF16_TBD. bfloat16
-# products are added only where `bf16_speedup` measures them at least twice as fast as float32
-# on this machine, and the first line of `train` says which recipe runs. `--recipe plain` is
-# Part I's recipe exactly. The GPU preset keeps Part I's recipe: the speedrun was measured on a
-# CPU only, and on a GPU the products already run in bfloat16 (Appendix E).
+# run on a CPU, is what the measurements kept: Muon, PyTorch's fused kernels, and bfloat16
+# products where `bf16_speedup` finds them at least twice as fast as float32 on this machine,
+# for STEPS_TBD steps, as many as fit in the time of Part I's 3000. The first line of `train`
+# says which recipe runs; `--recipe plain` is Part I's recipe exactly. The GPU preset keeps
+# Part I's recipe: the speedrun was measured on a CPU only.
 
 # %%
-RECIPES = {"plain": {}, "speedrun": dict(tricks="fused")}
+RECIPES = {"plain": {}, "speedrun": dict(optimizer="muon", tricks="fused", max_iters=2400)}
 
 
 def bf16_speedup(n: int = 256) -> float:
@@ -4941,8 +4953,18 @@ def recipe_settings(name: str, device: torch.device) -> tuple[dict, str]:
     bf16 = (f"; bfloat16 products are {speedup:.1f}x faster than float32 here" if speedup >= 2
             else f"; bfloat16 products would be {speedup:.1f}x as fast here: not used" if speedup
             else "")
-    return settings, (f"recipe {name}: --tricks {settings['tricks']}{bf16}; "
+    return settings, (f"recipe {name}: --optimizer {settings['optimizer']} --tricks "
+                      f"{settings['tricks']} --max-iters {settings['max_iters']}{bf16}; "
                       "--recipe plain gives Part I's")
+
+
+# %%
+if IN_NOTEBOOK:
+    recipe_race = {name: train_for(preset(DEFAULT_ARCH, **recipe_settings(name, pick_device())[0]),
+                                   text, 3) for name in RECIPES}
+    print_table(recipe_race)
+    plot_val_curves(recipe_race, "Part I's recipe and the speedrun's, 3 seconds each")
+    plt.show()
 
 
 # %% [markdown]

@@ -23,7 +23,8 @@ echo "== 1. tests on the GPU"
 # measurements below still run.
 status=0
 python -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" \
-    tests/test_model.py tests/test_modern.py tests/test_sampler.py tests/test_speed_paths.py || status=$?
+    tests/test_model.py tests/test_modern.py tests/test_sampler.py tests/test_speed_paths.py \
+    tests/test_speedrun.py || status=$?
 
 echo "== 2. python llm.py train (no --size) into $OUT_DIR"
 rm -rf "$OUT_DIR"
