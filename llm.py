@@ -2261,20 +2261,7 @@ if IN_NOTEBOOK:
     print("merges of the classic example 'aaabdaaabac':",
           [(example.vocab[a], example.vocab[b]) for a, b in example.merges])
     print("its tokens:", [example.vocab[i] for i in example.encode("aaabdaaabac")])
-
-# %%
-if IN_NOTEBOOK:
-    started = time.perf_counter()
     bpe = BPETokenizer.train(train_text, vocab_size=512)
-    print(f"trained {len(bpe.merges)} merges in {time.perf_counter() - started:.1f} s")
-    started = time.perf_counter()
-    bpe_ids = bpe.encode(text)
-    print(f"encoded {len(text):,} characters into {len(bpe_ids):,} tokens "
-          f"in {time.perf_counter() - started:.1f} s")
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
     print("the first 24 merges:", [bpe.vocab[256 + i].decode() for i in range(24)])
     line = "First Citizen:\nBefore we proceed any further, hear me speak."
     print([bpe.decode([i]) for i in bpe.encode(line)])
@@ -2303,7 +2290,6 @@ def plot_token_boundaries(tokenizer, line: str, title: str):
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     plot_token_boundaries(bpe, "Before we proceed any further, hear me speak.",
                           "BPE with 512 tokens")
@@ -2315,21 +2301,14 @@ if IN_NOTEBOOK:
 # slowly: the most frequent pairs are merged first.
 
 # %%
-def plot_compression(train_text: str, val_text: str, sizes=(256, 512, 1024)):
+if IN_NOTEBOOK:
+    sizes = (256, 512, 1024)
     n_bytes = len(val_text.encode("utf-8"))
-    ratios = [n_bytes / len(BPETokenizer.train(train_text, size).encode(val_text))
-              for size in sizes]
+    ratios = [n_bytes / len(BPETokenizer.train(train_text, n).encode(val_text)) for n in sizes]
     fig, ax = new_figure(figsize=(8, 4.5))
     ax.plot(sizes, ratios, marker="o")
     ax.set(title="BPE compression on unseen text", xlabel="vocabulary size",
            ylabel="bytes per token")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_compression(train_text, val_text)
     plt.show()
 
 # %% [markdown]
@@ -2566,22 +2545,16 @@ if IN_NOTEBOOK:
 # the right ones barely over 64 positions, together a distinct pattern per position.
 
 # %%
-def plot_positional_encodings(n_positions: int = 64, dim: int = 64, channels=(0, 2, 10, 20, 40)):
-    pe = sinusoidal_positions(n_positions, dim)  # (T, C)
+if IN_NOTEBOOK:
+    pe = sinusoidal_positions(64, 64)  # (T, C)
     fig, (left, right) = new_figure(1, 2, figsize=(15, 5))
     image = left.imshow(pe.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
     left.set(title="Sinusoidal positional encodings", xlabel="channel", ylabel="position")
     fig.colorbar(image, ax=left)
-    for c in channels:
+    for c in (0, 2, 10, 20, 40):
         right.plot(pe[:, c], label=f"channel {c}")
     right.set(title="A few channels along the positions", xlabel="position", ylabel="value")
     right.legend(loc="lower left", fontsize=10)
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_positional_encodings()
     plt.show()
 
 # %% [markdown]
@@ -2592,25 +2565,16 @@ if IN_NOTEBOOK:
 # pairs stop agreeing, a gentle preference for nearby tokens.
 
 # %%
-def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
-    cos, sin = rope_tables(max(query_positions) + 1, dim)  # (P, D) each
-    vector = torch.ones(dim) / math.sqrt(dim)  # the same content for query and key
-    rotated = rope_rotate(vector, cos, sin)  # (P, D): the vector at each position
-    fig, ax = new_figure(figsize=(9, 4.5))
-    offsets = range(max_offset + 1)
-    for m in query_positions:
-        scores = [(rotated[m] @ rotated[m - o]).item() for o in offsets]
-        ax.plot(offsets, scores, label=f"query at position {m}",
-                linewidth=5 - query_positions.index(m) * 1.5)  # thinner lines drawn on top
+if IN_NOTEBOOK:
+    cos, sin = rope_tables(121, 32)  # (P, D) each
+    rotated = rope_rotate(torch.ones(32) / math.sqrt(32), cos, sin)  # (P, D): one content,
+    fig, ax = new_figure(figsize=(9, 4.5))  # for query and key, at each position
+    for width, m in ((5, 60), (3.5, 90), (2, 120)):  # thinner lines drawn on top
+        ax.plot([(rotated[m] @ rotated[m - o]).item() for o in range(61)], linewidth=width,
+                label=f"query at position {m}")
     ax.set(title="RoPE: query·key score depends only on the offset",
            xlabel="offset m - n (key before query)", ylabel="query · key")
     ax.legend()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_rope_scores()
     plt.show()
 
 # %% [markdown]
@@ -2729,15 +2693,12 @@ if IN_NOTEBOOK:
 # memory and speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
 
 # %%
-ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
-            "+ rmsnorm": {"norm": "rmsnorm"}, "+ swiglu": {"mlp": "swiglu"},
-            "+ 2 key/value heads": {"n_kv_head": 2}, "+ no biases": {"bias": False}}
-
-# %%
 if IN_NOTEBOOK:
-    ablation = {name: train_for(preset("gpt2", **switch), text, 2, n_evals=1)
-                for name, switch in ABLATION.items()}
-    print_table(ablation)
+    ablation = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
+                "+ rmsnorm": {"norm": "rmsnorm"}, "+ swiglu": {"mlp": "swiglu"},
+                "+ 2 key/value heads": {"n_kv_head": 2}, "+ no biases": {"bias": False}}
+    print_table({name: train_for(preset("gpt2", **switch), text, 2, n_evals=1)
+                 for name, switch in ablation.items()})
 
 # %% [markdown]
 # **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In full
