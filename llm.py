@@ -1480,7 +1480,6 @@ def plot_mask_and_head(head: Head, embed: Embeddings, tokenizer: CharTokenizer, 
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     torch.manual_seed(0)
     line = "First Citizen:\nSpeak, speak."
@@ -1551,7 +1550,6 @@ def plot_attention_maps(model: GPT, tokenizer, line: str):
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     plot_attention_maps(model, tokenizer, first_line)
     plt.show()
@@ -1586,7 +1584,6 @@ def plot_embeddings_2d(model: GPT, tokenizer):
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     plot_embeddings_2d(model, tokenizer)
     plt.show()
@@ -1622,7 +1619,6 @@ def plot_next_token_distributions(model: GPT, tokenizer, context: str,
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     plot_next_token_distributions(model, tokenizer, "ROMEO:\nWhat say")
     plt.show()
@@ -4186,18 +4182,6 @@ def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
     return len(vocab)
 
 
-def show_tokenization(tokenizer: GPT2Tokenizer, text: str) -> None:
-    """Print each step GPT-2's tokenizer takes on `text`."""
-    chunks = gpt2_chunk_pattern().findall(text)
-    print("1. chunks:       ", chunks)
-    print("2. as characters:", [gpt2_text(chunk.encode("utf-8")) for chunk in chunks])
-    merged = [[tokenizer.texts[i] for i in tokenizer.encode_chunk(chunk)] for chunk in chunks]
-    print("3. merged:       ", merged)
-    print("4. ids:          ", tokenizer.encode(text))
-    print("5. decoded:      ", repr(tokenizer.decode(tokenizer.encode(text))))
-
-
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     chars = gpt2_byte_chars()
@@ -4206,15 +4190,15 @@ if IN_NOTEBOOK:
     line = "I'll pay £1,000 for 2½   tea-cups, naïvely!"
     print("GPT-2's chunks:     ", gpt2_chunk_pattern().findall(line))
     print("Appendix B's chunks:", CHUNK_PATTERN.findall(line))
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
     shakespeare_files = Path(tempfile.mkdtemp())
     save_gpt2_tokenizer(bpe, shakespeare_files)  # Appendix B's 512 tokens, in GPT-2's format
     print((shakespeare_files / "merges.txt").read_text(encoding="utf-8").split("\n")[:6])
     stand_in = GPT2Tokenizer.from_files(shakespeare_files)
-    show_tokenization(stand_in, "O Romeo, we'll meet at 10 o'clock.")
+    line = "O Romeo, we'll meet at 10 o'clock."
+    chunks = gpt2_chunk_pattern().findall(line)
+    print("as characters:", [gpt2_text(chunk.encode("utf-8")) for chunk in chunks])
+    print("merged:", [[stand_in.texts[i] for i in stand_in.encode_chunk(c)] for c in chunks])
+    print("ids:", stand_in.encode(line), "decoded:", repr(stand_in.decode(stand_in.encode(line))))
     print("with the marker:", stand_in.encode(f"Exeunt.{GPT2_END}ACT II"), "| its id:",
           stand_in.end_id)
 
@@ -4565,13 +4549,6 @@ def pretrained_from_args(args) -> Pretrained | None:
                         "drop --arch and --size")
     return read_gpt2(find_gpt2_snapshot(args.weights, args.download))
 
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    quick_run = RunConfig()
-    for name, value in FINETUNE.items():
-        print(f"{name:14} quick run {getattr(quick_run, name):<7} fine-tune {value}")
 
 # %% [markdown]
 # ## Appendix I. A speedrun on a laptop
