@@ -2130,28 +2130,25 @@ if IN_NOTEBOOK:
 # chosen with `--tokenizer bpe`, and a unit that compares models across tokenizers.*
 #
 # Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become one token,
-# rare words come in pieces. Sequences get shorter (more text fits in the context), for a bigger
-# vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a vocabulary from
-# data:
+# rare words come in pieces: shorter sequences (more text fits in the context), for a bigger
+# vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a vocabulary:
 #
-# 1. Start from the 256 byte values of the text's UTF-8 encoding: every string can be written in
-#    bytes, so, unlike with the character tokenizer, no character is unknown.
-# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...), and
-#    every occurrence of the pair is replaced by it. Ties go to the smaller pair of ids (first
-#    id, then second), so the same text always gives the same merges.
+# 1. Start from the 256 byte values of UTF-8: any string is bytes, so no character is unknown.
+# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...),
+#    replacing every occurrence of the pair; ties go to the smaller pair of ids, so the same text
+#    always gives the same merges.
 # 3. Repeat until the vocabulary has the size asked for. The list of merges *is* the tokenizer.
 #
 # **Pre-splitting.** The text is first cut into word-like chunks (a word with its leading space, a
-# number, a run of punctuation, a run of whitespace), and merges never cross a chunk boundary, so no
-# vocabulary is wasted on accidents of adjacency such as `"e t"` in `"the tree"`. For GPT-2's
-# "letter", `\p{L}`, which Python's `re` lacks, `[^\W\d_]` (a word character, not a digit or `_`)
-# covers letters of every script.
+# number, a run of punctuation or of whitespace) that merges never cross, so no vocabulary is
+# wasted on accidents of adjacency such as `"e t"` in `"the tree"`. Python's `re` lacks GPT-2's
+# "letter", `\p{L}`; `[^\W\d_]` (a word character, not a digit or `_`) covers every script's.
 #
 # **Counting incrementally.** The pairs are counted once, noting which chunks hold each; a merge
-# then recounts only the chunks that held its pair, and identical chunks (every `" the"`) are stored
-# once, with a count: 512 tokens train on tiny Shakespeare in about a second, not minutes.
-# **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its adjacent
-# pairs, until none is left; each distinct chunk is encoded once and kept.
+# recounts only those chunks, and identical chunks (every `" the"`) are stored once, with a count:
+# 512 tokens train on tiny Shakespeare in about a second, not minutes. **Encoding** repeats, within
+# each chunk, the merge learned *earliest* among its adjacent pairs; each distinct chunk is encoded
+# once and kept.
 
 # %%
 import codecs
@@ -2351,14 +2348,12 @@ def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> To
 #
 # A loss in nats *per token* cannot compare the two tokenizers: a BPE token carries about two
 # characters, so predicting it is harder and its loss higher, even from a better model. The fair
-# unit is **bits per byte**: the loss per token in bits (divided by ln 2), divided by the UTF-8
-# bytes per token of the validation text; the bits the model would need to compress the text, per
-# byte, whatever the tokenizer. **Bits per character** divides by characters instead (for plain
-# English, the same). Runs report both (Appendix F).
+# unit is **bits per byte**: the loss per token in bits (divided by ln 2) over the UTF-8 bytes per
+# token of the validation text, the bits needed to compress the text, per byte, whatever the
+# tokenizer. **Bits per character** divides by characters (for plain English, the same).
 #
 # A `Corpus` is a text made ready for training: its tokenizer, both splits as token ids, and the
-# bytes and characters a validation token stands for. Here a text meets the model's settings, so
-# here a text too short for the context is refused.
+# bytes and characters a validation token stands for; a text too short for the context stops here.
 
 # %%
 @dataclass
@@ -2439,15 +2434,13 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 # | `bias` | in every linear layer and norm | none |
 #
 # `--arch gpt2` or `--arch llama` selects a whole set; any switch can still be flipped on top
-# (`--arch llama --norm layernorm`). Llama drops biases, which cost memory and bring nothing
-# measurable at scale; Llama 3 shares each key/value head among 4 query heads (32 and 8); with our 4
-# query heads we use groups of 2.
+# (`--arch llama --norm layernorm`). Biases cost memory and bring nothing measurable at scale;
+# Llama 3 shares each key/value head among 4 query heads (32 and 8), our 4 heads in groups of 2.
 #
-# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps, `python llm.py
-# train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of 1.70 and `llama` 1.61
-# in the same time, so `llama` is the default. `--size` picks the shape: `cpu` is Part I's quick
-# run; `gpu`, about ten times bigger, the default when `train` finds a GPU (Appendix E); `gpt2` is
-# GPT-2's own (Appendix H).
+# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps), `gpt2`
+# reached a validation loss of 1.70 and `llama` 1.61, so `llama` is the default. `--size` picks the
+# shape: `cpu` is Part I's quick run; `gpu`, about ten times bigger, the default when `train` finds
+# a GPU (Appendix E); `gpt2` is GPT-2's own (Appendix H).
 
 # %%
 import dataclasses
@@ -2578,9 +2571,8 @@ if IN_NOTEBOOK:
 #
 # A fair race gives each configuration the same **time**, not the same number of steps: a slower
 # architecture should pay for its slowness. So each gets as many steps as a few timed ones say fit
-# in the budget, its learning-rate schedule scaled to that length (evaluations come on top). Each
-# race lasts seconds, not two minutes, so its losses are far above the full runs' and show only who
-# learns faster first.
+# in the budget, its learning-rate schedule scaled to that length (evaluations come on top). A race
+# of seconds shows only who learns faster first, at losses far above the full runs'.
 
 # %%
 def synchronize(device: torch.device) -> None:
@@ -2727,19 +2719,17 @@ if IN_NOTEBOOK:
 # **One cache, allocated once.** `KVCache` holds, per layer, key and value buffers with `block_size`
 # *slots*, one per position. A step writes its tokens' keys and values into their slots, in place,
 # and its queries attend over the slots with section 7's mask $M$ hiding those after each query.
-# Key/value heads are held unrepeated, so grouped heads save memory here too.
+# Key/value heads are held unrepeated: grouped heads save memory here too.
 #
 # **A second forward pass, on the model's own modules.** The model's `forward` always starts at
-# position 0, so `cached_forward` walks the same layers, adding only the offset positions and the
-# attention over the slots. Two forward passes are two places to keep right: the cell below and the
-# tests check that the cache gives a full pass's logits at every position, for every positional
-# scheme and for grouped heads.
+# position 0, so `cached_forward` walks the same layers, adding the offset positions and the
+# attention over the slots. The cell below and the tests check that it gives a full pass's logits
+# at every position, for every positional scheme and for grouped heads.
 #
 # **Past `block_size`**, sliding the window by one token, as `generate` does, would refill the cache
-# at every token (every cached key saw tokens that left the window). So `generate_fast` slides by
-# half a window: when full, it keeps the last half and **prefills again**. Its text then differs
-# from `generate`'s, but every token is sampled from the logits of a full pass on its window, which
-# the tests check.
+# at every token (every cached key saw tokens that left the window). So `generate_fast`, when the
+# window is full, keeps its last half and **prefills again**: its text then differs from
+# `generate`'s, but every token is still sampled from a full pass's logits on its window.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
@@ -2877,13 +2867,10 @@ if IN_NOTEBOOK:
     n = len(ids)
     with evaluating(model):
         full, _ = model(torch.tensor([ids]))  # (1, n, V): every position at once
-        cache = KVCache(model)
-        by_cache = {t: cache.logits_after(model, ids[:t]) for t in range(n - 3, n + 1)}
-    # The logits after the first t tokens are the full pass's at position t - 1.
-    print(f"prefill of {n - 3} tokens equals the full pass:",
-          torch.allclose(by_cache[n - 3], full[:, n - 4], atol=1e-5))
-    print("each one-token step after it too:",
-          all(torch.allclose(by_cache[t], full[:, t - 1], atol=1e-5) for t in range(n - 2, n + 1)))
+        cache = KVCache(model)  # a prefill of n - 3 tokens, then three one-token steps:
+        same = [torch.allclose(cache.logits_after(model, ids[:t]), full[:, t - 1], atol=1e-5)
+                for t in range(n - 3, n + 1)]  # after t tokens: the full pass's position t - 1
+    print(f"prefill of {n - 3} tokens, then each one-token step, equal the full pass:", same)
     print("tokens in the cache:", cache.position)
 
 # %% [markdown]
@@ -2895,10 +2882,9 @@ if IN_NOTEBOOK:
 # tensors of the same shapes at the same addresses, any Python number frozen in. Hence the cache's
 # design: buffers allocated once; the position as a one-number tensor (`where`) each step reads for
 # its position rows, RoPE angles and slots; and on a GPU, attention over all `block_size` slots, the
-# mask giving unwritten ones weight 0 (a CPU attends over the written slots only). Each number T of
-# tokens fed (the prompt's length, 1, half a window) is recorded the first time, after two real runs
-# on a *side stream* that do the one-time work (choosing kernels, setting memory aside). Below, the
-# cache's gain on this machine: 500 tokens with and without it.
+# mask giving unwritten ones weight 0. Each number of tokens fed (the prompt's length, 1, half a
+# window) is recorded the first time, after two real runs on a *side stream* that do the one-time
+# work (choosing kernels, setting memory aside). Below, the cache's gain on this machine.
 
 # %%
 if IN_NOTEBOOK:
