@@ -2929,8 +2929,7 @@ def pick_device(name: str = "auto") -> torch.device:
 # busy, every operation waits. Generating text suffers most, its operations too small to gain from
 # being split (on a 2-core CPU with one core busy elsewhere, sampling ran about three times slower
 # on two threads than on one; on an idle machine, within 2%). So `sample` uses one thread and
-# training one per core; `--threads` overrides both. It belongs to the machine, not the model, so it
-# is not part of the configuration.
+# training one per core; `--threads` (the machine's, not the model's setting) overrides both.
 
 # %%
 SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
@@ -2954,15 +2953,13 @@ def using_threads(n: int):
 # %% [markdown]
 # ### On an NVIDIA GPU
 #
-# Four things change, none of which alters the maths: the forward pass, in training and evaluation,
-# runs under bfloat16 **autocast** (the `Autocast` wrapper), so matrix products use the GPU's tensor
-# cores at many times the float32 rate, while weights and optimiser state stay float32 (bfloat16
-# keeps float32's range, so no loss scaling is needed); AdamW updates all parameters in one
-# **fused** kernel (section 10's `configure_optimizer` asks for it); batches are copied from
-# **pinned** memory, which the GPU reads without the CPU waiting; and evaluation batches are copied
-# to the GPU once. `--compile true` also hands the model to `torch.compile`, which fuses operations
-# into fewer kernels; it is opt-in, as compiling takes tens of seconds (Appendix G measures the
-# trade-off).
+# Four things change, none of which alters the maths: the forward pass runs under bfloat16
+# **autocast** (`Autocast`), so matrix products use the GPU's tensor cores at many times the float32
+# rate, while weights and optimiser state stay float32 (bfloat16 keeps float32's range: no loss
+# scaling is needed); AdamW updates all parameters in one **fused** kernel (section 10); batches
+# come from **pinned** memory, which the GPU reads without the CPU waiting; evaluation batches are
+# copied to the GPU once. `--compile true` also hands the model to `torch.compile`, which fuses
+# operations into fewer kernels; opt-in, as compiling takes tens of seconds (Appendix G).
 
 # %%
 class Autocast(nn.Module):
@@ -2983,17 +2980,16 @@ class Autocast(nn.Module):
 # **Data parallelism** runs N copies of the model, one per process (a GPU each, or CPU cores),
 # launched by `torchrun --nproc_per_node=N llm.py train`. Each copy computes gradients on
 # *different* batches; an **all-reduce** (every process sends its gradients and receives the average
-# of all) then leaves the same gradients everywhere, so the copies take the same step and never
-# drift apart. PyTorch's `DistributedDataParallel` (DDP) does it during the backward pass,
-# overlapping communication with computation.
+# of all) leaves the same gradients everywhere, so the copies take the same step and never drift
+# apart. PyTorch's `DistributedDataParallel` (DDP) does it during the backward pass, overlapping
+# communication with computation; the weights start equal (DDP copies rank 0's).
 #
 # The **global batch** stays that of one process: each of N processes runs its share of a step's
-# `grad_accum_steps` batches, and plain `torchrun` sets `grad_accum_steps` to N, the same run as one
-# process with `--grad-accum-steps N`. Every process draws the same batches from the same seeded
-# generator and keeps its share; all evaluate, only rank 0 prints and writes files. The backend is
-# `gloo` on CPUs, `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through
-# the module it steps (`wrap_for_device`) and the stream of batches (`process_batches`). The weights
-# start equal (DDP copies rank 0's); dropout's randomness differs per process.
+# `grad_accum_steps` batches (plain `torchrun` sets it to N: the run of one process with
+# `--grad-accum-steps N`). Every process draws the same batches from the same seeded generator and
+# keeps its share; all evaluate, only rank 0 prints and writes files. The backend is `gloo` on CPUs,
+# `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through the module it
+# steps (`wrap_for_device`) and the stream of batches (`process_batches`).
 
 # %%
 @dataclass
@@ -3071,9 +3067,8 @@ def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
 #
 # ### Settings checked once
 #
-# Options enter on the command line, so they are checked there, once, each failure one line naming
-# the problem and the fix. Inside the model and the loop the same conditions are only `assert`ed: if
-# one fails there, the bug is in the code, not in the user's input.
+# Options are checked once, on the command line, each failure one line naming the problem and the
+# fix. Inside the model and the loop they are only `assert`ed: a failure there is a bug in the code.
 
 # %%
 import array
@@ -3143,11 +3138,10 @@ def validate_config(cfg: RunConfig) -> None:
 # averages, step, loss history, configuration, tokenizer, the training text's checksum and every
 # random generator's state. Nothing is saved before the first training step.
 #
-# Every file a run writes goes to a temporary file, flushed to disk and renamed into place when
-# complete: a rename happens entirely or not at all, so a crash or a full disk leaves the previous
-# version intact. A checkpoint holds only tensors and plain values, so it is loaded with
-# `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file; anything
-# wrong with one becomes one line saying what to do.
+# Every file a run writes goes to a temporary file, flushed to disk, then renamed into place: a
+# rename happens entirely or not at all, so a crash or a full disk leaves the previous version
+# intact. A checkpoint holds only tensors and plain values, loaded with `torch.load(weights_only=
+# True)`, which refuses to run code hidden in a malicious file.
 
 # %%
 TRAIN_AGAIN = "train again with `python llm.py train`"
@@ -3279,21 +3273,19 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # Every evaluation prints a progress line (losses, also in bits per byte, learning rate, speed, time
 # left) and rewrites `history.csv`, a row per evaluation.
 #
-# **A signal stops the run cleanly.** Ctrl-C (SIGINT), SIGTERM (sent by `kill`, `timeout`, `docker
-# stop` and cluster schedulers) and SIGHUP (the terminal or SSH connection closed) would end the
+# **A signal stops the run cleanly.** Ctrl-C (SIGINT), SIGTERM (from `kill`, `timeout`, `docker
+# stop`, cluster schedulers) and SIGHUP (the terminal or SSH connection closed) would end the
 # program wherever it is. While training runs, `stop_flag_on_signals` makes each only raise a flag:
 # the loop finishes the step, saves `latest.pt`, and stops with the command that resumes it, ready
 # to paste, and the usual exit status (130, 143 and 129); a second signal abandons the step at once.
 # A loss that is not finite stops the run before broken weights can reach a checkpoint.
 #
-# **Under torchrun** a stop must be agreed: a process that stopped while the others waited for its
-# gradients would leave them waiting forever. So after every step the processes share two numbers in
-# one all-reduce ("a broken loss?", "a signal?") and all stop after the same step.
+# **Under torchrun** a stop must be agreed, or the others would wait forever for the gradients of a
+# process that stopped: after every step one all-reduce shares "a broken loss?" and "a signal?".
 #
 # **One run per folder.** Two runs writing into one `--out-dir` would leave a mix of both, so
-# `train` holds an exclusive lock on the folder (`fcntl.flock` on `.lock`), which the operating
-# system releases when the process ends, however it ends; a second `train` there stops at once.
-# (Windows has no `flock`: there a run says so.)
+# `train` holds an exclusive lock on it (`fcntl.flock` on `.lock`, released by the operating system
+# however the process ends); a second `train` there stops at once. (Windows has no `flock`.)
 
 # %%
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
@@ -3405,11 +3397,10 @@ def write_history(path: Path, history: list) -> None:
 # twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is read in chunks of
 # `TOKEN_CHUNK_BYTES`: once for its checksum, once for its length (for the 90/10 split) and
 # characters, and once to write its tokens into a file of 16-bit ids (32-bit above 65,536 tokens),
-# which training **memory-maps**: the operating system reads from disk only the pages that batches
-# touch. Both results are kept in `--out-dir` under the text's checksum, so the next run on it
-# starts in seconds. BPE learns from the first `BPE_SAMPLE_CHARS` characters only (its counting
-# holds every distinct chunk in memory). Pieces are cut only before whitespace that ends a word,
-# where BPE cuts anyway, so the tokens are those of the whole text.
+# which training **memory-maps**: the operating system reads only the pages that batches touch.
+# Both are kept in `--out-dir` under the text's checksum: the next run on it starts in seconds.
+# BPE learns from the first `BPE_SAMPLE_CHARS` characters (its counting holds every distinct chunk
+# in memory). Pieces are cut only before whitespace that ends a word, where BPE cuts anyway.
 
 # %%
 def quiet(*_) -> None:
@@ -3828,30 +3819,27 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # cache) and Appendix E (devices, threads). Adds `python llm.py bench`, which measures this
 # machine running this model.*
 #
-# Any `--arch`, `--size`, `--device`, `--threads` or configuration option applies, except
-# `--compile`. It prints the median time of a training step (on random tokens of the configured
-# shape: speed does not depend on the text), and from it the **FLOPs per token**, about $6N$ for
-# the $N$ parameters that take part in matrix products (2 per multiply-add forward, twice that
-# backward; a lookup table such as learned positions multiplies nothing) plus $12 \cdot L \cdot C
-# \cdot T$ for attention itself (the PaLM paper's formula); the **achieved GFLOP/s**, and its
-# fraction of the **matmul peak**, the speed of one large matrix product in training's number type
-# (2048 × 2048 in float32 on a CPU; 8192 × 8192 in bfloat16 on a GPU, which needs the bigger
-# product to keep its cores busy). Then the time of an **evaluation** and its share of a run,
-# **sampling tokens/s** with and without the KV cache, on `sample`'s threads (on a GPU also with
-# CUDA graphs, and the time to the second token, which includes recording them), and **peak
-# memory**.
+# `--arch`, `--size`, `--device`, `--threads` and the configuration's options, but `--compile`,
+# apply. It prints the median time of a training step (on random tokens: speed does not depend on
+# the text), and from it the **FLOPs per token**, about $6N$ for the $N$ parameters that take part
+# in matrix products (2 per multiply-add forward, twice that backward; a lookup table such as
+# learned positions multiplies nothing) plus $12 \cdot L \cdot C \cdot T$ for attention itself (the
+# PaLM paper's formula); the **achieved GFLOP/s**, and its fraction of the **matmul peak**, one
+# large matrix product in training's number type (2048 × 2048 in float32 on a CPU; 8192 × 8192 in
+# bfloat16 on a GPU, which needs the bigger product to keep its cores busy). Then the time of an
+# **evaluation** and its share of a run, **sampling tokens/s** with and without the KV cache, on
+# `sample`'s threads (on a GPU also with CUDA graphs, and the time to the second token, which
+# includes recording them), and **peak memory**.
 #
 # **Where the time of a sampled token goes.** A forward pass of the quick-run model is about $2N
 # \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the rest is
 # overhead, the launch of each of some 165 tensor operations and Python's cost per module call. So
-# generation gets faster by doing *fewer* operations: rotating queries and keys together with
-# precomputed tables (section 7) gave about 10% more tokens/s, dropout 0 as an `nn.Identity`
-# (section 6) about 8%.
+# generation gets faster by doing *fewer* operations: rotating queries and keys together (section 7)
+# gave about 10% more tokens/s, dropout 0 as an `nn.Identity` (section 6) about 8%.
 #
 # **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer than
 # writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after about 20 s
-# of compiling, which the quick run's 3000 steps only just win back. So `--compile true` is opt-in,
-# and the sampler never compiles.
+# of compiling, which the quick run's 3000 steps only just win back: so `--compile` is opt-in.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
