@@ -3975,9 +3975,8 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # In 2019 OpenAI trained GPT-2 on 40 GB of web pages (Radford et al., 2019) and released its
 # weights; the smallest GPT-2 has 124 million parameters. Our `gpt2` preset is made of the same
 # parts, so it can hold those very numbers, and on them it computes the same logits as the reference
-# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers`. The tests check that on a
-# small GPT-2 with random weights (a test may not download anything); the real weights take the same
-# code.
+# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers`: the tests check it on a small
+# GPT-2 with random weights (a test may not download anything), read by the same code.
 #
 # ### What still differed
 #
@@ -4014,27 +4013,23 @@ if IN_NOTEBOOK:
 # written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
 # `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order; the
 # space, byte 32, becomes `Ġ`: the token `Ġthe` is " the". The one-byte tokens are numbered in the
-# order of those characters (`!` is 0; `Ā`, byte 0, is 188), and a merged token's id is whatever
-# `vocab.json` says: `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's rank
-# and id) from the files, and is otherwise `BPETokenizer`.
+# order of those characters (`!` is 0; `Ā`, byte 0, is 188), a merged token as `vocab.json` says:
+# `GPT2Tokenizer` is `BPETokenizer` with its tables (each byte's id, each merge's rank and id)
+# filled from the files.
 #
-# **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex` package
-# and tried left to right:
-#
-# `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
-#
-# A contraction (`'s`, `'ll`, ...) is a chunk of its own; then come letters with at most one space
-# before them, digits likewise, other symbols likewise, and whitespace, a run of spaces before a
-# word leaving its last space to the word (`\s+(?!\S)`). Python's `re` lacks `\p{L}` (any letter)
-# and `\p{N}` (any number, such as `²` or `½`), and the `regex` package would be a new dependency
-# for one pattern, so both classes are built as ranges from `unicodedata`, walking all 1.1 million
-# code points once, at the first use; `\s` is spelled out too. Appendix B's pattern has no
-# contractions (it cuts `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's.
+# **The pre-split.** GPT-2 cuts text into chunks with this pattern (for the `regex` package):
+# `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`. A contraction
+# (`'s`, `'ll`, ...) is a chunk of its own; then come letters with at most one space before them,
+# digits likewise, other symbols likewise, and whitespace, a run of spaces before a word leaving
+# its last space to the word (`\s+(?!\S)`). Python's `re` lacks `\p{L}` (any letter) and `\p{N}`
+# (any number, such as `²` or `½`), and `regex` would be a new dependency for one pattern, so both
+# classes are built as ranges from `unicodedata`, walking all 1.1 million code points once, at the
+# first use; `\s` is spelled out too. Appendix B's pattern has no contractions (it cuts `we'll`
+# into ` we`, `'`, `ll`), and its letters and digits are Python's.
 #
 # **`<|endoftext|>`**, the last token (id 50,256), stood between GPT-2's training documents: the
 # model writes it where it thinks a document ends. Encoded as text it would become `<|`, `endoftext`
-# and `|>`, so the encoder puts the marker's id between the pieces of text around it (as
-# `transformers` does by default).
+# and `|>`, so the encoder puts the marker's id between the pieces of text around it.
 
 # %%
 import functools
@@ -4182,10 +4177,8 @@ if IN_NOTEBOOK:
 # A GPT-2 *snapshot*, as the Hugging Face hub serves it (`openai-community/gpt2` for the 124M
 # model), is a folder of files, four of which we read: `config.json` (shape and switches),
 # `model.safetensors` (the weights: a JSON header, then raw numbers, so reading it runs no code,
-# unlike `torch.save`'s pickles), `vocab.json` and `merges.txt`.
-#
-# The tensors of GPT-2 (124M), with shapes as stored and `{i}` the block, 0 to 11 (files written by
-# `transformers` put `transformer.` before each name; the loader drops it):
+# unlike `torch.save`'s pickles), `vocab.json` and `merges.txt`. Its tensors, with shapes as stored
+# and `{i}` the block, 0 to 11 (`transformers` puts `transformer.` before each name; it is dropped):
 #
 # | GPT-2's tensor | shape | what it is | ours | transposed |
 # |---|---|---|---|---|
@@ -4206,14 +4199,14 @@ if IN_NOTEBOOK:
 # splits `qkv`.
 #
 # **Why four matrices are stored the other way round.** OpenAI's TensorFlow code wrote these layers
-# as `x @ W + b` with W stored as (in, out) (its `conv1d`, kept by `transformers` as `Conv1D`);
-# `nn.Linear` stores (out, in) (section 2), so each is transposed on loading. The shape check would
-# catch a forgotten transpose, except for attention's square `c_proj`, which would load and compute
-# nonsense: so the equality with the reference, below, is the real test.
+# as `x @ W + b` with W stored as (in, out) (its `conv1d`, `transformers`' `Conv1D`); `nn.Linear`
+# stores (out, in) (section 2), so each is transposed on loading. The shape check would catch a
+# forgotten transpose, except for attention's square `c_proj`, which would load and compute
+# nonsense: the equality with the reference, below, is the real test.
 #
-# **Checked before use.** The loader builds our model for `config.json`'s shape on the `meta` device
-# and checks every tensor of the file against it, naming the first one missing, misshapen or
-# foreign. A GPT-2 variant that computes something ours does not (another activation, an untied
+# **Checked before use.** The loader checks every tensor of the file against our model for
+# `config.json`'s shape (built on the `meta` device), naming the first one missing, misshapen or
+# foreign; a GPT-2 variant that computes something ours does not (another activation, an untied
 # output, other scaling of the attention scores) is refused by name.
 
 # %%
@@ -4439,27 +4432,22 @@ if IN_NOTEBOOK:
 if IN_NOTEBOOK:
     try:
         gpt2 = read_gpt2(find_gpt2_snapshot())  # the cache only: nothing is downloaded here
-    except UserError as e:
-        print(f"{e}\n(in the notebook: find_gpt2_snapshot(download=True))\n"
-              "The demonstration is skipped: no weights, no GPT-2 text.")
-    else:
         print(generate_text(gpt2.model(), gpt2.tokenizer, "The meaning of a word is", 400,
                             temperature=0.8, top_k=50, generate_ids=generate_fast))
+    except UserError as e:
+        print(f"{e}\n(in the notebook: find_gpt2_snapshot(download=True))")
 
 # %% [markdown]
 # ### Fine-tuning GPT-2 on your text
 #
 # `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE:
 # **fine-tuning**. It is Appendix F's `run_training` with another start: switches and shape from
-# `config.json`, GPT-2's tokenizer, and GPT-2's weights instead of random ones. The checkpoints hold
-# the tokenizer (Appendix B), so `sample`, `tokenize` and `--resume` then work without GPT-2's
-# files.
-#
-# **The settings**, `FINETUNE`, each for a reason:
+# `config.json`, GPT-2's tokenizer and weights. The checkpoints hold the tokenizer (Appendix B), so
+# `sample`, `tokenize` and `--resume` then work without GPT-2's files. **The settings**, `FINETUNE`:
 #
 # * **Learning rate 3e-5**, a hundred times below the quick run's: big steps would overwrite
-#   what 40 GB of text taught with what one small file says. A usual size for fine-tuning
-#   (nanoGPT's Shakespeare fine-tune), not tuned here; it decays to 3e-6 after 10 warm-up steps.
+#   what 40 GB of text taught with what one small file says (nanoGPT's Shakespeare fine-tune's
+#   rate, not tuned here); it decays to 3e-6 after 10 warm-up steps.
 # * **Dropout 0**, not GPT-2's 0.1: 100 steps of 4 × 256 tokens read too little to learn it by
 #   heart (section 6); `--dropout 0.1` gives GPT-2's.
 # * **256 tokens of context, 4 sequences a step**: much of a 124M model's step does not depend
@@ -4470,10 +4458,10 @@ if IN_NOTEBOOK:
 # * **Memory**: weights, gradients and AdamW's two averages are four copies of 124 million
 #   4-byte numbers, 2 GB, plus the activations; a checkpoint holds about 1.5 GB.
 #
-# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning bought,
-# in bits per byte, comparable with the models trained from scratch (Appendix B). To try the path
-# without the download, use a tiny GPT-2 with random weights (299 BPE tokens plus `<|endoftext|>`
-# make its `vocab_size` of 300): `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
+# The evaluation at step 0 measures GPT-2 as it came: the history shows what fine-tuning bought, in
+# bits per byte, comparable with models trained from scratch. To try it without the download, use a
+# tiny GPT-2 with random weights (299 BPE tokens plus `<|endoftext|>` make its `vocab_size` of 300):
+# `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
 # llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
 # llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`. The
 # other options of `train` apply on top, except those GPT-2's files decide.
