@@ -2266,8 +2266,9 @@ if IN_NOTEBOOK:
 # with their leading space are single tokens, rarer ones come in pieces.
 
 # %%
-def plot_token_boundaries(tokenizer, line: str, title: str):
-    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(line)]
+if IN_NOTEBOOK:
+    line = "Before we proceed any further, hear me speak."
+    pieces = [bpe.decode([i]) for i in bpe.encode(line)]
     fig, ax = new_figure(figsize=(14, 1.6))
     ax.set_axis_off()
     x = 0.0
@@ -2279,13 +2280,8 @@ def plot_token_boundaries(tokenizer, line: str, title: str):
         box = label.get_window_extent().transformed(ax.transData.inverted())
         x = box.x1 + 0.004
     ax.set_xlim(0, max(x, 1.0))
-    ax.set_title(f"{title}: {len(pieces)} tokens for {len(line)} characters", fontsize=14)
-    return fig
-
-
-if IN_NOTEBOOK:
-    plot_token_boundaries(bpe, "Before we proceed any further, hear me speak.",
-                          "BPE with 512 tokens")
+    ax.set_title(f"BPE with 512 tokens: {len(pieces)} tokens for {len(line)} characters",
+                 fontsize=14)
     plt.show()
 
 # %% [markdown]
@@ -2391,8 +2387,8 @@ def with_bits(row: dict, corpus: Corpus) -> dict:
 #
 # The command line prints text as it is written: `stream_text` turns the token ids of a generator
 # (section 11's `generate`, or Appendix D's `generate_fast`) into text, piece by piece. A byte-level
-# token can end inside a multi-byte character, so the bytes go through an incremental UTF-8 decoder,
-# which holds a partial character back until the rest arrives.
+# token can end inside a multi-byte character: an incremental UTF-8 decoder holds the part back
+# until the rest arrives.
 
 # %%
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
@@ -2675,10 +2671,9 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **One switch at a time.** From the classic `gpt2` set, one switch flipped at a time, two seconds
-# each: about fifty steps, so a few hundredths are noise. In longer runs, rotary positions gave the
-# one consistent gain; the other switches pay elsewhere: grouped keys/values and dropped biases in
-# memory and speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
+# **One switch at a time** from the classic `gpt2` set, two seconds each: about fifty steps, so a
+# few hundredths are noise. In longer runs rotary positions gave the one consistent gain; grouped
+# keys/values and dropped biases pay in memory and speed, SwiGLU at larger scale (Llama, PaLM).
 
 # %%
 if IN_NOTEBOOK:
@@ -2690,9 +2685,8 @@ if IN_NOTEBOOK:
 
 # %% [markdown]
 # **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In full
-# quick runs BPE reached the lower figure (2.18 against 2.32, `python llm.py train --tokenizer bpe`
-# and without): each step covers about twice the text, which outweighs the harder prediction. A few
-# seconds are too short to be sure of it.
+# quick runs BPE reached the lower figure (2.18 against 2.32): each step covers about twice the
+# text, which outweighs the harder prediction. A few seconds are too short to be sure of it.
 
 # %%
 if IN_NOTEBOOK:
@@ -3237,10 +3231,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu",
 # ### Resuming exactly
 #
 # `--resume` continues the run in `latest.pt` with its configuration, tokenizer, weights, optimiser
-# state, step and random generators, so its losses are bit-for-bit those of an uninterrupted run (in
+# state, step and random generators: its losses are bit-for-bit those of an uninterrupted run (in
 # one process on the CPU: GPU kernels are not always deterministic, and under torchrun only rank 0's
-# random state is saved). The text's checksum must match: resuming on another text would silently
-# train a different run.
+# random state is saved). The text's checksum must match, or it would silently train another run.
 
 # %%
 RESUME_FIX = "start a new run without --resume"
@@ -4335,11 +4328,10 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
 # %% [markdown]
 # ### Getting the files
 #
-# `--weights DIR` names a folder that holds the four files. Without it, the loader looks in the
-# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`). Nothing is downloaded unless
-# `--download` asks: it fetches the four files (about 500 MB: 124 million numbers of 4 bytes) into
-# that cache with `huggingface_hub`. Offline, or without `huggingface_hub`, one line says how to get
-# them.
+# `--weights DIR` names a folder that holds the four files; without it, the loader looks in the
+# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`). Only `--download` fetches
+# the four files (about 500 MB: 124 million numbers of 4 bytes) into that cache with
+# `huggingface_hub`; offline, or without it, one line says how to get them.
 
 # %%
 GPT2_REPO = "openai-community/gpt2"  # the 124M model on the Hugging Face hub
@@ -4381,9 +4373,9 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
 # ### Equal to the reference
 #
 # The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2 blocks,
-# 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor), saved and read back by
-# `read_gpt2` into our model, gives the same logits, and greedy generation writes the same 20
-# tokens, with and without the KV cache. `transformers` is needed only here and in the tests.
+# 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor), read by `read_gpt2`, gives
+# the same logits and the same 20 greedy tokens, with and without the KV cache (`transformers` is
+# needed only here and in the tests).
 
 # %%
 def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_head: int = 4,
