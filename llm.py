@@ -2700,9 +2700,8 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix D. Fast generation: the KV cache
 #
-# *Builds on sections 6 to 9 (the model's layers, which it drives through their own weights)
-# and 11 (`generate`). Adds `generate_fast`, which makes each new token cost one small step
-# instead of a pass over the whole window. `python llm.py sample` uses it.*
+# *Builds on sections 6 to 9 (the model's layers) and 11 (`generate`). Adds `generate_fast`, which
+# makes each new token one small step instead of a pass over the window, as `sample` uses it.*
 #
 # Section 11's `generate` runs the model over the whole window for every new token, although the
 # keys and values of earlier tokens never change (in a causal model, earlier positions never see
@@ -2890,9 +2889,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
 #
-# *Builds on sections 9 and 10 (the model and the training loop). Adds the choice of device,
-# CPU threads, the GPU path and data parallelism under `torchrun`, as what the loop is given:
-# the module it steps and the stream of batches. Appendix F puts them to work in real runs.*
+# *Builds on sections 9 and 10 (the model and the training loop). Adds the choice of device, CPU
+# threads, the GPU path and data parallelism under `torchrun`, through the module the loop steps
+# and its stream of batches; Appendix F puts them to work.*
 #
 # ### Devices
 #
@@ -3053,11 +3052,10 @@ def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
 # %% [markdown]
 # ## Appendix F. A run you can trust
 #
-# *Builds on section 10 (the training loop, which it drives), Appendix B (the corpus and bits
-# per byte) and Appendix E (devices and processes). Adds what an unattended run needs: settings
-# checked once, checkpoints, exact resume, a clean stop on Ctrl-C or SIGTERM (agreed across
-# processes), one run per folder, a guard against a broken loss, a loss history on disk, and
-# texts bigger than memory. `python llm.py train` is `run_training`.*
+# *Builds on section 10 (the training loop), Appendix B (the corpus, bits per byte) and Appendix E
+# (devices and processes). Adds what an unattended run needs: settings checked once, checkpoints,
+# exact resume, a clean stop on a signal (agreed across processes), one run per folder, a guard
+# against a broken loss, a loss history on disk, texts bigger than memory: `python llm.py train`.*
 #
 # ### Settings checked once
 #
@@ -3808,9 +3806,8 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # %% [markdown]
 # ## Appendix G. Measuring speed
 #
-# *Builds on section 10 (`train_step`), Appendix C (`seconds_per_step`), Appendix D (the KV
-# cache) and Appendix E (devices, threads). Adds `python llm.py bench`, which measures this
-# machine running this model.*
+# *Builds on section 10 (`train_step`), Appendix C (`seconds_per_step`), Appendix D (the KV cache)
+# and Appendix E (devices, threads). Adds `python llm.py bench`: this machine running this model.*
 #
 # `--arch`, `--size`, `--device`, `--threads` and the configuration's options, but `--compile`,
 # apply. It prints the median time of a training step (on random tokens: speed does not depend on
@@ -3839,8 +3836,7 @@ SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stan
 
 
 def matmul_size(device: torch.device) -> tuple[int, torch.dtype]:
-    """A matrix product big enough to reach the device's peak, in the type training uses (on
-    a GPU, 2048 x 2048 reached well under half of what an H100 does at 8192 x 8192)."""
+    """A matrix product big enough to reach the device's peak, in the type training uses."""
     return (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
 
 
@@ -3960,10 +3956,9 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # %% [markdown]
 # ## Appendix H. The real GPT-2
 #
-# *Builds on sections 6 to 9 (the model and its switches), Appendix B (byte-level BPE, tokenizers
-# in checkpoints, bits per byte), Appendix C (the `gpt2` preset), Appendix D (the KV cache) and
-# Appendix F (checkpoints and `run_training`). Adds GPT-2's own tokenizer, read from its files, a
-# loader for the weights OpenAI released, and `--init-from gpt2` on `sample` and `train`.*
+# *Builds on sections 6 to 9 (the model and its switches), Appendices B (byte-level BPE, bits per
+# byte), C (the `gpt2` preset), D (the KV cache) and F (checkpoints, `run_training`). Adds GPT-2's
+# own tokenizer, read from its files, its released weights, and `--init-from gpt2`.*
 #
 # In 2019 OpenAI trained GPT-2 on 40 GB of web pages (Radford et al., 2019) and released its
 # weights; the smallest GPT-2 has 124 million parameters. Our `gpt2` preset is made of the same
