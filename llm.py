@@ -1493,10 +1493,9 @@ if IN_NOTEBOOK:
 # while the model runs: PyTorch calls a **forward pre-hook**, a function registered on a module
 # with `register_forward_pre_hook`, with the module's input just before each call (a **forward
 # hook**, `register_forward_hook`, gets its output just after). `recording` keeps what passes
-# through a list of modules; `attention_weights` then computes each block's weights from its
-# input, and the hooks are removed (each registration returns a handle whose `remove()` detaches
-# it). The model's code is untouched: this is how an appendix looks inside a Part I module.
-# Below is every head of every layer reading the same line as in section 10.
+# through a list of modules, then removes the hooks (each registration returns a handle whose
+# `remove()` detaches it); `attention_weights` computes each block's weights from its input. The
+# model's code is untouched. Below, every head of every layer reads section 10's line.
 
 # %%
 @contextmanager
@@ -2247,7 +2246,6 @@ class BPETokenizer:
         return {"kind": "bpe", "merges": [list(pair) for pair in self.merges]}
 
 
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     example = BPETokenizer.train("aaabdaaabac", vocab_size=259)
@@ -2301,10 +2299,10 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# Checkpoints store each tokenizer as a few plain values (`tokenizer_state`), so a model is always
-# decoded with its own tokenizer. The character vocabulary comes from the whole text (a character
-# only in the validation part would otherwise have no id); BPE learns from the training part alone:
-# it encodes any text anyway, and should not be tuned on the text that measures the model.
+# Checkpoints store each tokenizer as plain values (`tokenizer_state`): a model is always decoded
+# with its own. The character vocabulary comes from the whole text (a character only in the
+# validation part would have no id); BPE, which encodes any text, learns from the training part
+# alone: it should not be tuned on the text that measures the model.
 
 # %%
 Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
@@ -2853,7 +2851,6 @@ def generate_fast(model: GPT, prompt_ids: list[int], max_new_tokens: int,
         yield next_id
 
 
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     ids = tokenizer.encode("ROMEO:\nWhat say")
@@ -2895,9 +2892,8 @@ if IN_NOTEBOOK:
 #
 # ### Devices
 #
-# Part I ran everything on the CPU. The device is chosen in order of speed, an NVIDIA GPU (`cuda`),
-# an Apple GPU (`mps`), then the CPU, unless `--device` says; a model moves with `model.to(device)`,
-# and every tensor it meets must be there too.
+# The device is chosen in order of speed, an NVIDIA GPU (`cuda`), an Apple GPU (`mps`), then the
+# CPU, unless `--device` says; a model moves with `model.to(device)`, and every tensor it meets too.
 
 # %%
 def pick_device(name: str = "auto") -> torch.device:
@@ -4390,7 +4386,6 @@ def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_he
     return reference
 
 
-# %%
 if IN_NOTEBOOK:
     tiny_folder = Path(tempfile.mkdtemp())
     try:
