@@ -1554,12 +1554,11 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **The embeddings.** Each character's learned vector has 128 numbers; projecting them onto
-# their two directions of greatest variance (principal components) gives a map. Characters the
-# model treats alike end up near each other: typically upper-case letters separate from
-# lower-case ones (they occur in different places: names and line starts), the lower-case
-# vowels sit together, apart from the lower-case consonants, and rare symbols such as `$` and
-# `&` drift off on their own. The colours mark those four groups, so you can check.
+# **The embeddings.** Each character's learned vector has 128 numbers; projecting them onto their
+# two directions of greatest variance (principal components) gives a map. Characters the model
+# treats alike end up near each other: typically upper-case letters apart from lower-case ones
+# (they occur in different places: names and line starts), the lower-case vowels together, apart
+# from the consonants, and rare symbols such as `$` and `&` off on their own (coloured to check).
 
 # %%
 def plot_embeddings_2d(model: GPT, tokenizer):
@@ -3597,9 +3596,9 @@ def write_tokens(scan: TextScan, tokenizer: Tokenizer, path: Path, log: Callable
 # %% [markdown]
 # ### The run
 #
-# `run_training` is `python llm.py train`: it sets up a run (fresh, resumed, or from given
-# weights) and drives section 10's loop, unchanged, through Appendix E's module and batches; a
-# `Supervisor` does all of the above with each row the loop yields.
+# `run_training` is `python llm.py train`: it sets up a run (fresh, resumed, or from given weights)
+# and drives section 10's loop through Appendix E's module and batches; a `Supervisor` does all of
+# the above with each row the loop yields.
 
 # %%
 @dataclass
@@ -4114,11 +4113,9 @@ class GPT2Tokenizer(BPETokenizer):
 TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["merges"])
 
 
-# %% [markdown]
-# To see the format without GPT-2's files, we write Appendix B's Shakespeare tokenizer in it; the
-# tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading.
-
 # %%
+# To see the format without GPT-2's files, Appendix B's Shakespeare tokenizer is written in it (the
+# tests compare `GPT2Tokenizer` with `transformers`' reading of such files).
 def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
     """Write an Appendix B tokenizer as GPT-2's two files, plus <|endoftext|>: its size."""
     by_gpt2_order = sorted(range(256), key=lambda byte: gpt2_byte_chars()[byte])
@@ -4178,9 +4175,8 @@ if IN_NOTEBOOK:
 # | `h.{i}.attn.bias` | (1, 1, 1024, 1024) | the causal mask, a buffer | none: ignored | |
 # | `lm_head.weight` | (50257, 768) | the output layer | must equal `wte.weight` | |
 #
-# `*` stands for `weight` and `bias`; the last two rows are in some files only. The 2304 columns of
-# `c_attn` are the queries, keys and values, each 12 heads of 64 side by side, exactly as section 7
-# splits `qkv`.
+# `*` stands for `weight` and `bias`; the last two rows are in some files only. `c_attn`'s 2304
+# columns are the queries, keys and values, each 12 heads of 64 side by side, as section 7 splits.
 #
 # **Why four matrices are stored the other way round.** OpenAI's TensorFlow code wrote these layers
 # as `x @ W + b` with W stored as (in, out) (its `conv1d`, `transformers`' `Conv1D`); `nn.Linear`
