@@ -1461,10 +1461,9 @@ if IN_NOTEBOOK:
 # llm.py train` saves the loss curves and the attention maps as `loss.png` and `attention.png`.*
 
 # %% [markdown]
-# **Before training.** Seen as pictures: the mask lets each row (a query position) look only at
-# columns (key positions) on or left of the diagonal. On the right, one head with random,
-# untrained weights attends over a real line of Shakespeare: the weights already respect the
-# mask, but their pattern is arbitrary.
+# **Before training.** The mask lets each row (a query position) look only at columns (key
+# positions) on or left of the diagonal. On the right, one untrained head attends over a line of
+# Shakespeare: its weights already respect the mask, but their pattern is arbitrary.
 
 # %%
 def plot_mask_and_head(head: Head, embed: Embeddings, tokenizer: CharTokenizer, line: str):
@@ -1587,10 +1586,9 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **What the sampling filters do** (section 11) to the trained model's real prediction. Given the
-# context below, the bars show the probability of the most likely next characters: low temperature
-# piles the mass onto the favourite, high temperature spreads it over more candidates, and top-k and
-# top-p cut the tail off completely.
+# **What the sampling filters do** (section 11) to the trained model's prediction of the most
+# likely next characters: low temperature piles the mass onto the favourite, high temperature
+# spreads it over more candidates, top-k and top-p cut the tail off completely.
 
 # %%
 def plot_next_token_distributions(model: GPT, tokenizer, context: str,
@@ -2145,8 +2143,7 @@ if IN_NOTEBOOK:
 # **Counting incrementally.** The pairs are counted once, noting which chunks hold each; a merge
 # recounts only those chunks, and identical chunks (every `" the"`) are stored once, with a count:
 # 512 tokens train on tiny Shakespeare in about a second, not minutes. **Encoding** repeats, within
-# each chunk, the merge learned *earliest* among its adjacent pairs; each distinct chunk is encoded
-# once and kept.
+# each distinct chunk (encoded once, then kept), the merge learned *earliest* among its pairs.
 
 # %%
 import codecs
@@ -3963,14 +3960,14 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 #
 # ### What still differed
 #
-# Every detail GPT-2 needs is a switch of Part I, and the `gpt2` preset sets them (Appendix C's
-# table): learned positions, LayerNorm (ε = 1e-5) before each sub-layer and after the last block,
-# GELU by the tanh formula, biases, one matrix making queries, keys and values in that order, and
-# the output layer tied to the token table. `--size gpt2` gives the shape: 12 blocks, 12 heads, 768
-# channels, 1,024 positions. What still differs: the vocabulary (GPT-2's 50,257 tokens come with
-# `--init-from`), dropout in training (0 here, 0.1 for GPT-2), and four matrices stored as (in, out)
-# (below). The cell counts the GPT-2 shape's parameters on the `meta` device (shapes without
-# numbers: nothing is allocated), and the gap between the exact GELU and the tanh formula.
+# Every detail GPT-2 needs is a switch of Part I, set by the `gpt2` preset (Appendix C's table):
+# learned positions, LayerNorm (ε = 1e-5) before each sub-layer and after the last block, GELU by
+# the tanh formula, biases, one matrix making queries, keys and values in that order, the output
+# layer tied to the token table; `--size gpt2` gives 12 blocks, 12 heads, 768 channels, 1,024
+# positions. What still differs: the vocabulary (GPT-2's 50,257 tokens come with `--init-from`),
+# dropout in training (0 here, 0.1 for GPT-2), and four matrices stored as (in, out) (below). The
+# cell counts the GPT-2 shape's parameters on the `meta` device (shapes only: nothing is
+# allocated), and the gap between the exact GELU and the tanh formula.
 
 # %%
 if IN_NOTEBOOK:
