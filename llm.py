@@ -2255,12 +2255,8 @@ if IN_NOTEBOOK:
     unseen = "Naïve café, 東京 🙂"
     print("round trip of text it never saw:", bpe.decode(bpe.encode(unseen)) == unseen)
 
-# %% [markdown]
-# Drawn in alternating colours (spaces as ␣), the tokens show what the merges learned: common words
-# with their leading space are single tokens, rarer ones come in pieces.
-
 # %%
-if IN_NOTEBOOK:
+if IN_NOTEBOOK:  # the tokens of a line, in alternating colours (spaces as ␣)
     line = "Before we proceed any further, hear me speak."
     pieces = [bpe.decode([i]) for i in bpe.encode(line)]
     fig, ax = new_figure(figsize=(14, 1.6))
@@ -2505,7 +2501,6 @@ def preset(arch: str, size: str = "cpu", **overrides) -> RunConfig:
     return RunConfig(**{**ARCHITECTURES[arch], **SIZES[size], **overrides})
 
 
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
@@ -2657,7 +2652,6 @@ def plot_val_curves(rows: dict, title: str, metric: str = "val_loss",
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     race = {arch: train_for(preset(arch), text, 3) for arch in ARCHITECTURES}
     print_table(race)
@@ -2910,11 +2904,11 @@ def pick_device(name: str = "auto") -> torch.device:
 # ### Threads
 #
 # On a CPU, PyTorch splits each large enough operation into one share per thread (one per core by
-# default), and the operation is done only when its last share is: if another program keeps a core
-# busy, every operation waits. Generating text suffers most, its operations too small to gain from
-# being split (on a 2-core CPU with one core busy elsewhere, sampling ran about three times slower
-# on two threads than on one; on an idle machine, within 2%). So `sample` uses one thread and
-# training one per core; `--threads` (the machine's, not the model's setting) overrides both.
+# default), done only when its last share is: if another program keeps a core busy, every operation
+# waits. Generating text suffers most, its operations too small to gain from being split (on a
+# 2-core CPU with one core busy elsewhere, sampling ran about three times slower on two threads than
+# on one; on an idle machine, within 2%). So `sample` uses one thread, training one per core;
+# `--threads` (the machine's setting, not the model's) overrides both.
 
 # %%
 SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
@@ -3379,11 +3373,11 @@ def write_history(path: Path, history: list) -> None:
 # A text of a gigabyte, held as a Python string and then as 64-bit token ids, would need about
 # twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is read in chunks of
 # `TOKEN_CHUNK_BYTES`: once for its checksum, once for its length (for the 90/10 split) and
-# characters, and once to write its tokens into a file of 16-bit ids (32-bit above 65,536 tokens),
-# which training **memory-maps**: the operating system reads only the pages that batches touch.
-# Both are kept in `--out-dir` under the text's checksum: the next run on it starts in seconds.
-# BPE learns from the first `BPE_SAMPLE_CHARS` characters (its counting holds every distinct chunk
-# in memory). Pieces are cut only before whitespace that ends a word, where BPE cuts anyway.
+# characters, once to write its tokens to a file of 16-bit ids (32-bit above 65,536 tokens), which
+# training **memory-maps**: the operating system reads only the pages that batches touch. Both are
+# kept in `--out-dir` under the text's checksum: the next run on it starts in seconds. BPE learns
+# from the first `BPE_SAMPLE_CHARS` characters (its counting holds every distinct chunk in memory).
+# Pieces are cut only before whitespace that ends a word, where BPE cuts anyway.
 
 # %%
 def quiet(*_) -> None:
@@ -3815,7 +3809,7 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 #
 # **Where the time of a sampled token goes.** A forward pass of the quick-run model is about $2N
 # \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the rest is
-# overhead, the launch of each of some 165 tensor operations and Python's cost per module call. So
+# overhead: the launch of each of some 165 tensor operations, Python's cost per module call. So
 # generation gets faster by doing *fewer* operations: rotating queries and keys together (section 7)
 # gave about 10% more tokens/s, dropout 0 as an `nn.Identity` (section 6) about 8%.
 #
@@ -3989,13 +3983,12 @@ if IN_NOTEBOOK:
 # `#version: 0.2`), and `vocab.json`, mapping each token's text to its id.
 #
 # **Bytes written as visible characters.** A space or a line break inside a token would break these
-# files, and many bytes are no character on their own (each byte of `é` in UTF-8). So every byte is
+# files, and many bytes are no character on their own (each byte of `é` in UTF-8). So each byte is
 # written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
 # `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order; the
-# space, byte 32, becomes `Ġ`: the token `Ġthe` is " the". The one-byte tokens are numbered in the
-# order of those characters (`!` is 0; `Ā`, byte 0, is 188), a merged token as `vocab.json` says:
-# `GPT2Tokenizer` is `BPETokenizer` with its tables (each byte's id, each merge's rank and id)
-# filled from the files.
+# space, byte 32, becomes `Ġ` (the token `Ġthe` is " the"). The one-byte tokens are numbered in that
+# order (`!` is 0; `Ā`, byte 0, is 188), merged ones as `vocab.json` says: `GPT2Tokenizer` is
+# `BPETokenizer` with its tables (each byte's id, each merge's rank and id) filled from the files.
 #
 # **The pre-split.** GPT-2 cuts text into chunks with this pattern (for the `regex` package):
 # `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`. A contraction
