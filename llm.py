@@ -1461,10 +1461,9 @@ if IN_NOTEBOOK:
 # llm.py train` saves the loss curves and the attention maps as `loss.png` and `attention.png`.*
 
 # %% [markdown]
-# **Before training.** Seen as pictures: the mask lets each row (a query position) look only at
-# columns (key positions) on or left of the diagonal. On the right, one head with random,
-# untrained weights attends over a real line of Shakespeare: the weights already respect the
-# mask, but their pattern is arbitrary.
+# **Before training.** The mask lets each row (a query position) look only at columns (key
+# positions) on or left of the diagonal. On the right, one untrained head attends over a line of
+# Shakespeare: its weights already respect the mask, but their pattern is arbitrary.
 
 # %%
 def plot_mask_and_head(head: Head, embed: Embeddings, tokenizer: CharTokenizer, line: str):
@@ -1480,7 +1479,6 @@ def plot_mask_and_head(head: Head, embed: Embeddings, tokenizer: CharTokenizer, 
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     torch.manual_seed(0)
     line = "First Citizen:\nSpeak, speak."
@@ -1494,10 +1492,9 @@ if IN_NOTEBOOK:
 # while the model runs: PyTorch calls a **forward pre-hook**, a function registered on a module
 # with `register_forward_pre_hook`, with the module's input just before each call (a **forward
 # hook**, `register_forward_hook`, gets its output just after). `recording` keeps what passes
-# through a list of modules; `attention_weights` then computes each block's weights from its
-# input, and the hooks are removed (each registration returns a handle whose `remove()` detaches
-# it). The model's code is untouched: this is how an appendix looks inside a Part I module.
-# Below is every head of every layer reading the same line as in section 10.
+# through a list of modules, then removes the hooks (each registration returns a handle whose
+# `remove()` detaches it); `attention_weights` computes each block's weights from its input. The
+# model's code is untouched. Below, every head of every layer reads section 10's line.
 
 # %%
 @contextmanager
@@ -1551,18 +1548,16 @@ def plot_attention_maps(model: GPT, tokenizer, line: str):
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     plot_attention_maps(model, tokenizer, first_line)
     plt.show()
 
 # %% [markdown]
-# **The embeddings.** Each character's learned vector has 128 numbers; projecting them onto
-# their two directions of greatest variance (principal components) gives a map. Characters the
-# model treats alike end up near each other: typically upper-case letters separate from
-# lower-case ones (they occur in different places: names and line starts), the lower-case
-# vowels sit together, apart from the lower-case consonants, and rare symbols such as `$` and
-# `&` drift off on their own. The colours mark those four groups, so you can check.
+# **The embeddings.** Each character's learned vector has 128 numbers; projecting them onto their
+# two directions of greatest variance (principal components) gives a map. Characters the model
+# treats alike end up near each other: typically upper-case letters apart from lower-case ones
+# (they occur in different places: names and line starts), the lower-case vowels together, apart
+# from the consonants, and rare symbols such as `$` and `&` off on their own (coloured to check).
 
 # %%
 def plot_embeddings_2d(model: GPT, tokenizer):
@@ -1586,16 +1581,14 @@ def plot_embeddings_2d(model: GPT, tokenizer):
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     plot_embeddings_2d(model, tokenizer)
     plt.show()
 
 # %% [markdown]
-# **What the sampling filters do** (section 11) to the trained model's real prediction. Given the
-# context below, the bars show the probability of the most likely next characters: low temperature
-# piles the mass onto the favourite, high temperature spreads it over more candidates, and top-k and
-# top-p cut the tail off completely.
+# **What the sampling filters do** (section 11) to the trained model's prediction of the most
+# likely next characters: low temperature piles the mass onto the favourite, high temperature
+# spreads it over more candidates, top-k and top-p cut the tail off completely.
 
 # %%
 def plot_next_token_distributions(model: GPT, tokenizer, context: str,
@@ -1622,7 +1615,6 @@ def plot_next_token_distributions(model: GPT, tokenizer, context: str,
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     plot_next_token_distributions(model, tokenizer, "ROMEO:\nWhat say")
     plt.show()
@@ -2134,28 +2126,24 @@ if IN_NOTEBOOK:
 # chosen with `--tokenizer bpe`, and a unit that compares models across tokenizers.*
 #
 # Real LLMs read **subword** tokens: frequent strings such as `" the"` or `"ing"` become one token,
-# rare words come in pieces. Sequences get shorter (more text fits in the context), for a bigger
-# vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a vocabulary from
-# data:
+# rare words come in pieces: shorter sequences (more text fits in the context), for a bigger
+# vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a vocabulary:
 #
-# 1. Start from the 256 byte values of the text's UTF-8 encoding: every string can be written in
-#    bytes, so, unlike with the character tokenizer, no character is unknown.
-# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...), and
-#    every occurrence of the pair is replaced by it. Ties go to the smaller pair of ids (first
-#    id, then second), so the same text always gives the same merges.
+# 1. Start from the 256 byte values of UTF-8: any string is bytes, so no character is unknown.
+# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...),
+#    replacing every occurrence of the pair; ties go to the smaller pair of ids, so the same text
+#    always gives the same merges.
 # 3. Repeat until the vocabulary has the size asked for. The list of merges *is* the tokenizer.
 #
 # **Pre-splitting.** The text is first cut into word-like chunks (a word with its leading space, a
-# number, a run of punctuation, a run of whitespace), and merges never cross a chunk boundary, so no
-# vocabulary is wasted on accidents of adjacency such as `"e t"` in `"the tree"`. For GPT-2's
-# "letter", `\p{L}`, which Python's `re` lacks, `[^\W\d_]` (a word character, not a digit or `_`)
-# covers letters of every script.
+# number, a run of punctuation or of whitespace) that merges never cross, so no vocabulary is
+# wasted on accidents of adjacency such as `"e t"` in `"the tree"`. Python's `re` lacks GPT-2's
+# "letter", `\p{L}`; `[^\W\d_]` (a word character, not a digit or `_`) covers every script's.
 #
 # **Counting incrementally.** The pairs are counted once, noting which chunks hold each; a merge
-# then recounts only the chunks that held its pair, and identical chunks (every `" the"`) are stored
-# once, with a count: 512 tokens train on tiny Shakespeare in about a second, not minutes.
-# **Encoding** new text repeats, within each chunk, the merge learned *earliest* among its adjacent
-# pairs, until none is left; each distinct chunk is encoded once and kept.
+# recounts only those chunks, and identical chunks (every `" the"`) are stored once, with a count:
+# 512 tokens train on tiny Shakespeare in about a second, not minutes. **Encoding** repeats, within
+# each distinct chunk (encoded once, then kept), the merge learned *earliest* among its pairs.
 
 # %%
 import codecs
@@ -2254,40 +2242,23 @@ class BPETokenizer:
         return {"kind": "bpe", "merges": [list(pair) for pair in self.merges]}
 
 
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     example = BPETokenizer.train("aaabdaaabac", vocab_size=259)
     print("merges of the classic example 'aaabdaaabac':",
           [(example.vocab[a], example.vocab[b]) for a, b in example.merges])
     print("its tokens:", [example.vocab[i] for i in example.encode("aaabdaaabac")])
-
-# %%
-if IN_NOTEBOOK:
-    started = time.perf_counter()
     bpe = BPETokenizer.train(train_text, vocab_size=512)
-    print(f"trained {len(bpe.merges)} merges in {time.perf_counter() - started:.1f} s")
-    started = time.perf_counter()
-    bpe_ids = bpe.encode(text)
-    print(f"encoded {len(text):,} characters into {len(bpe_ids):,} tokens "
-          f"in {time.perf_counter() - started:.1f} s")
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
     print("the first 24 merges:", [bpe.vocab[256 + i].decode() for i in range(24)])
     line = "First Citizen:\nBefore we proceed any further, hear me speak."
     print([bpe.decode([i]) for i in bpe.encode(line)])
     unseen = "Naïve café, 東京 🙂"
     print("round trip of text it never saw:", bpe.decode(bpe.encode(unseen)) == unseen)
 
-# %% [markdown]
-# Drawn in alternating colours (spaces as ␣), the tokens show what the merges learned: common words
-# with their leading space are single tokens, rarer ones come in pieces.
-
 # %%
-def plot_token_boundaries(tokenizer, line: str, title: str):
-    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(line)]
+if IN_NOTEBOOK:  # the tokens of a line, in alternating colours (spaces as ␣)
+    line = "Before we proceed any further, hear me speak."
+    pieces = [bpe.decode([i]) for i in bpe.encode(line)]
     fig, ax = new_figure(figsize=(14, 1.6))
     ax.set_axis_off()
     x = 0.0
@@ -2299,14 +2270,8 @@ def plot_token_boundaries(tokenizer, line: str, title: str):
         box = label.get_window_extent().transformed(ax.transData.inverted())
         x = box.x1 + 0.004
     ax.set_xlim(0, max(x, 1.0))
-    ax.set_title(f"{title}: {len(pieces)} tokens for {len(line)} characters", fontsize=14)
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_token_boundaries(bpe, "Before we proceed any further, hear me speak.",
-                          "BPE with 512 tokens")
+    ax.set_title(f"BPE with 512 tokens: {len(pieces)} tokens for {len(line)} characters",
+                 fontsize=14)
     plt.show()
 
 # %% [markdown]
@@ -2315,28 +2280,21 @@ if IN_NOTEBOOK:
 # slowly: the most frequent pairs are merged first.
 
 # %%
-def plot_compression(train_text: str, val_text: str, sizes=(256, 512, 1024)):
+if IN_NOTEBOOK:
+    sizes = (256, 512, 1024)
     n_bytes = len(val_text.encode("utf-8"))
-    ratios = [n_bytes / len(BPETokenizer.train(train_text, size).encode(val_text))
-              for size in sizes]
+    ratios = [n_bytes / len(BPETokenizer.train(train_text, n).encode(val_text)) for n in sizes]
     fig, ax = new_figure(figsize=(8, 4.5))
     ax.plot(sizes, ratios, marker="o")
     ax.set(title="BPE compression on unseen text", xlabel="vocabulary size",
            ylabel="bytes per token")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_compression(train_text, val_text)
     plt.show()
 
 # %% [markdown]
-# Checkpoints store each tokenizer as a few plain values (`tokenizer_state`), so a model is always
-# decoded with its own tokenizer. The character vocabulary comes from the whole text (a character
-# only in the validation part would otherwise have no id); BPE learns from the training part alone:
-# it encodes any text anyway, and should not be tuned on the text that measures the model.
+# Checkpoints store each tokenizer as plain values (`tokenizer_state`): a model is always decoded
+# with its own. The character vocabulary comes from the whole text (a character only in the
+# validation part would have no id); BPE, which encodes any text, learns from the training part
+# alone: it should not be tuned on the text that measures the model.
 
 # %%
 Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
@@ -2376,14 +2334,12 @@ def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> To
 #
 # A loss in nats *per token* cannot compare the two tokenizers: a BPE token carries about two
 # characters, so predicting it is harder and its loss higher, even from a better model. The fair
-# unit is **bits per byte**: the loss per token in bits (divided by ln 2), divided by the UTF-8
-# bytes per token of the validation text; the bits the model would need to compress the text, per
-# byte, whatever the tokenizer. **Bits per character** divides by characters instead (for plain
-# English, the same). Runs report both (Appendix F).
+# unit is **bits per byte**: the loss per token in bits (divided by ln 2) over the UTF-8 bytes per
+# token of the validation text, the bits needed to compress the text, per byte, whatever the
+# tokenizer. **Bits per character** divides by characters (for plain English, the same).
 #
 # A `Corpus` is a text made ready for training: its tokenizer, both splits as token ids, and the
-# bytes and characters a validation token stands for. Here a text meets the model's settings, so
-# here a text too short for the context is refused.
+# bytes and characters a validation token stands for; a text too short for the context stops here.
 
 # %%
 @dataclass
@@ -2421,8 +2377,8 @@ def with_bits(row: dict, corpus: Corpus) -> dict:
 #
 # The command line prints text as it is written: `stream_text` turns the token ids of a generator
 # (section 11's `generate`, or Appendix D's `generate_fast`) into text, piece by piece. A byte-level
-# token can end inside a multi-byte character, so the bytes go through an incremental UTF-8 decoder,
-# which holds a partial character back until the rest arrives.
+# token can end inside a multi-byte character: an incremental UTF-8 decoder holds the part back
+# until the rest arrives.
 
 # %%
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
@@ -2464,15 +2420,13 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 # | `bias` | in every linear layer and norm | none |
 #
 # `--arch gpt2` or `--arch llama` selects a whole set; any switch can still be flipped on top
-# (`--arch llama --norm layernorm`). Llama drops biases, which cost memory and bring nothing
-# measurable at scale; Llama 3 shares each key/value head among 4 query heads (32 and 8); with our 4
-# query heads we use groups of 2.
+# (`--arch llama --norm layernorm`). Biases cost memory and bring nothing measurable at scale;
+# Llama 3 shares each key/value head among 4 query heads (32 and 8), our 4 heads in groups of 2.
 #
-# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps, `python llm.py
-# train --arch gpt2` and `--arch llama`), `gpt2` reached a validation loss of 1.70 and `llama` 1.61
-# in the same time, so `llama` is the default. `--size` picks the shape: `cpu` is Part I's quick
-# run; `gpu`, about ten times bigger, the default when `train` finds a GPU (Appendix E); `gpt2` is
-# GPT-2's own (Appendix H).
+# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps), `gpt2`
+# reached a validation loss of 1.70 and `llama` 1.61, so `llama` is the default. `--size` picks the
+# shape: `cpu` is Part I's quick run; `gpu`, about ten times bigger, the default when `train` finds
+# a GPU (Appendix E); `gpt2` is GPT-2's own (Appendix H).
 
 # %%
 import dataclasses
@@ -2547,7 +2501,6 @@ def preset(arch: str, size: str = "cpu", **overrides) -> RunConfig:
     return RunConfig(**{**ARCHITECTURES[arch], **SIZES[size], **overrides})
 
 
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
@@ -2566,22 +2519,16 @@ if IN_NOTEBOOK:
 # the right ones barely over 64 positions, together a distinct pattern per position.
 
 # %%
-def plot_positional_encodings(n_positions: int = 64, dim: int = 64, channels=(0, 2, 10, 20, 40)):
-    pe = sinusoidal_positions(n_positions, dim)  # (T, C)
+if IN_NOTEBOOK:
+    pe = sinusoidal_positions(64, 64)  # (T, C)
     fig, (left, right) = new_figure(1, 2, figsize=(15, 5))
     image = left.imshow(pe.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
     left.set(title="Sinusoidal positional encodings", xlabel="channel", ylabel="position")
     fig.colorbar(image, ax=left)
-    for c in channels:
+    for c in (0, 2, 10, 20, 40):
         right.plot(pe[:, c], label=f"channel {c}")
     right.set(title="A few channels along the positions", xlabel="position", ylabel="value")
     right.legend(loc="lower left", fontsize=10)
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_positional_encodings()
     plt.show()
 
 # %% [markdown]
@@ -2592,25 +2539,16 @@ if IN_NOTEBOOK:
 # pairs stop agreeing, a gentle preference for nearby tokens.
 
 # %%
-def plot_rope_scores(dim: int = 32, max_offset: int = 60, query_positions=(60, 90, 120)):
-    cos, sin = rope_tables(max(query_positions) + 1, dim)  # (P, D) each
-    vector = torch.ones(dim) / math.sqrt(dim)  # the same content for query and key
-    rotated = rope_rotate(vector, cos, sin)  # (P, D): the vector at each position
-    fig, ax = new_figure(figsize=(9, 4.5))
-    offsets = range(max_offset + 1)
-    for m in query_positions:
-        scores = [(rotated[m] @ rotated[m - o]).item() for o in offsets]
-        ax.plot(offsets, scores, label=f"query at position {m}",
-                linewidth=5 - query_positions.index(m) * 1.5)  # thinner lines drawn on top
+if IN_NOTEBOOK:
+    cos, sin = rope_tables(121, 32)  # (P, D) each
+    rotated = rope_rotate(torch.ones(32) / math.sqrt(32), cos, sin)  # (P, D): one content,
+    fig, ax = new_figure(figsize=(9, 4.5))  # for query and key, at each position
+    for width, m in ((5, 60), (3.5, 90), (2, 120)):  # thinner lines drawn on top
+        ax.plot([(rotated[m] @ rotated[m - o]).item() for o in range(61)], linewidth=width,
+                label=f"query at position {m}")
     ax.set(title="RoPE: query·key score depends only on the offset",
            xlabel="offset m - n (key before query)", ylabel="query · key")
     ax.legend()
-    return fig
-
-
-# %%
-if IN_NOTEBOOK:
-    plot_rope_scores()
     plt.show()
 
 # %% [markdown]
@@ -2618,9 +2556,8 @@ if IN_NOTEBOOK:
 #
 # A fair race gives each configuration the same **time**, not the same number of steps: a slower
 # architecture should pay for its slowness. So each gets as many steps as a few timed ones say fit
-# in the budget, its learning-rate schedule scaled to that length (evaluations come on top). Each
-# race lasts seconds, not two minutes, so its losses are far above the full runs' and show only who
-# learns faster first.
+# in the budget, its learning-rate schedule scaled to that length (evaluations come on top). A race
+# of seconds shows only who learns faster first, at losses far above the full runs'.
 
 # %%
 def synchronize(device: torch.device) -> None:
@@ -2715,7 +2652,6 @@ def plot_val_curves(rows: dict, title: str, metric: str = "val_loss",
     return fig
 
 
-# %%
 if IN_NOTEBOOK:
     race = {arch: train_for(preset(arch), text, 3) for arch in ARCHITECTURES}
     print_table(race)
@@ -2723,27 +2659,22 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# **One switch at a time.** From the classic `gpt2` set, one switch flipped at a time, two seconds
-# each: about fifty steps, so a few hundredths are noise. In longer runs, rotary positions gave the
-# one consistent gain; the other switches pay elsewhere: grouped keys/values and dropped biases in
-# memory and speed, SwiGLU at larger scale (where the Llama and PaLM papers measured it).
-
-# %%
-ABLATION = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
-            "+ rmsnorm": {"norm": "rmsnorm"}, "+ swiglu": {"mlp": "swiglu"},
-            "+ 2 key/value heads": {"n_kv_head": 2}, "+ no biases": {"bias": False}}
+# **One switch at a time** from the classic `gpt2` set, two seconds each: about fifty steps, so a
+# few hundredths are noise. In longer runs rotary positions gave the one consistent gain; grouped
+# keys/values and dropped biases pay in memory and speed, SwiGLU at larger scale (Llama, PaLM).
 
 # %%
 if IN_NOTEBOOK:
-    ablation = {name: train_for(preset("gpt2", **switch), text, 2, n_evals=1)
-                for name, switch in ABLATION.items()}
-    print_table(ablation)
+    ablation = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
+                "+ rmsnorm": {"norm": "rmsnorm"}, "+ swiglu": {"mlp": "swiglu"},
+                "+ 2 key/value heads": {"n_kv_head": 2}, "+ no biases": {"bias": False}}
+    print_table({name: train_for(preset("gpt2", **switch), text, 2, n_evals=1)
+                 for name, switch in ablation.items()})
 
 # %% [markdown]
 # **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In full
-# quick runs BPE reached the lower figure (2.18 against 2.32, `python llm.py train --tokenizer bpe`
-# and without): each step covers about twice the text, which outweighs the harder prediction. A few
-# seconds are too short to be sure of it.
+# quick runs BPE reached the lower figure (2.18 against 2.32): each step covers about twice the
+# text, which outweighs the harder prediction. A few seconds are too short to be sure of it.
 
 # %%
 if IN_NOTEBOOK:
@@ -2757,9 +2688,8 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix D. Fast generation: the KV cache
 #
-# *Builds on sections 6 to 9 (the model's layers, which it drives through their own weights)
-# and 11 (`generate`). Adds `generate_fast`, which makes each new token cost one small step
-# instead of a pass over the whole window. `python llm.py sample` uses it.*
+# *Builds on sections 6 to 9 (the model's layers) and 11 (`generate`). Adds `generate_fast`, which
+# makes each new token one small step instead of a pass over the window, as `sample` uses it.*
 #
 # Section 11's `generate` runs the model over the whole window for every new token, although the
 # keys and values of earlier tokens never change (in a causal model, earlier positions never see
@@ -2770,19 +2700,17 @@ if IN_NOTEBOOK:
 # **One cache, allocated once.** `KVCache` holds, per layer, key and value buffers with `block_size`
 # *slots*, one per position. A step writes its tokens' keys and values into their slots, in place,
 # and its queries attend over the slots with section 7's mask $M$ hiding those after each query.
-# Key/value heads are held unrepeated, so grouped heads save memory here too.
+# Key/value heads are held unrepeated: grouped heads save memory here too.
 #
 # **A second forward pass, on the model's own modules.** The model's `forward` always starts at
-# position 0, so `cached_forward` walks the same layers, adding only the offset positions and the
-# attention over the slots. Two forward passes are two places to keep right: the cell below and the
-# tests check that the cache gives a full pass's logits at every position, for every positional
-# scheme and for grouped heads.
+# position 0, so `cached_forward` walks the same layers, adding the offset positions and the
+# attention over the slots. The cell below and the tests check that it gives a full pass's logits
+# at every position, for every positional scheme and for grouped heads.
 #
 # **Past `block_size`**, sliding the window by one token, as `generate` does, would refill the cache
-# at every token (every cached key saw tokens that left the window). So `generate_fast` slides by
-# half a window: when full, it keeps the last half and **prefills again**. Its text then differs
-# from `generate`'s, but every token is sampled from the logits of a full pass on its window, which
-# the tests check.
+# at every token (every cached key saw tokens that left the window). So `generate_fast`, when the
+# window is full, keeps its last half and **prefills again**: its text then differs from
+# `generate`'s, but every token is still sampled from a full pass's logits on its window.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
@@ -2913,20 +2841,16 @@ def generate_fast(model: GPT, prompt_ids: list[int], max_new_tokens: int,
         yield next_id
 
 
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     ids = tokenizer.encode("ROMEO:\nWhat say")
     n = len(ids)
     with evaluating(model):
         full, _ = model(torch.tensor([ids]))  # (1, n, V): every position at once
-        cache = KVCache(model)
-        by_cache = {t: cache.logits_after(model, ids[:t]) for t in range(n - 3, n + 1)}
-    # The logits after the first t tokens are the full pass's at position t - 1.
-    print(f"prefill of {n - 3} tokens equals the full pass:",
-          torch.allclose(by_cache[n - 3], full[:, n - 4], atol=1e-5))
-    print("each one-token step after it too:",
-          all(torch.allclose(by_cache[t], full[:, t - 1], atol=1e-5) for t in range(n - 2, n + 1)))
+        cache = KVCache(model)  # a prefill of n - 3 tokens, then three one-token steps:
+        same = [torch.allclose(cache.logits_after(model, ids[:t]), full[:, t - 1], atol=1e-5)
+                for t in range(n - 3, n + 1)]  # after t tokens: the full pass's position t - 1
+    print(f"prefill of {n - 3} tokens, then each one-token step, equal the full pass:", same)
     print("tokens in the cache:", cache.position)
 
 # %% [markdown]
@@ -2938,10 +2862,9 @@ if IN_NOTEBOOK:
 # tensors of the same shapes at the same addresses, any Python number frozen in. Hence the cache's
 # design: buffers allocated once; the position as a one-number tensor (`where`) each step reads for
 # its position rows, RoPE angles and slots; and on a GPU, attention over all `block_size` slots, the
-# mask giving unwritten ones weight 0 (a CPU attends over the written slots only). Each number T of
-# tokens fed (the prompt's length, 1, half a window) is recorded the first time, after two real runs
-# on a *side stream* that do the one-time work (choosing kernels, setting memory aside). Below, the
-# cache's gain on this machine: 500 tokens with and without it.
+# mask giving unwritten ones weight 0. Each number of tokens fed (the prompt's length, 1, half a
+# window) is recorded the first time, after two real runs on a *side stream* that do the one-time
+# work (choosing kernels, setting memory aside). Below, the cache's gain on this machine.
 
 # %%
 if IN_NOTEBOOK:
@@ -2953,15 +2876,14 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
 #
-# *Builds on sections 9 and 10 (the model and the training loop). Adds the choice of device,
-# CPU threads, the GPU path and data parallelism under `torchrun`, as what the loop is given:
-# the module it steps and the stream of batches. Appendix F puts them to work in real runs.*
+# *Builds on sections 9 and 10 (the model and the training loop). Adds the choice of device, CPU
+# threads, the GPU path and data parallelism under `torchrun`, through the module the loop steps
+# and its stream of batches; Appendix F puts them to work.*
 #
 # ### Devices
 #
-# Part I ran everything on the CPU. The device is chosen in order of speed, an NVIDIA GPU (`cuda`),
-# an Apple GPU (`mps`), then the CPU, unless `--device` says; a model moves with `model.to(device)`,
-# and every tensor it meets must be there too.
+# The device is chosen in order of speed, an NVIDIA GPU (`cuda`), an Apple GPU (`mps`), then the
+# CPU, unless `--device` says; a model moves with `model.to(device)`, and every tensor it meets too.
 
 # %%
 def pick_device(name: str = "auto") -> torch.device:
@@ -2982,12 +2904,11 @@ def pick_device(name: str = "auto") -> torch.device:
 # ### Threads
 #
 # On a CPU, PyTorch splits each large enough operation into one share per thread (one per core by
-# default), and the operation is done only when its last share is: if another program keeps a core
-# busy, every operation waits. Generating text suffers most, its operations too small to gain from
-# being split (on a 2-core CPU with one core busy elsewhere, sampling ran about three times slower
-# on two threads than on one; on an idle machine, within 2%). So `sample` uses one thread and
-# training one per core; `--threads` overrides both. It belongs to the machine, not the model, so it
-# is not part of the configuration.
+# default), done only when its last share is: if another program keeps a core busy, every operation
+# waits. Generating text suffers most, its operations too small to gain from being split (on a
+# 2-core CPU with one core busy elsewhere, sampling ran about three times slower on two threads than
+# on one; on an idle machine, within 2%). So `sample` uses one thread, training one per core;
+# `--threads` (the machine's setting, not the model's) overrides both.
 
 # %%
 SAMPLING_THREADS = 1  # the threads of `python llm.py sample`, and of bench's sampling figures
@@ -3011,15 +2932,13 @@ def using_threads(n: int):
 # %% [markdown]
 # ### On an NVIDIA GPU
 #
-# Four things change, none of which alters the maths: the forward pass, in training and evaluation,
-# runs under bfloat16 **autocast** (the `Autocast` wrapper), so matrix products use the GPU's tensor
-# cores at many times the float32 rate, while weights and optimiser state stay float32 (bfloat16
-# keeps float32's range, so no loss scaling is needed); AdamW updates all parameters in one
-# **fused** kernel (section 10's `configure_optimizer` asks for it); batches are copied from
-# **pinned** memory, which the GPU reads without the CPU waiting; and evaluation batches are copied
-# to the GPU once. `--compile true` also hands the model to `torch.compile`, which fuses operations
-# into fewer kernels; it is opt-in, as compiling takes tens of seconds (Appendix G measures the
-# trade-off).
+# Four things change, none of which alters the maths: the forward pass runs under bfloat16
+# **autocast** (`Autocast`), so matrix products use the GPU's tensor cores at many times the float32
+# rate, while weights and optimiser state stay float32 (bfloat16 keeps float32's range: no loss
+# scaling is needed); AdamW updates all parameters in one **fused** kernel (section 10); batches
+# come from **pinned** memory, which the GPU reads without the CPU waiting; evaluation batches are
+# copied to the GPU once. `--compile true` also hands the model to `torch.compile`, which fuses
+# operations into fewer kernels; opt-in, as compiling takes tens of seconds (Appendix G).
 
 # %%
 class Autocast(nn.Module):
@@ -3040,17 +2959,16 @@ class Autocast(nn.Module):
 # **Data parallelism** runs N copies of the model, one per process (a GPU each, or CPU cores),
 # launched by `torchrun --nproc_per_node=N llm.py train`. Each copy computes gradients on
 # *different* batches; an **all-reduce** (every process sends its gradients and receives the average
-# of all) then leaves the same gradients everywhere, so the copies take the same step and never
-# drift apart. PyTorch's `DistributedDataParallel` (DDP) does it during the backward pass,
-# overlapping communication with computation.
+# of all) leaves the same gradients everywhere, so the copies take the same step and never drift
+# apart. PyTorch's `DistributedDataParallel` (DDP) does it during the backward pass, overlapping
+# communication with computation; the weights start equal (DDP copies rank 0's).
 #
 # The **global batch** stays that of one process: each of N processes runs its share of a step's
-# `grad_accum_steps` batches, and plain `torchrun` sets `grad_accum_steps` to N, the same run as one
-# process with `--grad-accum-steps N`. Every process draws the same batches from the same seeded
-# generator and keeps its share; all evaluate, only rank 0 prints and writes files. The backend is
-# `gloo` on CPUs, `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through
-# the module it steps (`wrap_for_device`) and the stream of batches (`process_batches`). The weights
-# start equal (DDP copies rank 0's); dropout's randomness differs per process.
+# `grad_accum_steps` batches (plain `torchrun` sets it to N: the run of one process with
+# `--grad-accum-steps N`). Every process draws the same batches from the same seeded generator and
+# keeps its share; all evaluate, only rank 0 prints and writes files. The backend is `gloo` on CPUs,
+# `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through the module it
+# steps (`wrap_for_device`) and the stream of batches (`process_batches`).
 
 # %%
 @dataclass
@@ -3120,17 +3038,15 @@ def evaluation_batches_on(eval_batches: dict, device: torch.device) -> dict:
 # %% [markdown]
 # ## Appendix F. A run you can trust
 #
-# *Builds on section 10 (the training loop, which it drives), Appendix B (the corpus and bits
-# per byte) and Appendix E (devices and processes). Adds what an unattended run needs: settings
-# checked once, checkpoints, exact resume, a clean stop on Ctrl-C or SIGTERM (agreed across
-# processes), one run per folder, a guard against a broken loss, a loss history on disk, and
-# texts bigger than memory. `python llm.py train` is `run_training`.*
+# *Builds on section 10 (the training loop), Appendix B (the corpus, bits per byte) and Appendix E
+# (devices and processes). Adds what an unattended run needs: settings checked once, checkpoints,
+# exact resume, a clean stop on a signal (agreed across processes), one run per folder, a guard
+# against a broken loss, a loss history on disk, texts bigger than memory: `python llm.py train`.*
 #
 # ### Settings checked once
 #
-# Options enter on the command line, so they are checked there, once, each failure one line naming
-# the problem and the fix. Inside the model and the loop the same conditions are only `assert`ed: if
-# one fails there, the bug is in the code, not in the user's input.
+# Options are checked once, on the command line, each failure one line naming the problem and the
+# fix. Inside the model and the loop they are only `assert`ed: a failure there is a bug in the code.
 
 # %%
 import array
@@ -3200,11 +3116,10 @@ def validate_config(cfg: RunConfig) -> None:
 # averages, step, loss history, configuration, tokenizer, the training text's checksum and every
 # random generator's state. Nothing is saved before the first training step.
 #
-# Every file a run writes goes to a temporary file, flushed to disk and renamed into place when
-# complete: a rename happens entirely or not at all, so a crash or a full disk leaves the previous
-# version intact. A checkpoint holds only tensors and plain values, so it is loaded with
-# `torch.load(weights_only=True)`, which refuses to run code hidden in a malicious file; anything
-# wrong with one becomes one line saying what to do.
+# Every file a run writes goes to a temporary file, flushed to disk, then renamed into place: a
+# rename happens entirely or not at all, so a crash or a full disk leaves the previous version
+# intact. A checkpoint holds only tensors and plain values, loaded with `torch.load(weights_only=
+# True)`, which refuses to run code hidden in a malicious file.
 
 # %%
 TRAIN_AGAIN = "train again with `python llm.py train`"
@@ -3300,10 +3215,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu",
 # ### Resuming exactly
 #
 # `--resume` continues the run in `latest.pt` with its configuration, tokenizer, weights, optimiser
-# state, step and random generators, so its losses are bit-for-bit those of an uninterrupted run (in
+# state, step and random generators: its losses are bit-for-bit those of an uninterrupted run (in
 # one process on the CPU: GPU kernels are not always deterministic, and under torchrun only rank 0's
-# random state is saved). The text's checksum must match: resuming on another text would silently
-# train a different run.
+# random state is saved). The text's checksum must match, or it would silently train another run.
 
 # %%
 RESUME_FIX = "start a new run without --resume"
@@ -3336,21 +3250,19 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # Every evaluation prints a progress line (losses, also in bits per byte, learning rate, speed, time
 # left) and rewrites `history.csv`, a row per evaluation.
 #
-# **A signal stops the run cleanly.** Ctrl-C (SIGINT), SIGTERM (sent by `kill`, `timeout`, `docker
-# stop` and cluster schedulers) and SIGHUP (the terminal or SSH connection closed) would end the
+# **A signal stops the run cleanly.** Ctrl-C (SIGINT), SIGTERM (from `kill`, `timeout`, `docker
+# stop`, cluster schedulers) and SIGHUP (the terminal or SSH connection closed) would end the
 # program wherever it is. While training runs, `stop_flag_on_signals` makes each only raise a flag:
 # the loop finishes the step, saves `latest.pt`, and stops with the command that resumes it, ready
 # to paste, and the usual exit status (130, 143 and 129); a second signal abandons the step at once.
 # A loss that is not finite stops the run before broken weights can reach a checkpoint.
 #
-# **Under torchrun** a stop must be agreed: a process that stopped while the others waited for its
-# gradients would leave them waiting forever. So after every step the processes share two numbers in
-# one all-reduce ("a broken loss?", "a signal?") and all stop after the same step.
+# **Under torchrun** a stop must be agreed, or the others would wait forever for the gradients of a
+# process that stopped: after every step one all-reduce shares "a broken loss?" and "a signal?".
 #
 # **One run per folder.** Two runs writing into one `--out-dir` would leave a mix of both, so
-# `train` holds an exclusive lock on the folder (`fcntl.flock` on `.lock`), which the operating
-# system releases when the process ends, however it ends; a second `train` there stops at once.
-# (Windows has no `flock`: there a run says so.)
+# `train` holds an exclusive lock on it (`fcntl.flock` on `.lock`, released by the operating system
+# however the process ends); a second `train` there stops at once. (Windows has no `flock`.)
 
 # %%
 HISTORY_FIELDS = ["step", "train_loss", "val_loss", "val_bpb", "val_bpc", "lr", "elapsed_s"]
@@ -3461,12 +3373,11 @@ def write_history(path: Path, history: list) -> None:
 # A text of a gigabyte, held as a Python string and then as 64-bit token ids, would need about
 # twenty times its size in memory. So a text larger than `IN_MEMORY_BYTES` is read in chunks of
 # `TOKEN_CHUNK_BYTES`: once for its checksum, once for its length (for the 90/10 split) and
-# characters, and once to write its tokens into a file of 16-bit ids (32-bit above 65,536 tokens),
-# which training **memory-maps**: the operating system reads from disk only the pages that batches
-# touch. Both results are kept in `--out-dir` under the text's checksum, so the next run on it
-# starts in seconds. BPE learns from the first `BPE_SAMPLE_CHARS` characters only (its counting
-# holds every distinct chunk in memory). Pieces are cut only before whitespace that ends a word,
-# where BPE cuts anyway, so the tokens are those of the whole text.
+# characters, once to write its tokens to a file of 16-bit ids (32-bit above 65,536 tokens), which
+# training **memory-maps**: the operating system reads only the pages that batches touch. Both are
+# kept in `--out-dir` under the text's checksum: the next run on it starts in seconds. BPE learns
+# from the first `BPE_SAMPLE_CHARS` characters (its counting holds every distinct chunk in memory).
+# Pieces are cut only before whitespace that ends a word, where BPE cuts anyway.
 
 # %%
 def quiet(*_) -> None:
@@ -3676,9 +3587,9 @@ def write_tokens(scan: TextScan, tokenizer: Tokenizer, path: Path, log: Callable
 # %% [markdown]
 # ### The run
 #
-# `run_training` is `python llm.py train`: it sets up a run (fresh, resumed, or from given
-# weights) and drives section 10's loop, unchanged, through Appendix E's module and batches; a
-# `Supervisor` does all of the above with each row the loop yields.
+# `run_training` is `python llm.py train`: it sets up a run (fresh, resumed, or from given weights)
+# and drives section 10's loop through Appendix E's module and batches; a `Supervisor` does all of
+# the above with each row the loop yields.
 
 # %%
 @dataclass
@@ -3881,42 +3792,37 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # %% [markdown]
 # ## Appendix G. Measuring speed
 #
-# *Builds on section 10 (`train_step`), Appendix C (`seconds_per_step`), Appendix D (the KV
-# cache) and Appendix E (devices, threads). Adds `python llm.py bench`, which measures this
-# machine running this model.*
+# *Builds on section 10 (`train_step`), Appendix C (`seconds_per_step`), Appendix D (the KV cache)
+# and Appendix E (devices, threads). Adds `python llm.py bench`: this machine running this model.*
 #
-# Any `--arch`, `--size`, `--device`, `--threads` or configuration option applies, except
-# `--compile`. It prints the median time of a training step (on random tokens of the configured
-# shape: speed does not depend on the text), and from it the **FLOPs per token**, about $6N$ for
-# the $N$ parameters that take part in matrix products (2 per multiply-add forward, twice that
-# backward; a lookup table such as learned positions multiplies nothing) plus $12 \cdot L \cdot C
-# \cdot T$ for attention itself (the PaLM paper's formula); the **achieved GFLOP/s**, and its
-# fraction of the **matmul peak**, the speed of one large matrix product in training's number type
-# (2048 × 2048 in float32 on a CPU; 8192 × 8192 in bfloat16 on a GPU, which needs the bigger
-# product to keep its cores busy). Then the time of an **evaluation** and its share of a run,
-# **sampling tokens/s** with and without the KV cache, on `sample`'s threads (on a GPU also with
-# CUDA graphs, and the time to the second token, which includes recording them), and **peak
-# memory**.
+# `--arch`, `--size`, `--device`, `--threads` and the configuration's options, but `--compile`,
+# apply. It prints the median time of a training step (on random tokens: speed does not depend on
+# the text), and from it the **FLOPs per token**, about $6N$ for the $N$ parameters that take part
+# in matrix products (2 per multiply-add forward, twice that backward; a lookup table such as
+# learned positions multiplies nothing) plus $12 \cdot L \cdot C \cdot T$ for attention itself (the
+# PaLM paper's formula); the **achieved GFLOP/s**, and its fraction of the **matmul peak**, one
+# large matrix product in training's number type (2048 × 2048 in float32 on a CPU; 8192 × 8192 in
+# bfloat16 on a GPU, which needs the bigger product to keep its cores busy). Then the time of an
+# **evaluation** and its share of a run, **sampling tokens/s** with and without the KV cache, on
+# `sample`'s threads (on a GPU also with CUDA graphs, and the time to the second token, which
+# includes recording them), and **peak memory**.
 #
 # **Where the time of a sampled token goes.** A forward pass of the quick-run model is about $2N
 # \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the rest is
-# overhead, the launch of each of some 165 tensor operations and Python's cost per module call. So
-# generation gets faster by doing *fewer* operations: rotating queries and keys together with
-# precomputed tables (section 7) gave about 10% more tokens/s, dropout 0 as an `nn.Identity`
-# (section 6) about 8%.
+# overhead: the launch of each of some 165 tensor operations, Python's cost per module call. So
+# generation gets faster by doing *fewer* operations: rotating queries and keys together (section 7)
+# gave about 10% more tokens/s, dropout 0 as an `nn.Identity` (section 6) about 8%.
 #
 # **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer than
 # writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after about 20 s
-# of compiling, which the quick run's 3000 steps only just win back. So `--compile true` is opt-in,
-# and the sampler never compiles.
+# of compiling, which the quick run's 3000 steps only just win back: so `--compile` is opt-in.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
 
 
 def matmul_size(device: torch.device) -> tuple[int, torch.dtype]:
-    """A matrix product big enough to reach the device's peak, in the type training uses (on
-    a GPU, 2048 x 2048 reached well under half of what an H100 does at 8192 x 8192)."""
+    """A matrix product big enough to reach the device's peak, in the type training uses."""
     return (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
 
 
@@ -4036,28 +3942,26 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # %% [markdown]
 # ## Appendix H. The real GPT-2
 #
-# *Builds on sections 6 to 9 (the model and its switches), Appendix B (byte-level BPE, tokenizers
-# in checkpoints, bits per byte), Appendix C (the `gpt2` preset), Appendix D (the KV cache) and
-# Appendix F (checkpoints and `run_training`). Adds GPT-2's own tokenizer, read from its files, a
-# loader for the weights OpenAI released, and `--init-from gpt2` on `sample` and `train`.*
+# *Builds on sections 6 to 9 (the model and its switches), Appendices B (byte-level BPE, bits per
+# byte), C (the `gpt2` preset), D (the KV cache) and F (checkpoints, `run_training`). Adds GPT-2's
+# own tokenizer, read from its files, its released weights, and `--init-from gpt2`.*
 #
 # In 2019 OpenAI trained GPT-2 on 40 GB of web pages (Radford et al., 2019) and released its
 # weights; the smallest GPT-2 has 124 million parameters. Our `gpt2` preset is made of the same
 # parts, so it can hold those very numbers, and on them it computes the same logits as the reference
-# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers`. The tests check that on a
-# small GPT-2 with random weights (a test may not download anything); the real weights take the same
-# code.
+# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers`: the tests check it on a small
+# GPT-2 with random weights (a test may not download anything), read by the same code.
 #
 # ### What still differed
 #
-# Every detail GPT-2 needs is a switch of Part I, and the `gpt2` preset sets them (Appendix C's
-# table): learned positions, LayerNorm (ε = 1e-5) before each sub-layer and after the last block,
-# GELU by the tanh formula, biases, one matrix making queries, keys and values in that order, and
-# the output layer tied to the token table. `--size gpt2` gives the shape: 12 blocks, 12 heads, 768
-# channels, 1,024 positions. What still differs: the vocabulary (GPT-2's 50,257 tokens come with
-# `--init-from`), dropout in training (0 here, 0.1 for GPT-2), and four matrices stored as (in, out)
-# (below). The cell counts the GPT-2 shape's parameters on the `meta` device (shapes without
-# numbers: nothing is allocated), and the gap between the exact GELU and the tanh formula.
+# Every detail GPT-2 needs is a switch of Part I, set by the `gpt2` preset (Appendix C's table):
+# learned positions, LayerNorm (ε = 1e-5) before each sub-layer and after the last block, GELU by
+# the tanh formula, biases, one matrix making queries, keys and values in that order, the output
+# layer tied to the token table; `--size gpt2` gives 12 blocks, 12 heads, 768 channels, 1,024
+# positions. What still differs: the vocabulary (GPT-2's 50,257 tokens come with `--init-from`),
+# dropout in training (0 here, 0.1 for GPT-2), and four matrices stored as (in, out) (below). The
+# cell counts the GPT-2 shape's parameters on the `meta` device (shapes only: nothing is
+# allocated), and the gap between the exact GELU and the tanh formula.
 
 # %%
 if IN_NOTEBOOK:
@@ -4079,31 +3983,26 @@ if IN_NOTEBOOK:
 # `#version: 0.2`), and `vocab.json`, mapping each token's text to its id.
 #
 # **Bytes written as visible characters.** A space or a line break inside a token would break these
-# files, and many bytes are no character on their own (each byte of `é` in UTF-8). So every byte is
+# files, and many bytes are no character on their own (each byte of `é` in UTF-8). So each byte is
 # written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
 # `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order; the
-# space, byte 32, becomes `Ġ`: the token `Ġthe` is " the". The one-byte tokens are numbered in the
-# order of those characters (`!` is 0; `Ā`, byte 0, is 188), and a merged token's id is whatever
-# `vocab.json` says: `GPT2Tokenizer` fills Appendix B's tables (each byte's id, each merge's rank
-# and id) from the files, and is otherwise `BPETokenizer`.
+# space, byte 32, becomes `Ġ` (the token `Ġthe` is " the"). The one-byte tokens are numbered in that
+# order (`!` is 0; `Ā`, byte 0, is 188), merged ones as `vocab.json` says: `GPT2Tokenizer` is
+# `BPETokenizer` with its tables (each byte's id, each merge's rank and id) filled from the files.
 #
-# **The pre-split.** GPT-2 cuts text into chunks with this pattern, written for the `regex` package
-# and tried left to right:
-#
-# `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
-#
-# A contraction (`'s`, `'ll`, ...) is a chunk of its own; then come letters with at most one space
-# before them, digits likewise, other symbols likewise, and whitespace, a run of spaces before a
-# word leaving its last space to the word (`\s+(?!\S)`). Python's `re` lacks `\p{L}` (any letter)
-# and `\p{N}` (any number, such as `²` or `½`), and the `regex` package would be a new dependency
-# for one pattern, so both classes are built as ranges from `unicodedata`, walking all 1.1 million
-# code points once, at the first use; `\s` is spelled out too. Appendix B's pattern has no
-# contractions (it cuts `we'll` into ` we`, `'`, `ll`), and its letters and digits are Python's.
+# **The pre-split.** GPT-2 cuts text into chunks with this pattern (for the `regex` package):
+# `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`. A contraction
+# (`'s`, `'ll`, ...) is a chunk of its own; then come letters with at most one space before them,
+# digits likewise, other symbols likewise, and whitespace, a run of spaces before a word leaving
+# its last space to the word (`\s+(?!\S)`). Python's `re` lacks `\p{L}` (any letter) and `\p{N}`
+# (any number, such as `²` or `½`), and `regex` would be a new dependency for one pattern, so both
+# classes are built as ranges from `unicodedata`, walking all 1.1 million code points once, at the
+# first use; `\s` is spelled out too. Appendix B's pattern has no contractions (it cuts `we'll`
+# into ` we`, `'`, `ll`), and its letters and digits are Python's.
 #
 # **`<|endoftext|>`**, the last token (id 50,256), stood between GPT-2's training documents: the
 # model writes it where it thinks a document ends. Encoded as text it would become `<|`, `endoftext`
-# and `|>`, so the encoder puts the marker's id between the pieces of text around it (as
-# `transformers` does by default).
+# and `|>`, so the encoder puts the marker's id between the pieces of text around it.
 
 # %%
 import functools
@@ -4204,11 +4103,9 @@ class GPT2Tokenizer(BPETokenizer):
 TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["merges"])
 
 
-# %% [markdown]
-# To see the format without GPT-2's files, we write Appendix B's Shakespeare tokenizer in it; the
-# tests use the same export to compare `GPT2Tokenizer` with `transformers`' reading.
-
 # %%
+# To see the format without GPT-2's files, Appendix B's Shakespeare tokenizer is written in it (the
+# tests compare `GPT2Tokenizer` with `transformers`' reading of such files).
 def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
     """Write an Appendix B tokenizer as GPT-2's two files, plus <|endoftext|>: its size."""
     by_gpt2_order = sorted(range(256), key=lambda byte: gpt2_byte_chars()[byte])
@@ -4225,18 +4122,6 @@ def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
     return len(vocab)
 
 
-def show_tokenization(tokenizer: GPT2Tokenizer, text: str) -> None:
-    """Print each step GPT-2's tokenizer takes on `text`."""
-    chunks = gpt2_chunk_pattern().findall(text)
-    print("1. chunks:       ", chunks)
-    print("2. as characters:", [gpt2_text(chunk.encode("utf-8")) for chunk in chunks])
-    merged = [[tokenizer.texts[i] for i in tokenizer.encode_chunk(chunk)] for chunk in chunks]
-    print("3. merged:       ", merged)
-    print("4. ids:          ", tokenizer.encode(text))
-    print("5. decoded:      ", repr(tokenizer.decode(tokenizer.encode(text))))
-
-
-# %%
 if IN_NOTEBOOK:
     # NBVAL_CHECK_OUTPUT
     chars = gpt2_byte_chars()
@@ -4245,15 +4130,15 @@ if IN_NOTEBOOK:
     line = "I'll pay £1,000 for 2½   tea-cups, naïvely!"
     print("GPT-2's chunks:     ", gpt2_chunk_pattern().findall(line))
     print("Appendix B's chunks:", CHUNK_PATTERN.findall(line))
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
     shakespeare_files = Path(tempfile.mkdtemp())
     save_gpt2_tokenizer(bpe, shakespeare_files)  # Appendix B's 512 tokens, in GPT-2's format
     print((shakespeare_files / "merges.txt").read_text(encoding="utf-8").split("\n")[:6])
     stand_in = GPT2Tokenizer.from_files(shakespeare_files)
-    show_tokenization(stand_in, "O Romeo, we'll meet at 10 o'clock.")
+    line = "O Romeo, we'll meet at 10 o'clock."
+    chunks = gpt2_chunk_pattern().findall(line)
+    print("as characters:", [gpt2_text(chunk.encode("utf-8")) for chunk in chunks])
+    print("merged:", [[stand_in.texts[i] for i in stand_in.encode_chunk(c)] for c in chunks])
+    print("ids:", stand_in.encode(line), "decoded:", repr(stand_in.decode(stand_in.encode(line))))
     print("with the marker:", stand_in.encode(f"Exeunt.{GPT2_END}ACT II"), "| its id:",
           stand_in.end_id)
 
@@ -4263,10 +4148,8 @@ if IN_NOTEBOOK:
 # A GPT-2 *snapshot*, as the Hugging Face hub serves it (`openai-community/gpt2` for the 124M
 # model), is a folder of files, four of which we read: `config.json` (shape and switches),
 # `model.safetensors` (the weights: a JSON header, then raw numbers, so reading it runs no code,
-# unlike `torch.save`'s pickles), `vocab.json` and `merges.txt`.
-#
-# The tensors of GPT-2 (124M), with shapes as stored and `{i}` the block, 0 to 11 (files written by
-# `transformers` put `transformer.` before each name; the loader drops it):
+# unlike `torch.save`'s pickles), `vocab.json` and `merges.txt`. Its tensors, with shapes as stored
+# and `{i}` the block, 0 to 11 (`transformers` puts `transformer.` before each name; it is dropped):
 #
 # | GPT-2's tensor | shape | what it is | ours | transposed |
 # |---|---|---|---|---|
@@ -4282,19 +4165,18 @@ if IN_NOTEBOOK:
 # | `h.{i}.attn.bias` | (1, 1, 1024, 1024) | the causal mask, a buffer | none: ignored | |
 # | `lm_head.weight` | (50257, 768) | the output layer | must equal `wte.weight` | |
 #
-# `*` stands for `weight` and `bias`; the last two rows are in some files only. The 2304 columns of
-# `c_attn` are the queries, keys and values, each 12 heads of 64 side by side, exactly as section 7
-# splits `qkv`.
+# `*` stands for `weight` and `bias`; the last two rows are in some files only. `c_attn`'s 2304
+# columns are the queries, keys and values, each 12 heads of 64 side by side, as section 7 splits.
 #
 # **Why four matrices are stored the other way round.** OpenAI's TensorFlow code wrote these layers
-# as `x @ W + b` with W stored as (in, out) (its `conv1d`, kept by `transformers` as `Conv1D`);
-# `nn.Linear` stores (out, in) (section 2), so each is transposed on loading. The shape check would
-# catch a forgotten transpose, except for attention's square `c_proj`, which would load and compute
-# nonsense: so the equality with the reference, below, is the real test.
+# as `x @ W + b` with W stored as (in, out) (its `conv1d`, `transformers`' `Conv1D`); `nn.Linear`
+# stores (out, in) (section 2), so each is transposed on loading. The shape check would catch a
+# forgotten transpose, except for attention's square `c_proj`, which would load and compute
+# nonsense: the equality with the reference, below, is the real test.
 #
-# **Checked before use.** The loader builds our model for `config.json`'s shape on the `meta` device
-# and checks every tensor of the file against it, naming the first one missing, misshapen or
-# foreign. A GPT-2 variant that computes something ours does not (another activation, an untied
+# **Checked before use.** The loader checks every tensor of the file against our model for
+# `config.json`'s shape (built on the `meta` device), naming the first one missing, misshapen or
+# foreign; a GPT-2 variant that computes something ours does not (another activation, an untied
 # output, other scaling of the attention scores) is refused by name.
 
 # %%
@@ -4423,11 +4305,10 @@ def read_gpt2(folder: Path, with_tokenizer: bool = True) -> Pretrained:
 # %% [markdown]
 # ### Getting the files
 #
-# `--weights DIR` names a folder that holds the four files. Without it, the loader looks in the
-# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`). Nothing is downloaded unless
-# `--download` asks: it fetches the four files (about 500 MB: 124 million numbers of 4 bytes) into
-# that cache with `huggingface_hub`. Offline, or without `huggingface_hub`, one line says how to get
-# them.
+# `--weights DIR` names a folder that holds the four files; without it, the loader looks in the
+# Hugging Face cache (`~/.cache/huggingface/hub`, or under `$HF_HOME`). Only `--download` fetches
+# the four files (about 500 MB: 124 million numbers of 4 bytes) into that cache with
+# `huggingface_hub`; offline, or without it, one line says how to get them.
 
 # %%
 GPT2_REPO = "openai-community/gpt2"  # the 124M model on the Hugging Face hub
@@ -4469,9 +4350,9 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
 # ### Equal to the reference
 #
 # The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2 blocks,
-# 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor), saved and read back by
-# `read_gpt2` into our model, gives the same logits, and greedy generation writes the same 20
-# tokens, with and without the KV cache. `transformers` is needed only here and in the tests.
+# 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor), read by `read_gpt2`, gives
+# the same logits and the same 20 greedy tokens, with and without the KV cache (`transformers` is
+# needed only here and in the tests).
 
 # %%
 def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_head: int = 4,
@@ -4491,7 +4372,6 @@ def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_he
     return reference
 
 
-# %%
 if IN_NOTEBOOK:
     tiny_folder = Path(tempfile.mkdtemp())
     try:
@@ -4520,27 +4400,22 @@ if IN_NOTEBOOK:
 if IN_NOTEBOOK:
     try:
         gpt2 = read_gpt2(find_gpt2_snapshot())  # the cache only: nothing is downloaded here
-    except UserError as e:
-        print(f"{e}\n(in the notebook: find_gpt2_snapshot(download=True))\n"
-              "The demonstration is skipped: no weights, no GPT-2 text.")
-    else:
         print(generate_text(gpt2.model(), gpt2.tokenizer, "The meaning of a word is", 400,
                             temperature=0.8, top_k=50, generate_ids=generate_fast))
+    except UserError as e:
+        print(f"{e}\n(in the notebook: find_gpt2_snapshot(download=True))")
 
 # %% [markdown]
 # ### Fine-tuning GPT-2 on your text
 #
 # `python llm.py train --init-from gpt2 --data FILE` goes on training GPT-2 on FILE:
 # **fine-tuning**. It is Appendix F's `run_training` with another start: switches and shape from
-# `config.json`, GPT-2's tokenizer, and GPT-2's weights instead of random ones. The checkpoints hold
-# the tokenizer (Appendix B), so `sample`, `tokenize` and `--resume` then work without GPT-2's
-# files.
-#
-# **The settings**, `FINETUNE`, each for a reason:
+# `config.json`, GPT-2's tokenizer and weights. The checkpoints hold the tokenizer (Appendix B), so
+# `sample`, `tokenize` and `--resume` then work without GPT-2's files. **The settings**, `FINETUNE`:
 #
 # * **Learning rate 3e-5**, a hundred times below the quick run's: big steps would overwrite
-#   what 40 GB of text taught with what one small file says. A usual size for fine-tuning
-#   (nanoGPT's Shakespeare fine-tune), not tuned here; it decays to 3e-6 after 10 warm-up steps.
+#   what 40 GB of text taught with what one small file says (nanoGPT's Shakespeare fine-tune's
+#   rate, not tuned here); it decays to 3e-6 after 10 warm-up steps.
 # * **Dropout 0**, not GPT-2's 0.1: 100 steps of 4 × 256 tokens read too little to learn it by
 #   heart (section 6); `--dropout 0.1` gives GPT-2's.
 # * **256 tokens of context, 4 sequences a step**: much of a 124M model's step does not depend
@@ -4551,10 +4426,10 @@ if IN_NOTEBOOK:
 # * **Memory**: weights, gradients and AdamW's two averages are four copies of 124 million
 #   4-byte numbers, 2 GB, plus the activations; a checkpoint holds about 1.5 GB.
 #
-# The evaluation at step 0 measures GPT-2 as it came, so the history shows what fine-tuning bought,
-# in bits per byte, comparable with the models trained from scratch (Appendix B). To try the path
-# without the download, use a tiny GPT-2 with random weights (299 BPE tokens plus `<|endoftext|>`
-# make its `vocab_size` of 300): `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
+# The evaluation at step 0 measures GPT-2 as it came: the history shows what fine-tuning bought, in
+# bits per byte, comparable with models trained from scratch. To try it without the download, use a
+# tiny GPT-2 with random weights (299 BPE tokens plus `<|endoftext|>` make its `vocab_size` of 300):
+# `python -c "import llm, pathlib; d = pathlib.Path('tiny-gpt2');
 # llm.save_gpt2_tokenizer(llm.BPETokenizer.train(llm.load_text(), 299), d);
 # llm.save_random_gpt2(d)"`, then `python llm.py train --init-from gpt2 --weights tiny-gpt2`. The
 # other options of `train` apply on top, except those GPT-2's files decide.
@@ -4604,13 +4479,6 @@ def pretrained_from_args(args) -> Pretrained | None:
                         "drop --arch and --size")
     return read_gpt2(find_gpt2_snapshot(args.weights, args.download))
 
-
-# %%
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    quick_run = RunConfig()
-    for name, value in FINETUNE.items():
-        print(f"{name:14} quick run {getattr(quick_run, name):<7} fine-tune {value}")
 
 # %% [markdown]
 # ## Appendix I. A speedrun on a laptop
