@@ -1665,11 +1665,10 @@ if IN_NOTEBOOK:
 # **The notebook's model does not copy.** Over 64 such sequences it scores 7.98 nats on the
 # first copy and 7.99 on the second: no better, where a copier would approach zero. The same
 # with 32 characters of validation text written twice: 1.85, then 1.95, slightly *worse* (the
-# second copy sits behind an abrupt seam in the text). The 3000-step quick run (`python llm.py
-# train`) does no better: 8.56 and 8.63 (`python llm.py inspect`, below, prints them for any
-# trained model), and 1.68 and 1.84 on validation text. The plot shows it position by position: the
-# second
-# half is as flat as the first.
+# second copy sits behind an abrupt seam in the text). Part I's 3000-step run (`python llm.py
+# train --recipe plain`) does no better: 8.56 and 8.63 (`python llm.py inspect`, below, prints
+# them for any trained model), and 1.68 and 1.84 on validation text. The plot shows it position
+# by position: the second half is as flat as the first.
 
 # %%
 def repeated_random_tokens(n: int, length: int, vocab_size: int,
@@ -1753,7 +1752,7 @@ if IN_NOTEBOOK:
 # **In the notebook's model** no head earns a name. Every head puts 0.08 to 0.29 of its weight
 # on the previous character (on validation text, 0.13 to 0.45: Shakespeare's spelling rewards
 # it more), and none puts more than 0.02 on the induction position, the uniform head's share.
-# In the quick run (`python llm.py inspect`), previous-token scores reach 0.31 to 0.35 in three
+# In that 3000-step run (`python llm.py inspect`), previous-token scores reach 0.31 to 0.35 in three
 # heads, which earn the name, and induction scores stay at most 0.02: heads that look back one
 # character exist, their partner does not.
 
@@ -2099,7 +2098,7 @@ if IN_NOTEBOOK:
 # | model | trained on | steps | first | second | induction |
 # |---|---|---|---|---|---|
 # | notebook model (4 layers with MLPs, context 64) | Shakespeare | 1000 | 7.98 | 7.99 | 0.02 |
-# | quick run (the same shape) | Shakespeare | 3000 | 8.56 | 8.63 | 0.02 |
+# | Part I's 3000-step run (the same shape) | Shakespeare | 3000 | 8.56 | 8.63 | 0.02 |
 # | attention-only, 2 layers, seed 0 | random, written twice | 1000 | 4.63 | 1.43 | 0.74 |
 # | the same, seeds 1337 and 1 | random, written twice | 1000 | 4.18, 4.17 | 4.17, 4.17 | 0.03 |
 #
@@ -2113,7 +2112,7 @@ if IN_NOTEBOOK:
 # and the last four at 17% (right at 60%).
 # **And copying is slow to find even when it is the only thing to learn**: the tiny model needed
 # hundreds of steps on data where nothing else lowers the loss, and two seeds of three did not
-# find it in 1000. In the quick run, copying competes with spelling and grammar for a rare,
+# find it in 1000. On Shakespeare, copying competes with spelling and grammar for a rare,
 # small reward. What was not measured here, for lack of CPU minutes: whether a longer context
 # (256 characters and more) and a longer run make a copying head form on Shakespeare; the
 # numbers above make that the first experiment to try.
@@ -2423,7 +2422,7 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 # (`--arch llama --norm layernorm`). Biases cost memory and bring nothing measurable at scale;
 # Llama 3 shares each key/value head among 4 query heads (32 and 8), our 4 heads in groups of 2.
 #
-# **Which is better here?** In the two-minute quick run on a 2-core CPU (3000 steps), `gpt2`
+# **Which is better here?** In Part I's 3000-step quick run on a 2-core CPU, `gpt2`
 # reached a validation loss of 1.70 and `llama` 1.61, so `llama` is the default. `--size` picks the
 # shape: `cpu` is Part I's quick run; `gpu`, about ten times bigger, the default when `train` finds
 # a GPU (Appendix E); `gpt2` is GPT-2's own (Appendix H).
@@ -2672,9 +2671,10 @@ if IN_NOTEBOOK:
                  for name, switch in ablation.items()})
 
 # %% [markdown]
-# **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In full
-# quick runs BPE reached the lower figure (2.18 against 2.32): each step covers about twice the
-# text, which outweighs the harder prediction. A few seconds are too short to be sure of it.
+# **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In
+# 3000-step runs of Part I's recipe, BPE reached the lower figure (2.18 against 2.32): each step
+# covers about twice the text, which outweighs the harder prediction. A few seconds are too short
+# to be sure of it.
 
 # %%
 if IN_NOTEBOOK:
@@ -3815,7 +3815,7 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 #
 # **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer than
 # writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after about 20 s
-# of compiling, which the quick run's 3000 steps only just win back: so `--compile` is opt-in.
+# of compiling, which Part I's 3000 steps only just win back: so `--compile` is opt-in.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
@@ -4819,7 +4819,44 @@ MODEL_TRICKS.update({"qk_norm": qk_norm, "relu_squared": relu_squared, "untied_h
 # Muon's cost with the fused kernels and bfloat16 products. Side by side, alternating runs of
 # the whole command, `python llm.py train --recipe plain` and `--recipe speedrun`:
 #
-# TIMED_TABLE
+# | | `--recipe plain` | `--recipe speedrun` | nanoGPT's CPU recipe |
+# |---|---|---|---|
+# | steps | 3000 | 2200 | 2000 |
+# | final validation loss, seed 1337 / 1 | 1.6104 / 1.6625 | **1.5791 / 1.6040** | 1.8857 |
+# | the whole command, seconds, seed 1337 / 1 | 150 / 147 | 145 / 142 | 93 / 86 (2 runs) |
+# | first evaluation ≤ 1.886, seconds from launch | 51 / 60 | 49 / 48 | 92 / 85 |
+#
+# The speedrun ends 0.031 and 0.059 lower than Part I's recipe, in a little less time. Both
+# reach nanoGPT's final loss in about half of nanoGPT's time (its recipe: `--arch gpt2`'s
+# switches, 2000 steps; the README gives the command). Evaluating every 250 steps sees the
+# speedrun cross 1.886 between step 500 (33 s, 1.94) and step 750; Part I's recipe crossed at
+# step 1000 or 1250. The runs are in `data/speedrun_runs.csv`, drawn below.
+
+# %%
+def plot_timed_runs(path: Path = Path("data") / "speedrun_runs.csv"):
+    """Validation loss against seconds from launch, for each run in the file."""
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    recipes = list(dict.fromkeys(row["run"].split(" (")[0] for row in rows))  # one colour each
+    fig, ax = new_figure(figsize=(9, 5))
+    for i, (run, seed) in enumerate(dict.fromkeys((row["run"], row["seed"]) for row in rows)):
+        points = [row for row in rows if (row["run"], row["seed"]) == (run, seed)]
+        ax.plot([float(row["seconds_from_launch"]) for row in points],
+                [float(row["val_loss"]) for row in points], marker=".",
+                color=f"C{recipes.index(run.split(' (')[0])}", linestyle="-:"[i % 2],
+                label=run if run.startswith("nanoGPT") else f"{run}, seed {seed}")
+    ax.axhline(1.886, color="grey", linestyle=":", label="nanoGPT's final loss")
+    ax.set(xlabel="seconds from launch", ylabel="validation loss (nats)", ylim=(1.5, 2.3),
+           title="The quick run's two recipes and nanoGPT's, on a 2-core CPU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+# %%
+if IN_NOTEBOOK:
+    plot_timed_runs()
+    plt.show()
 
 # %% [markdown]
 # ### The speedrun recipe

@@ -195,3 +195,13 @@ def test_recipe_mistakes_are_one_clear_line(tmp_path, tiny_text_file):
     assert run_main(*base).returncode == 0
     assert_one_clear_line(run_main("train", "--out-dir", tmp_path, "--resume", "--recipe",
                                    "plain"), "--recipe")
+
+
+@pytest.mark.parametrize("speedup, with_bf16", [(4.0, True), (1.3, False)])
+def test_bfloat16_products_only_where_the_probe_finds_them_fast(monkeypatch, speedup, with_bf16):
+    monkeypatch.setattr(llm, "bf16_speedup", lambda: speedup)
+    settings, line = llm.recipe_settings("speedrun", torch.device("cpu"))
+    assert ("bf16" in llm.trick_names(llm.RunConfig(**settings))) == with_bf16
+    assert f"{speedup:.1f}x" in line and ("not used" in line) != with_bf16
+    assert llm.recipe_settings("speedrun", torch.device("cuda"))[0]["tricks"] == "fused"
+    assert llm.recipe_settings("plain", torch.device("cpu"))[0] == {}
