@@ -171,13 +171,15 @@ def test_train_says_its_recipe_first_and_the_checkpoint_keeps_its_tricks(tmp_pat
     assert first.startswith("recipe speedrun: --optimizer muon --tricks fused") and "--recipe plain" in first
     cfg = llm.load_checkpoint(tmp_path / "ckpt.pt")[0].cfg
     assert cfg.tricks.startswith("fused") and cfg.tricks == first.split()[5]
+    assert "--max-iters 20" in first  # the options given on top of the recipe show
 
 
 def test_recipe_plain_is_part_i_recipe(tmp_path, tiny_text_file):
     result = run_main("train", "--data", tiny_text_file, "--out-dir", tmp_path, "--recipe", "plain",
                       *TINY_TRAIN_OPTIONS)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("recipe plain: Part I's")
+    assert result.stdout.startswith("recipe plain: --optimizer adamw --tricks none")
+    assert result.stdout.splitlines()[0].endswith("(Part I's)")
     model = llm.load_checkpoint(tmp_path / "ckpt.pt")[0]
     assert (model.cfg.tricks, model.cfg.optimizer) == ("", "adamw") and type(model) is llm.GPT
     assert model.lm_head.weight is model.embed.token.weight  # section 9's tied model, untouched
@@ -200,8 +202,8 @@ def test_recipe_mistakes_are_one_clear_line(tmp_path, tiny_text_file):
 @pytest.mark.parametrize("speedup, with_bf16", [(4.0, True), (1.3, False)])
 def test_bfloat16_products_only_where_the_probe_finds_them_fast(monkeypatch, speedup, with_bf16):
     monkeypatch.setattr(llm, "bf16_speedup", lambda: speedup)
-    settings, line = llm.recipe_settings("speedrun", torch.device("cpu"))
+    settings, note = llm.recipe_settings("speedrun", torch.device("cpu"))
     assert ("bf16" in llm.trick_names(llm.RunConfig(**settings))) == with_bf16
-    assert f"{speedup:.1f}x" in line and ("not used" in line) != with_bf16
+    assert f"{speedup:.1f}x" in note and ("not used" in note) != with_bf16
     assert llm.recipe_settings("speedrun", torch.device("cuda"))[0]["tricks"] == "fused"
     assert llm.recipe_settings("plain", torch.device("cpu"))[0] == {}
