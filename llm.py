@@ -4738,9 +4738,13 @@ class FusedSwiGLU(SwiGLU):
 
 
 class BF16Linear(nn.Linear):
-    """A linear layer whose product is computed in bfloat16; weights and output in float32."""
+    """A linear layer that multiplies in bfloat16 when given many vectors at once (training and
+    evaluation batches); weights and output stay float32."""
+    MIN_ROWS = 256  # sampling's few vectors: the rounding would cost more than it saves
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() < self.MIN_ROWS:
+            return super().forward(x)
         bias = None if self.bias is None else self.bias.bfloat16()
         return F.linear(x.bfloat16(), self.weight.bfloat16(), bias).float()
 

@@ -92,12 +92,13 @@ def test_fused_kernels_equal_part_i_modules():
 def test_bf16_linear_is_the_float32_product_to_bfloat16_precision():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
-    x = torch.randn(8, 64)
-    expected = linear(x)
+    batch, few = torch.randn(4, 64, 64), torch.randn(1, 3, 64)  # 256 vectors, and 3
+    expected = linear(batch), linear(few)
     llm.swap_forward(linear, {torch.nn.Linear: llm.BF16Linear})
-    out = linear(x)
-    assert out.dtype == torch.float32 and not torch.equal(out, expected)
-    torch.testing.assert_close(out, expected, atol=0.05, rtol=0.02)
+    out = linear(batch)
+    assert out.dtype == torch.float32 and not torch.equal(out, expected[0])
+    torch.testing.assert_close(out, expected[0], atol=0.05, rtol=0.02)
+    assert torch.equal(linear(few), expected[1])  # a few vectors (sampling): float32 exactly
     out.sum().backward()
     assert linear.weight.grad.dtype == torch.float32
 
