@@ -5144,12 +5144,12 @@ def command_train(args: argparse.Namespace) -> None:
     if rank_0 and args.size is None and size == "gpu" and not args.resume and pretrained is None:
         print("a CUDA GPU is here and no --size was given: training the gpu preset "
               "(--size cpu for the quick run)")
-    if rank_0 and pretrained is None and not args.resume:
-        print(recipe_line(recipe, cfg, note))
     out_dir = prepare_out_dir(args.out_dir)
     with using_threads(args.threads), exclusive_out_dir(out_dir) if rank_0 else nullcontext():
         if not (args.resume or args.overwrite):
             refuse_to_replace_a_run(out_dir)
+        if rank_0 and pretrained is None and not args.resume:
+            print(recipe_line(recipe, cfg, note))  # (once the folder is this run's)
         with naming("--data"):  # the text itself, or the path of a big one
             source = text_source(args.data, print if rank_0 else quiet)
         result = run_training(cfg, source, out_dir, resume=args.resume,
