@@ -2249,8 +2249,6 @@ if IN_NOTEBOOK:
     print("its tokens:", [example.vocab[i] for i in example.encode("aaabdaaabac")])
     bpe = BPETokenizer.train(train_text, vocab_size=512)
     print("the first 24 merges:", [bpe.vocab[256 + i].decode() for i in range(24)])
-    line = "First Citizen:\nBefore we proceed any further, hear me speak."
-    print([bpe.decode([i]) for i in bpe.encode(line)])
     unseen = "Naïve café, 東京 🙂"
     print("round trip of text it never saw:", bpe.decode(bpe.encode(unseen)) == unseen)
 
@@ -2851,7 +2849,6 @@ if IN_NOTEBOOK:
         same = [torch.allclose(cache.logits_after(model, ids[:t]), full[:, t - 1], atol=1e-5)
                 for t in range(n - 3, n + 1)]  # after t tokens: the full pass's position t - 1
     print(f"prefill of {n - 3} tokens, then each one-token step, equal the full pass:", same)
-    print("tokens in the cache:", cache.position)
 
 # %% [markdown]
 # ### On a GPU: the same steps, replayed as a CUDA graph
@@ -2864,14 +2861,7 @@ if IN_NOTEBOOK:
 # its position rows, RoPE angles and slots; and on a GPU, attention over all `block_size` slots, the
 # mask giving unwritten ones weight 0. Each number of tokens fed (the prompt's length, 1, half a
 # window) is recorded the first time, after two real runs on a *side stream* that do the one-time
-# work (choosing kernels, setting memory aside). Below, the cache's gain on this machine.
-
-# %%
-if IN_NOTEBOOK:
-    for name, generate_ids in (("generate", generate), ("generate_fast", generate_fast)):
-        started = time.perf_counter()
-        list(generate_ids(model, [0], 500, generator=torch.Generator().manual_seed(0)))
-        print(f"{name}: {500 / (time.perf_counter() - started):,.0f} tokens/s")
+# work (choosing kernels, setting memory aside). `python llm.py bench` measures the cache's gain.
 
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
