@@ -4122,11 +4122,9 @@ if IN_NOTEBOOK:
     print("Appendix B's chunks:", CHUNK_PATTERN.findall(line))
     shakespeare_files = Path(tempfile.mkdtemp())
     save_gpt2_tokenizer(bpe, shakespeare_files)  # Appendix B's 512 tokens, in GPT-2's format
-    print((shakespeare_files / "merges.txt").read_text(encoding="utf-8").split("\n")[:6])
     stand_in = GPT2Tokenizer.from_files(shakespeare_files)
     line = "O Romeo, we'll meet at 10 o'clock."
     chunks = gpt2_chunk_pattern().findall(line)
-    print("as characters:", [gpt2_text(chunk.encode("utf-8")) for chunk in chunks])
     print("merged:", [[stand_in.texts[i] for i in stand_in.encode_chunk(c)] for c in chunks])
     print("ids:", stand_in.encode(line), "decoded:", repr(stand_in.decode(stand_in.encode(line))))
     print("with the marker:", stand_in.encode(f"Exeunt.{GPT2_END}ACT II"), "| its id:",
@@ -5027,17 +5025,12 @@ def build_parser() -> argparse.ArgumentParser:
 def add_train_command(commands) -> None:
     train_p = commands.add_parser("train", help="train a model and save it to OUT_DIR/ckpt.pt",
                                   description="Train a GPT; every Config field is an option.")
-    train_p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                         help=f"UTF-8 text file to learn from (default: {DEFAULT_DATA}, "
-                              "tiny Shakespeare)")
-    train_p.add_argument("--out-dir", type=Path, default=Path("out"),
-                         help="where ckpt.pt and history.csv are written (default: out)")
+    add_options(train_p, ("--data", DEFAULT_DATA, "UTF-8 text file to learn from"),
+                ("--out-dir", Path("out"), "where ckpt.pt and history.csv are written"))
     train_p.add_argument("--resume", action="store_true",
-                         help="continue the run saved in OUT_DIR/latest.pt "
-                              "(its configuration is kept)")
+                         help="continue the run in OUT_DIR/latest.pt, with its configuration")
     train_p.add_argument("--overwrite", action="store_true",
-                         help="start a new run in OUT_DIR even though it holds another run's "
-                              "checkpoints, which the new ones replace")
+                         help="start a new run in OUT_DIR, replacing another run's checkpoints")
     add_init_options(train_p)  # --init-from gpt2 (Appendix H)
     add_preset_options(train_p)
     add_recipe_option(train_p)
@@ -5079,10 +5072,9 @@ def add_bench_command(commands) -> None:
                     "peak, and memory. Config options apply.")
     add_preset_options(bench_p)
     add_recipe_option(bench_p)
-    bench_p.add_argument("--steps", type=int, default=20, help="timed training steps (default: 20)")
+    add_options(bench_p, ("--steps", 20, "timed training steps"),
+                ("--sample-tokens", 2000, "tokens generated for each sampling figure"))
     add_threads_option(bench_p, 0, f"; with 0, sampling uses {SAMPLING_THREADS} as `sample` does")
-    bench_p.add_argument("--sample-tokens", type=int, default=2000,
-                         help="tokens generated for each sampling figure (default: 2000)")
     add_config_options(bench_p)
 
 
