@@ -2498,16 +2498,6 @@ def preset(arch: str, size: str = "cpu", **overrides) -> RunConfig:
     return RunConfig(**{**ARCHITECTURES[arch], **SIZES[size], **overrides})
 
 
-if IN_NOTEBOOK:
-    # NBVAL_CHECK_OUTPUT
-    x, y = get_batch(train_data, 64, 32, torch.Generator().manual_seed(0))
-    for arch in ARCHITECTURES:
-        set_seed(1337)
-        arch_model = GPT(preset(arch), tokenizer.vocab_size)
-        _, arch_loss = arch_model(x, y)
-        print(f"{arch:5}: {arch_model.num_parameters():,} parameters, "
-              f"loss at initialisation {arch_loss.item():.2f}")
-
 # %% [markdown]
 # ### The sine waves of section 6, drawn
 #
