@@ -2129,27 +2129,24 @@ if IN_NOTEBOOK:
 # vocabulary. **Byte-level BPE** (GPT-2's, and most models' since) learns such a vocabulary:
 #
 # 1. Start from the 256 byte values of UTF-8: any string is bytes, so no character is unknown.
-# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...),
-#    replacing every occurrence of the pair; ties go to the smaller pair of ids, so the same text
-#    always gives the same merges.
+# 2. The most frequent pair of adjacent tokens becomes a new token (id 256, then 257, ...)
+#    wherever it occurs; ties go to the smaller pair of ids, so a text always gives the same merges.
 # 3. Repeat until the vocabulary has the size asked for. The list of merges *is* the tokenizer.
 #
 # **Pre-splitting.** The text is first cut into word-like chunks (a word with its leading space, a
-# number, a run of punctuation or of whitespace) that merges never cross, so no vocabulary is
-# wasted on accidents of adjacency such as `"e t"` in `"the tree"`. Python's `re` lacks GPT-2's
-# "letter", `\p{L}`; `[^\W\d_]` (a word character, not a digit or `_`) covers every script's.
-#
-# **Counting incrementally.** The pairs are counted once, noting which chunks hold each; a merge
-# recounts only those chunks, and identical chunks (every `" the"`) are stored once, with a count:
-# 512 tokens train on tiny Shakespeare in about a second, not minutes. **Encoding** repeats, within
-# each distinct chunk (encoded once, then kept), the merge learned *earliest* among its pairs.
+# number, a run of punctuation or of whitespace) that merges never cross, so no vocabulary is wasted
+# on accidents of adjacency such as `"e t"` in `"the tree"`. Python's `re` lacks GPT-2's "letter",
+# `\p{L}`; `[^\W\d_]` (a word character, not a digit or `_`) covers every script's. **Counting
+# incrementally.** The pairs are counted once, noting which chunks hold each; a merge recounts only
+# those chunks, and identical chunks (every `" the"`) are stored once, with a count: 512 tokens
+# train on tiny Shakespeare in about a second, not minutes. **Encoding** repeats, within each
+# distinct chunk (encoded once, then kept), the merge learned *earliest* among its pairs.
 
 # %%
 import codecs
 import collections
 import re
 
-# Words with their leading space, numbers, runs of punctuation, runs of whitespace:
 CHUNK_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 
 
@@ -2272,9 +2269,8 @@ if IN_NOTEBOOK:  # the tokens of a line, in alternating colours (spaces as ␣)
     plt.show()
 
 # %% [markdown]
-# How much shorter do sequences get? The **compression**, UTF-8 bytes per token on the validation
-# text (which no tokenizer here was trained on), grows with the vocabulary, fast at first, then
-# slowly: the most frequent pairs are merged first.
+# The **compression**, UTF-8 bytes per token on the validation text (unseen by every tokenizer
+# here), grows with the vocabulary, fast, then slowly: the most frequent pairs are merged first.
 
 # %%
 if IN_NOTEBOOK:
@@ -2288,17 +2284,15 @@ if IN_NOTEBOOK:
     plt.show()
 
 # %% [markdown]
-# Checkpoints store each tokenizer as plain values (`tokenizer_state`): a model is always decoded
-# with its own. The character vocabulary comes from the whole text (a character only in the
-# validation part would have no id); BPE, which encodes any text, learns from the training part
-# alone: it should not be tuned on the text that measures the model.
+# Checkpoints store each tokenizer as plain values (`tokenizer_state`): a model is decoded with its
+# own. Characters come from the whole text (one only in the validation part would have no id); BPE,
+# which encodes any text, learns from the training part alone, not the text that measures the model.
 
 # %%
 Tokenizer = CharTokenizer | BPETokenizer  # both: encode, decode, vocab_size
 
 
 def tokenizer_state(tokenizer: Tokenizer) -> dict:
-    """Everything needed to rebuild a tokenizer, as plain values (saved with a model)."""
     if isinstance(tokenizer, BPETokenizer):
         return tokenizer.state()
     return {"kind": "char", "chars": tokenizer.chars}
@@ -2331,12 +2325,10 @@ def make_tokenizer(kind: str, vocab_size: int, text: str, train_text: str) -> To
 #
 # A loss in nats *per token* cannot compare the two tokenizers: a BPE token carries about two
 # characters, so predicting it is harder and its loss higher, even from a better model. The fair
-# unit is **bits per byte**: the loss per token in bits (divided by ln 2) over the UTF-8 bytes per
-# token of the validation text, the bits needed to compress the text, per byte, whatever the
-# tokenizer. **Bits per character** divides by characters (for plain English, the same).
-#
-# A `Corpus` is a text made ready for training: its tokenizer, both splits as token ids, and the
-# bytes and characters a validation token stands for; a text too short for the context stops here.
+# unit is **bits per byte**, the bits needed to compress the text, per byte, whatever the tokenizer:
+# the loss per token in bits (divided by ln 2) over the validation text's UTF-8 bytes per token.
+# **Bits per character** divides by characters (for plain English, the same). A `Corpus` holds a
+# text made ready for training; a text too short for the context stops here.
 
 # %%
 @dataclass
@@ -2372,10 +2364,9 @@ def with_bits(row: dict, corpus: Corpus) -> dict:
 # %% [markdown]
 # ### Text as it is generated
 #
-# The command line prints text as it is written: `stream_text` turns the token ids of a generator
-# (section 11's `generate`, or Appendix D's `generate_fast`) into text, piece by piece. A byte-level
-# token can end inside a multi-byte character: an incremental UTF-8 decoder holds the part back
-# until the rest arrives.
+# `stream_text` turns the token ids of a generator (section 11's `generate` or Appendix D's
+# `generate_fast`) into text as it comes, for the command line. A byte-level token can end inside a
+# multi-byte character: an incremental UTF-8 decoder holds that part back until the rest arrives.
 
 # %%
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int, seed: int = 1337,
@@ -2416,14 +2407,13 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, num_chars: int,
 # | `n_kv_head` | one per query head | grouped: 2 for our 4 query heads |
 # | `bias` | in every linear layer and norm | none |
 #
-# `--arch gpt2` or `--arch llama` selects a whole set; any switch can still be flipped on top
-# (`--arch llama --norm layernorm`). Biases cost memory and bring nothing measurable at scale;
-# Llama 3 shares each key/value head among 4 query heads (32 and 8), our 4 heads in groups of 2.
-#
-# **Which is better here?** In Part I's 3000-step quick run on a 2-core CPU, `gpt2`
-# reached a validation loss of 1.70 and `llama` 1.61, so `llama` is the default. `--size` picks the
-# shape: `cpu` is Part I's quick run; `gpu`, about ten times bigger, the default when `train` finds
-# a GPU (Appendix E); `gpt2` is GPT-2's own (Appendix H).
+# `--arch gpt2` or `--arch llama` selects a whole set; any switch can still be flipped (`--arch
+# llama --norm layernorm`). Biases cost memory and gain nothing measurable at scale; Llama 3 shares
+# each key/value head among 4 query heads (32 and 8), our 4 heads in groups of 2. **Which is better
+# here?** In Part I's 3000-step quick run on a 2-core CPU, validation losses were 1.70 for `gpt2`
+# and 1.61 for `llama`, hence the default. `--size` picks the shape: `cpu` is Part I's quick run;
+# `gpu`, about ten times bigger, the default when `train` finds a GPU (Appendix E); `gpt2` is
+# GPT-2's own (Appendix H).
 
 # %%
 import dataclasses
@@ -2469,14 +2459,13 @@ ARCHITECTURES = {
 }
 DEFAULT_ARCH = "llama"  # measured: the lower validation loss in the quick run (above)
 
-# A larger model for a GPU, the shape of nanoGPT's Shakespeare GPU run (about 10M parameters,
-# 256 characters of context). Its length comes from a measured run: with 5000 steps, the
-# validation loss stopped falling near step 1500 (1.477) and then rose (1.667 by step 3250), the
-# model learning its training text by heart. So the schedule is 2000 steps long: the learning
-# rate has decayed by the time the loss would turn. Dropout 0.2 still matters: 2000 steps of
-# 64 x 256 characters read the 1M training characters about 33 times. Evaluation: 20 batches of
-# 64 x 256 per split, 1280 windows, whose mean loss varies by at most ±0.008 (a 64-character
-# window's mean loss varies by 0.29 on the quick-run model; a longer window varies less).
+# A larger model for a GPU, the shape of nanoGPT's Shakespeare GPU run (about 10M parameters, 256
+# characters of context). With 5000 steps, the validation loss stopped falling near step 1500
+# (1.477), then rose (1.667 by step 3250), the model learning its training text by heart: so the
+# schedule is 2000 steps long, the learning rate decayed by the time the loss would turn. Dropout
+# 0.2 still matters: 2000 steps of 64 x 256 characters read the 1M training characters about 33
+# times. Evaluation: 20 batches of 64 x 256 per split, 1280 windows, whose mean loss varies by at
+# most ±0.008 (a 64-character window's varies by 0.29 on the quick-run model; a longer one less).
 SIZES = {
     "cpu": {},  # the quick-run defaults of Config
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
@@ -2541,10 +2530,9 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### The race
 #
-# A fair race gives each configuration the same **time**, not the same number of steps: a slower
-# architecture should pay for its slowness. So each gets as many steps as a few timed ones say fit
-# in the budget, its learning-rate schedule scaled to that length (evaluations come on top). A race
-# of seconds shows only who learns faster first, at losses far above the full runs'.
+# A fair race gives each configuration the same **time**, not steps: a slower architecture pays for
+# its slowness. Each gets the steps a few timed ones say fit, its schedule scaled to match (plus
+# evaluations). Seconds show only who learns faster first, far above the full runs' losses.
 
 # %%
 def synchronize(device: torch.device) -> None:
@@ -2661,8 +2649,7 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # **Characters or BPE?** Both tokenizers of Appendix B, for the same time, in bits per byte. In
 # 3000-step runs of Part I's recipe, BPE reached the lower figure (2.18 against 2.32): each step
-# covers about twice the text, which outweighs the harder prediction. A few seconds are too short
-# to be sure of it.
+# covers about twice the text, which outweighs the harder prediction; seconds may not show it.
 
 # %%
 if IN_NOTEBOOK:
@@ -2679,26 +2666,21 @@ if IN_NOTEBOOK:
 # *Builds on sections 6 to 9 (the model's layers) and 11 (`generate`). Adds `generate_fast`, which
 # makes each new token one small step instead of a pass over the window, as `sample` uses it.*
 #
-# Section 11's `generate` runs the model over the whole window for every new token, although the
-# keys and values of earlier tokens never change (in a causal model, earlier positions never see
-# later ones). A **KV cache** keeps them: the prompt is run through once (the *prefill*), filling
-# the cache; then each step computes queries, keys and values for the new token only, its query
-# attending to all cached keys. Only the (small) attention still grows with the context.
+# Section 11's `generate` reruns the window for every new token, yet the keys and values of earlier
+# tokens never change (in a causal model, no position sees later ones). A **KV cache** keeps them: a
+# *prefill* runs the prompt once; then each step computes queries, keys and values for the new token
+# only, its query attending to all cached keys: only the (small) attention grows with the context.
 #
 # **One cache, allocated once.** `KVCache` holds, per layer, key and value buffers with `block_size`
 # *slots*, one per position. A step writes its tokens' keys and values into their slots, in place,
 # and its queries attend over the slots with section 7's mask $M$ hiding those after each query.
-# Key/value heads are held unrepeated: grouped heads save memory here too.
-#
-# **A second forward pass, on the model's own modules.** The model's `forward` always starts at
-# position 0, so `cached_forward` walks the same layers, adding the offset positions and the
-# attention over the slots. The cell below and the tests check that it gives a full pass's logits
-# at every position, for every positional scheme and for grouped heads.
-#
-# **Past `block_size`**, sliding the window by one token, as `generate` does, would refill the cache
-# at every token (every cached key saw tokens that left the window). So `generate_fast`, when the
-# window is full, keeps its last half and **prefills again**: its text then differs from
-# `generate`'s, but every token is still sampled from a full pass's logits on its window.
+# Key/value heads are held unrepeated: grouped heads save memory here too. The model's `forward`
+# always starts at position 0, so `cached_forward` walks the same modules with offset positions and
+# attention over the slots; the cell below and the tests check it against a full pass's logits, for
+# every positional scheme and for grouped heads. **Past `block_size`**, sliding the window by one
+# token, as `generate` does, would refill the cache every token (each cached key saw tokens that
+# left the window). So a full window keeps its last half and **prefills again**: the text differs
+# from `generate`'s, but each token is still sampled from a full pass's logits.
 
 # %%
 CUDA_GRAPHS = True  # Appendix G's bench turns it off a moment, to time the cache without them
@@ -2710,8 +2692,7 @@ class KVCache:
     def __init__(self, model: GPT):
         attn, weight = model.blocks[0].attn, model.lm_head.weight
         P, device = model.cfg.block_size, weight.device
-        with torch.inference_mode(False):  # ordinary tensors: one made in inference mode
-            # (`evaluating`, section 10) could not be changed outside it, and a cache is both
+        with torch.inference_mode(False):  # ordinary tensors: changed in and out of it
             shape = (1, attn.n_kv_head, P, attn.head_dim)  # (1, Hkv, P, D)
             self.k, self.v = ([weight.new_zeros(shape) for _ in model.blocks] for _ in range(2))
             self.slots = torch.arange(P, device=device)  # (P,)
@@ -2843,15 +2824,14 @@ if IN_NOTEBOOK:
 # %% [markdown]
 # ### On a GPU: the same steps, replayed as a CUDA graph
 #
-# A GPU is driven by the CPU, which *launches* a small program (a *kernel*) per operation; a small
-# model's token is a few hundred kernels, each cheaper to run than to launch, so the GPU mostly
-# waits. A **CUDA graph** records a sequence of kernels once and replays all of them on one call, on
-# tensors of the same shapes at the same addresses, any Python number frozen in. Hence the cache's
-# design: buffers allocated once; the position as a one-number tensor (`where`) each step reads for
-# its position rows, RoPE angles and slots; and on a GPU, attention over all `block_size` slots, the
-# mask giving unwritten ones weight 0. Each number of tokens fed (the prompt's length, 1, half a
-# window) is recorded the first time, after two real runs on a *side stream* that do the one-time
-# work (choosing kernels, setting memory aside). `python llm.py bench` measures the cache's gain.
+# The CPU *launches* a GPU program (a *kernel*) per operation; a small model's token is a few
+# hundred kernels, each cheaper to run than to launch, so the GPU mostly waits. A **CUDA graph**
+# records kernels once and replays them in one call, on tensors of the same shapes at the same
+# addresses, any Python number frozen in. Hence: buffers allocated once; the position as a
+# one-number tensor (`where`) each step reads for its position rows, RoPE angles and slots; and on a
+# GPU, attention over all `block_size` slots, the mask giving unwritten ones weight 0. Each count of
+# tokens fed (the prompt's length, 1, half a window) is recorded once, after two real runs on a
+# *side stream* pick kernels and reserve memory. `python llm.py bench` measures the gain.
 
 # %% [markdown]
 # ## Appendix E. Bigger hardware: devices, threads, GPUs and many processes
