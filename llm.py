@@ -2847,7 +2847,6 @@ if IN_NOTEBOOK:
 
 # %%
 def pick_device(name: str = "auto") -> torch.device:
-    """The device to run on: 'auto' picks cuda, then mps, then cpu."""
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -2902,8 +2901,6 @@ def using_threads(n: int):
 
 # %%
 class Autocast(nn.Module):
-    """The wrapped model, with its forward pass in bfloat16 where that is safe (CUDA GPUs)."""
-
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -2927,8 +2924,7 @@ class Autocast(nn.Module):
 # `grad_accum_steps` batches (plain `torchrun` sets it to N: the run of one process with
 # `--grad-accum-steps N`). Every process draws the same batches from the same seeded generator and
 # keeps its share; all evaluate, only rank 0 prints and writes files. The backend is `gloo` on CPUs,
-# `nccl` on NVIDIA GPUs. All of this reaches section 10's loop from outside, through the module it
-# steps (`wrap_for_device`) and the stream of batches (`process_batches`).
+# `nccl` on NVIDIA GPUs.
 
 # %%
 @dataclass
@@ -3074,12 +3070,11 @@ def validate_config(cfg: RunConfig) -> None:
 # validation loss), which `sample` uses, and `latest.pt`, the state at the **latest** evaluation (or
 # at Ctrl-C), which `--resume` continues. Each holds a `Run`: weights, the optimiser's running
 # averages, step, loss history, configuration, tokenizer, the training text's checksum and every
-# random generator's state. Nothing is saved before the first training step.
-#
-# Every file a run writes goes to a temporary file, flushed to disk, then renamed into place: a
-# rename happens entirely or not at all, so a crash or a full disk leaves the previous version
-# intact. A checkpoint holds only tensors and plain values, loaded with `torch.load(weights_only=
-# True)`, which refuses to run code hidden in a malicious file.
+# random generator's state. Nothing is saved before the first training step. Every file a run
+# writes goes to a temporary file, flushed to disk, then renamed into place: a rename happens
+# entirely or not at all, so a crash or a full disk leaves the previous version intact. A checkpoint
+# holds only tensors and plain values, loaded with `torch.load(weights_only=True)`, which refuses to
+# run code hidden in a malicious file.
 
 # %%
 TRAIN_AGAIN = "train again with `python llm.py train`"
@@ -3145,8 +3140,7 @@ def save_checkpoint(path: Path, run: Run) -> None:
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu",
                     fix: str = TRAIN_AGAIN) -> tuple[GPT, Tokenizer, dict]:
-    """The model (in eval mode), its tokenizer and the raw checkpoint dictionary. Anything
-    wrong with the file becomes one line naming it and the fix."""
+    """The model (in eval mode), its tokenizer and the raw checkpoint; a bad file: one line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: run `python llm.py train` first "
@@ -3215,10 +3209,9 @@ def restore_run(run: Run, checkpoint: dict, path: Path) -> None:
 # program wherever it is. While training runs, `stop_flag_on_signals` makes each only raise a flag:
 # the loop finishes the step, saves `latest.pt`, and stops with the command that resumes it, ready
 # to paste, and the usual exit status (130, 143 and 129); a second signal abandons the step at once.
-# A loss that is not finite stops the run before broken weights can reach a checkpoint.
-#
-# **Under torchrun** a stop must be agreed, or the others would wait forever for the gradients of a
-# process that stopped: after every step one all-reduce shares "a broken loss?" and "a signal?".
+# A loss that is not finite stops the run before broken weights can reach a checkpoint. **Under
+# torchrun** a stop must be agreed, or the others would wait forever for the gradients of a process
+# that stopped: after every step one all-reduce shares "a broken loss?" and "a signal?".
 #
 # **One run per folder.** Two runs writing into one `--out-dir` would leave a mix of both, so
 # `train` holds an exclusive lock on it (`fcntl.flock` on `.lock`, released by the operating system
@@ -3350,8 +3343,7 @@ BPE_SAMPLE_CHARS = 50_000_000
 
 
 def text_source(path: Path, log: Callable = quiet) -> str | Path:
-    """The text itself when it is small (or missing, or not a file: read_text says why), else
-    the path of a text to be streamed; `log` says when a byte-order mark is dropped."""
+    """The text itself if small (or unreadable: read_text says why), else its path, to stream."""
     path = Path(path)
     if not path.is_file():
         return read_text(path)
@@ -3366,8 +3358,7 @@ def text_source(path: Path, log: Callable = quiet) -> str | Path:
 
 
 def read_text(path: Path) -> str:
-    """Section 3's load_text, each problem one line with its fix. What is not a regular file (a
-    pipe, a device: no size to check first) is read up to IN_MEMORY_BYTES, refused beyond."""
+    """Section 3's load_text, each problem one line; a pipe (no size) refused past the limit."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a UTF-8 text file")
@@ -3561,8 +3552,7 @@ class Start:
 
 
 class Supervisor:
-    """What happens after each row section 10's loop yields: progress, history.csv,
-    checkpoints, the broken-loss guard, and a clean stop on Ctrl-C, SIGTERM or SIGHUP."""
+    """After each row section 10's loop yields: progress, history, checkpoints, guard, stop."""
 
     def __init__(self, run: Run, env: Distributed, out_dir: Path, corpus: Corpus, log: Callable,
                  stop: dict, continue_with: str):
@@ -3668,10 +3658,8 @@ class TrainResult:
 def run_training(cfg: RunConfig, text: str | Path, out_dir: Path = Path("out"),
                  log: Callable = print, resume: bool = False, start: Start | None = None,
                  continue_with: str | None = None) -> TrainResult:
-    """Train a GPT on `text` (or on the big text file at that path, streamed), or continue the
-    run in out_dir; writes history.csv, ckpt.pt and latest.pt there. `cfg` has been checked
-    (validate_config); a resumed run keeps its own. `continue_with`, the command that resumes
-    the run (said after a stop), is made here unless the caller knows better."""
+    """Train a GPT on `text` (a big file's path: streamed), or resume the run in out_dir, where
+    it writes history.csv, ckpt.pt and latest.pt. `cfg` is validated; a resumed run keeps its."""
     out_dir = prepare_out_dir(out_dir)
     scan = scan_text(text, log if is_rank_0() else quiet, out_dir if is_rank_0() else None) \
         if isinstance(text, Path) else None
@@ -3771,18 +3759,16 @@ def load_corpus(text: str | Path, scan: TextScan | None, cfg: RunConfig,
 # \approx 1.5$ million floating-point operations, a few microseconds at the matmul peak; the rest is
 # overhead: the launch of each of some 165 tensor operations, Python's cost per module call. So
 # generation gets faster by doing *fewer* operations: rotating queries and keys together (section 7)
-# gave about 10% more tokens/s, dropout 0 as an `nn.Identity` (section 6) about 8%.
-#
-# **Compiling.** `torch.compile` made sampling about twice as fast, but compiling took longer than
-# writing 2000 characters; a training step on a 2-core CPU became about 20% faster, after about 20 s
-# of compiling, which Part I's 3000 steps only just win back: so `--compile` is opt-in.
+# gave about 10% more tokens/s, dropout 0 as an `nn.Identity` (section 6) about 8%. **Compiling.**
+# `torch.compile` made sampling about twice as fast, but compiling took longer than writing 2000
+# characters; a training step on a 2-core CPU became about 20% faster, after about 20 s of
+# compiling, which Part I's 3000 steps only just win back: so `--compile` is opt-in.
 
 # %%
 SHAKESPEARE_VOCAB_SIZE = 65  # its distinct characters (section 4): bench's stand-in for V
 
 
 def matmul_size(device: torch.device) -> tuple[int, torch.dtype]:
-    """A matrix product big enough to reach the device's peak, in the type training uses."""
     return (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
 
 
@@ -3860,8 +3846,7 @@ def evaluations_per_run(cfg: RunConfig) -> int:
 
 def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: int = 2000,
               threads: int = 0) -> dict:
-    """Training, evaluation and sampling speed of `cfg` on this machine; see the list above.
-    With threads 0, each part runs on the threads its command uses by default."""
+    """Speeds of `cfg` here, as listed above; threads 0: each part on its command's default."""
     device = pick_device(cfg.device)
     uncompiled = dataclasses.replace(cfg, compile=False)
 
@@ -3909,8 +3894,7 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # In 2019 OpenAI trained GPT-2 on 40 GB of web pages (Radford et al., 2019) and released its
 # weights; the smallest GPT-2 has 124 million parameters. Our `gpt2` preset is made of the same
 # parts, so it can hold those very numbers, and on them it computes the same logits as the reference
-# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers`: the tests check it on a small
-# GPT-2 with random weights (a test may not download anything), read by the same code.
+# implementation, `GPT2LMHeadModel` of Hugging Face's `transformers` (checked below).
 #
 # ### What still differed
 #
@@ -3920,8 +3904,7 @@ def benchmark(cfg: RunConfig, vocab_size: int, steps: int = 20, sample_tokens: i
 # layer tied to the token table; `--size gpt2` gives 12 blocks, 12 heads, 768 channels, 1,024
 # positions. What still differs: the vocabulary (GPT-2's 50,257 tokens come with `--init-from`),
 # dropout in training (0 here, 0.1 for GPT-2), and four matrices stored as (in, out) (below). The
-# cell counts the GPT-2 shape's parameters on the `meta` device (shapes only: nothing is
-# allocated), and the gap between the exact GELU and the tanh formula.
+# cell counts the GPT-2 shape's parameters and the gap between the exact GELU and the tanh formula.
 
 # %%
 if IN_NOTEBOOK:
@@ -4014,7 +3997,6 @@ class GPT2Tokenizer(BPETokenizer):
     """GPT-2's byte-level BPE: Appendix B's, with the ids and merges of GPT-2's files."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
-        """Appendix B's tables, filled from the files: `merges` are pairs of token texts."""
         if sorted(vocab.values()) != list(range(len(vocab))):
             raise ValueError("its ids are not 0, 1, 2, ... with none missing")
         self.token_ids, self.merges = dict(vocab), [tuple(m) for m in merges]
@@ -4064,8 +4046,7 @@ TOKENIZER_KINDS["gpt2"] = lambda state: GPT2Tokenizer(state["vocab"], state["mer
 
 
 # %%
-# To see the format without GPT-2's files, Appendix B's Shakespeare tokenizer is written in it (the
-# tests compare `GPT2Tokenizer` with `transformers`' reading of such files).
+# To see the format without GPT-2's files, Appendix B's Shakespeare tokenizer is written in it.
 def save_gpt2_tokenizer(tokenizer: BPETokenizer, folder: Path) -> int:
     """Write an Appendix B tokenizer as GPT-2's two files, plus <|endoftext|>: its size."""
     by_gpt2_order = sorted(range(256), key=lambda byte: gpt2_byte_chars()[byte])
@@ -4232,8 +4213,7 @@ class Pretrained:
     folder: Path | None = None  # where the files were read
 
     def load_into(self, model: GPT) -> None:
-        """Copy the weights into `model`. Its context may be shorter than the original's: it
-        then keeps the first block_size rows of the position table, all it can use."""
+        """Copy the weights into `model`; a shorter context keeps the first positions' rows."""
         positions = self.weights["embed.position.weight"][:model.cfg.block_size]
         model.load_state_dict(self.weights | {"embed.position.weight": positions})
 
@@ -4309,8 +4289,7 @@ def find_gpt2_snapshot(weights: Path | None = None, download: bool = False) -> P
 #
 # The claim of this appendix, checked: a GPT-2 made by `transformers` with random weights (2 blocks,
 # 4 heads, 64 channels, 300 tokens, 32 positions: every kind of tensor), read by `read_gpt2`, gives
-# the same logits and the same 20 greedy tokens, with and without the KV cache (`transformers` is
-# needed only here and in the tests).
+# the same logits and the same 20 greedy tokens, with and without the KV cache.
 
 # %%
 def save_random_gpt2(folder: Path, vocab_size: int = 300, n_layer: int = 2, n_head: int = 4,
