@@ -2628,22 +2628,23 @@ def plot_val_curves(rows: dict, title: str, metric: str = "val_loss",
 
 
 if IN_NOTEBOOK:
-    race = {arch: train_for(preset(arch), text, 3) for arch in ARCHITECTURES}
+    race = {arch: train_for(preset(arch), text, 2) for arch in ARCHITECTURES}
     print_table(race)
-    plot_val_curves(race, "gpt2 and llama presets, 3 seconds of training each")
+    plot_val_curves(race, "gpt2 and llama presets, 2 seconds of training each")
     plt.show()
 
 # %% [markdown]
-# **One switch at a time** from the classic `gpt2` set, two seconds each: about fifty steps, so a
-# few hundredths are noise. In longer runs rotary positions gave the one consistent gain; grouped
-# keys/values and dropped biases pay in memory and speed, SwiGLU at larger scale (Llama, PaLM).
+# **One switch at a time** from the classic `gpt2` set, a second and a half each: about forty
+# steps, so a few hundredths are noise. In longer runs rotary positions gave the one consistent
+# gain; grouped keys/values and dropped biases pay in memory and speed, SwiGLU at larger scale
+# (Llama, PaLM).
 
 # %%
 if IN_NOTEBOOK:
     ablation = {"gpt2 (classic)": {}, "+ rope": {"pos_encoding": "rope"},
                 "+ rmsnorm": {"norm": "rmsnorm"}, "+ swiglu": {"mlp": "swiglu"},
                 "+ 2 key/value heads": {"n_kv_head": 2}, "+ no biases": {"bias": False}}
-    print_table({name: train_for(preset("gpt2", **switch), text, 2, n_evals=1)
+    print_table({name: train_for(preset("gpt2", **switch), text, 1.5, n_evals=1)
                  for name, switch in ablation.items()})
 
 # %% [markdown]
@@ -2653,10 +2654,10 @@ if IN_NOTEBOOK:
 
 # %%
 if IN_NOTEBOOK:
-    tokenizers = {"char": train_for(RunConfig(tokenizer="char"), text, 3),
-                  "bpe, 512 tokens": train_for(RunConfig(tokenizer="bpe"), text, 3)}
+    tokenizers = {"char": train_for(RunConfig(tokenizer="char"), text, 2),
+                  "bpe, 512 tokens": train_for(RunConfig(tokenizer="bpe"), text, 2)}
     print_table(tokenizers)
-    plot_val_curves(tokenizers, "Character vs BPE tokenizer, 3 seconds of training each",
+    plot_val_curves(tokenizers, "Character vs BPE tokenizer, 2 seconds of training each",
                     metric="val_bpb", ylabel="validation bits per byte")
     plt.show()
 
@@ -4845,7 +4846,7 @@ def bf16_speedup(n: int = 256) -> float:
     with using_threads(1):
         for dtype in (torch.float32, torch.bfloat16):
             a = torch.randn(n, n).to(dtype)
-            seconds.append(seconds_per_call(lambda: a @ a, torch.device("cpu"), repeats=25,
+            seconds.append(seconds_per_call(lambda: a @ a, torch.device("cpu"), repeats=10,
                                             warmup=2, fastest=True))
     return seconds[0] / seconds[1]
 
@@ -4868,15 +4869,6 @@ def recipe_line(name: str, cfg: RunConfig, note: str) -> str:
     return (f"recipe {name}: --optimizer {cfg.optimizer} --tricks {cfg.tricks or 'none'} "
             f"--max-iters {cfg.max_iters}" + (f"; {note}" if note else "")
             + (" (Part I's)" if part_i else "; --recipe plain gives Part I's"))
-
-
-# %%
-if IN_NOTEBOOK:
-    recipe_race = {name: train_for(preset(DEFAULT_ARCH, **recipe_settings(name, pick_device())[0]),
-                                   text, 3) for name in RECIPES}
-    print_table(recipe_race)
-    plot_val_curves(recipe_race, "Part I's recipe and the speedrun's, 3 seconds each")
-    plt.show()
 
 
 # %% [markdown]
