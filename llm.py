@@ -3928,11 +3928,12 @@ if IN_NOTEBOOK:
 #
 # **Bytes written as visible characters.** A space or a line break inside a token would break these
 # files, and many bytes are no character on their own (each byte of `é` in UTF-8). So each byte is
-# written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to `¬`,
-# `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in order; the
-# space, byte 32, becomes `Ġ` (the token `Ġthe` is " the"). The one-byte tokens are numbered in that
-# order (`!` is 0; `Ā`, byte 0, is 188), merged ones as `vocab.json` says: `GPT2Tokenizer` is
-# `BPETokenizer` with its tables (each byte's id, each merge's rank and id) filled from the files.
+# written as one visible character: the 188 printable characters of Latin-1 (`!` to `~`, `¡` to
+# `¬`, `®` to `ÿ`) stand for themselves, the other 68 take the characters from U+0100 on, in
+# order; the space, byte 32, becomes `Ġ` (the token `Ġthe` is " the"). The one-byte tokens are
+# numbered in that order (`!` is 0; `Ā`, byte 0, is 188), merged ones as `vocab.json` says:
+# `GPT2Tokenizer` is `BPETokenizer` with its tables (each byte's id, each merge's rank and id)
+# filled from the files.
 #
 # **The pre-split.** GPT-2 cuts text into chunks with this pattern (for the `regex` package):
 # `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`. A contraction
